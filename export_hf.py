@@ -1,0 +1,85 @@
+"""
+Export a train_gpt2.py checkpoint as a Hugging Face GPT-2 directory, tokenizer included, so
+that transformers pipelines and lm-evaluation-harness run on it offline.
+
+    python export_hf.py log/model_19073.pt gpt2-repro
+    python -c "import transformers as t; print(t.pipeline('text-generation', 'gpt2-repro')('Hi'))"
+    lm_eval --model hf --model_args pretrained=gpt2-repro --tasks hellaswag
+"""
+
+import argparse
+import os
+
+import torch
+
+from train_gpt2 import (
+    EOT,
+    GPT,
+    HERE,
+    HF_CONV1D_WEIGHTS,
+    HF_MASK_BUFFERS,
+    GPTConfig,
+    get_tokenizer,
+    load_checkpoint,
+)
+
+# OpenAI's GPT-2 vocabulary in Hugging Face's file format (encoder.json and vocab.bpe)
+HF_TOKENIZER_DIR = os.path.join(HERE, "data", "gpt2-hf")
+
+
+def export_hf(model, out_dir):
+    """Write `model` (a GPT) to out_dir as GPT2LMHeadModel weights, config and tokenizer files."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    n_vocab = get_tokenizer().n_vocab  # drop the padding rows: 50304 -> 50257
+    c = model.config
+    if c.vocab_size < n_vocab:
+        raise SystemExit(
+            f"the model's vocabulary ({c.vocab_size}) is smaller than GPT-2's ({n_vocab})"
+        )
+    hf_config = GPT2Config(
+        vocab_size=n_vocab,
+        n_positions=c.block_size,
+        n_embd=c.n_embd,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        activation_function="gelu_new",
+        bos_token_id=EOT,
+        eos_token_id=EOT,
+        # we train without dropout; GPT-2's config would turn 0.1 on when fine-tuned with HF
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    state = {}
+    for k, v in model.state_dict().items():
+        if k in ("transformer.wte.weight", "lm_head.weight"):
+            v = v[:n_vocab]
+        state[k] = (v.t() if k.endswith(HF_CONV1D_WEIGHTS) else v).contiguous().float()
+    hf_model = GPT2LMHeadModel(hf_config)
+    result = hf_model.load_state_dict(state, strict=False)
+    # older transformers versions hold the causal mask as (non-weight) buffers
+    missing = [k for k in result.missing_keys if not k.endswith(HF_MASK_BUFFERS)]
+    assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
+    hf_model.save_pretrained(out_dir)
+    tokenizer = GPT2TokenizerFast.from_pretrained(HF_TOKENIZER_DIR)
+    tokenizer.model_max_length = c.block_size
+    tokenizer.save_pretrained(out_dir)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Export a checkpoint to Hugging Face format.")
+    parser.add_argument("checkpoint", help="a log/model_XXXXX.pt of train_gpt2.py, or 'latest'")
+    parser.add_argument("out_dir", help="directory to write (created)")
+    parser.add_argument("--log_dir", default="log", help="where 'latest' looks")
+    args = parser.parse_args(argv)
+    ckpt = load_checkpoint(args.checkpoint, args.log_dir)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    with torch.no_grad():
+        export_hf(model, args.out_dir)
+    print(f"wrote {args.out_dir} from {ckpt['path']} (step {ckpt['step']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Tests never touch the network: transformers and datasets must read local files only.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+HELLASWAG_SLICE = os.path.join(ROOT, "tests", "data", "hellaswag_val_head64.jsonl")
+
+# A model small enough to train in a second on a CPU, with GPT-2's real (padded) vocabulary.
+TINY = [
+    "--n_layer",
+    "2",
+    "--n_head",
+    "2",
+    "--n_embd",
+    "32",
+    "--block_size",
+    "64",
+    "--B",
+    "2",
+    "--T",
+    "32",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--compile",
+    "0",
+    "--hellaswag",
+    "0",
+]
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any connection beyond this machine fails the test that makes it."""
+    import socket
+
+    connect = socket.socket.connect
+
+    def local_only(self, address):
+        if isinstance(address, tuple) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            raise AssertionError(f"a test tried to reach the network: {address}")
+        return connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", local_only)
+
+
+def make_shards(data_dir, lengths, seed=0, split_names=None, fmt="npy"):
+    """Write random uint16 token shards; returns their arrays. Shard 0 is val, the rest train."""
+    from train_gpt2 import write_shard
+
+    os.makedirs(data_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for i, n in enumerate(lengths):
+        split = (split_names or ["val"] + ["train"] * (len(lengths) - 1))[i]
+        tokens = rng.integers(0, 50257, size=n, dtype=np.uint16)
+        write_shard(os.path.join(data_dir, f"test_{split}_{i:06d}.{fmt}"), tokens)
+        arrays.append(tokens)
+    return arrays
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """A small random GPT-2 saved by transformers itself, as a local model directory."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=50257)
+    model = GPT2LMHeadModel(config)
+    # GPT-2's init leaves biases and LayerNorms at 0 and 1: randomize them so every weight counts
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.1 if name.endswith("bias") else 1.0)
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    model.save_pretrained(path)
+    return str(path)

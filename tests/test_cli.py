@@ -1,0 +1,168 @@
+"""Bad input (SPEC S11): one clear line on stderr, a non-zero exit, no traceback, nothing lost."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, TINY, make_shards
+
+import train_gpt2 as tg
+
+SCRIPT = os.path.join(ROOT, "train_gpt2.py")
+
+
+def fails(args, cwd, expected):
+    out = subprocess.run(
+        [sys.executable, SCRIPT] + args,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        timeout=120,
+    )
+    errors = out.stderr.strip().splitlines()
+    assert out.returncode != 0
+    assert "Traceback" not in out.stdout + out.stderr, out.stderr
+    assert len(errors) == 1 and expected in errors[0], out.stderr
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A data dir, and a log dir with a checkpoint of a finished tiny run."""
+    root = tmp_path_factory.mktemp("cli")
+    make_shards(root / "data", [3000, 9000])
+    tg.main(
+        TINY
+        + [
+            "--data_dir",
+            str(root / "data"),
+            "--log_dir",
+            str(root / "log"),
+            "--max_steps",
+            "2",
+            "--total_batch_size",
+            "64",
+            "--eval_interval",
+            "10",
+            "--val_loss_steps",
+            "1",
+        ]
+    )
+    return root
+
+
+def with_data(workdir, *args):
+    return TINY + [
+        "--data_dir",
+        str(workdir / "data"),
+        "--log_dir",
+        str(workdir / "new"),
+        "--total_batch_size",
+        "64",
+        "--max_steps",
+        "1",
+        *args,
+    ]
+
+
+def test_missing_data_dir(workdir):
+    fails(
+        TINY + ["--data_dir", str(workdir / "nope"), "--log_dir", "new"], workdir, "no train shards"
+    )
+
+
+def test_empty_data_dir(workdir):
+    os.makedirs(workdir / "empty", exist_ok=True)
+    fails(
+        TINY + ["--data_dir", str(workdir / "empty"), "--log_dir", "new"],
+        workdir,
+        "no train shards",
+    )
+
+
+@pytest.mark.parametrize("kind", ["dtype", "header", "range"])
+def test_bad_shards(workdir, kind):
+    d = workdir / kind
+    make_shards(d, [3000, 3000])
+    if kind == "dtype":
+        np.save(d / "test_train_000001.npy", np.zeros(3000, dtype=np.int32))
+        expected = "1-D uint16"
+    elif kind == "header":
+        os.remove(d / "test_train_000001.npy")
+        np.zeros(256 + 1500, dtype=np.int32).tofile(d / "test_train_000001.bin")
+        expected = "magic number"
+    else:
+        np.save(d / "test_train_000001.npy", np.full(3000, 60000, dtype=np.uint16))
+        expected = "token id 60000 is outside the vocabulary"
+    fails(TINY + ["--data_dir", str(d), "--log_dir", str(workdir / "new")], workdir, expected)
+
+
+def test_batch_not_divisible(workdir):
+    fails(
+        with_data(workdir, "--total_batch_size", "100"),
+        workdir,
+        "total_batch_size=100 is not divisible by B * T * world_size = 2 * 32 * 1 = 64",
+    )
+
+
+def test_sequence_longer_than_block_size(workdir):
+    fails(
+        with_data(workdir, "--T", "128"), workdir, "T=128 is longer than the model's block_size=64"
+    )
+
+
+def test_unknown_model_name(workdir):
+    fails(
+        [
+            "--init_from",
+            "gpt3",
+            "--data_dir",
+            str(workdir / "data"),
+            "--device",
+            "cpu",
+            "--log_dir",
+            str(workdir / "new"),
+        ],
+        workdir,
+        "unknown model 'gpt3'",
+    )
+
+
+def test_missing_checkpoint(workdir):
+    fails(["--resume", str(workdir / "log" / "model_99999.pt")], workdir, "does not exist")
+    fails(["--resume", "latest", "--log_dir", str(workdir / "nolog")], workdir, "no checkpoint")
+
+
+def test_corrupt_checkpoint(workdir):
+    good = open(workdir / "log" / "model_00002.pt", "rb").read()
+    (workdir / "bad").mkdir(exist_ok=True)
+    (workdir / "bad" / "model_00002.pt").write_bytes(good[: len(good) // 2])
+    fails(["--resume", "latest", "--log_dir", str(workdir / "bad")], workdir, "is corrupt")
+
+
+def test_config_mismatch_on_resume(workdir):
+    before = open(workdir / "log" / "log.txt").read()
+    fails(
+        ["--resume", "latest", "--log_dir", str(workdir / "log"), "--n_layer", "3"],
+        workdir,
+        "has n_layer=2, but n_layer=3 was requested",
+    )
+    assert open(workdir / "log" / "log.txt").read() == before
+
+
+def test_hellaswag_missing_offline(workdir):
+    fails(
+        with_data(
+            workdir,
+            "--hellaswag",
+            "1",
+            "--hellaswag_path",
+            str(workdir / "none.jsonl"),
+            "--block_size",
+            "256",
+        ),
+        workdir,
+        "HellaSwag file",
+    )

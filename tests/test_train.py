@@ -1,0 +1,245 @@
+import contextlib
+import copy
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import HELLASWAG_SLICE, ROOT, TINY, make_shards
+
+import train_gpt2 as tg
+from train_gpt2 import GPT, DataLoaderLite, DistEnv, GPTConfig, TrainConfig
+
+SINGLE = DistEnv(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", master_process=True)
+
+
+def test_get_lr():
+    cfg = TrainConfig(max_lr=1e-3, min_lr_ratio=0.1, warmup_steps=10, max_steps=110)
+    assert math.isclose(tg.get_lr(0, cfg), 1e-4)  # 1/10 of max_lr: step 0 trains too
+    assert math.isclose(tg.get_lr(4, cfg), 5e-4)
+    assert math.isclose(tg.get_lr(9, cfg), 1e-3)  # end of warmup
+    assert math.isclose(tg.get_lr(10, cfg), 1e-3)  # cosine starts at the top
+    assert math.isclose(tg.get_lr(35, cfg), 1e-4 + 0.5 * (1 + math.cos(math.pi / 4)) * 9e-4)
+    assert math.isclose(tg.get_lr(60, cfg), 5.5e-4)  # half way: the mean of max and min
+    assert math.isclose(tg.get_lr(110, cfg), 1e-4)  # max_steps
+    assert math.isclose(tg.get_lr(500, cfg), 1e-4)  # beyond
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path):
+    make_shards(tmp_path, [200, 4000])
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50304)
+    grads, losses = [], []
+    for B, accum in ((8, 1), (4, 2)):
+        torch.manual_seed(0)
+        model = GPT(config)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        loader = DataLoaderLite(B, 32, 0, 1, "train", str(tmp_path))
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        loss, norm, updated = tg.train_step(
+            model,
+            optimizer,
+            loader,
+            accum,
+            SINGLE,
+            contextlib.nullcontext(),
+            scaler,
+            grad_clip=math.inf,
+        )
+        assert updated
+        losses.append(loss)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert abs(losses[0] - losses[1]) < 1e-6
+    for a, b in zip(*grads):
+        assert (a - b).abs().max().item() < 1e-6
+
+
+def test_nonfinite_loss_skips_the_update(tmp_path):
+    make_shards(tmp_path, [200, 4000])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50304))
+    optimizer = model.configure_optimizers(0.1, 1e-3, "cpu", log=lambda *a: None)
+    loader = DataLoaderLite(2, 16, 0, 1, "train", str(tmp_path))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    step = lambda: tg.train_step(
+        model, optimizer, loader, 2, SINGLE, contextlib.nullcontext(), scaler, 1.0
+    )
+    step()  # a normal step first, so the optimizer has state to protect
+    before = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    forward = model.forward
+    model.forward = lambda x, y: (None, forward(x, y)[1] * float("nan"))
+    loss, norm, updated = step()
+    assert not updated and math.isnan(loss)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[0][k]), k
+    state = optimizer.state_dict()["state"]
+    for i, s in state.items():
+        assert all(torch.equal(s[k], before[1]["state"][i][k]) for k in s)
+    model.forward = forward
+    assert step()[2]
+
+
+def test_training_run_writes_log_and_checkpoint(tmp_path, capsys):
+    data, log_dir = tmp_path / "data", tmp_path / "log"
+    make_shards(data, [3000, 20000])
+    hellaswag_8 = tmp_path / "hellaswag_8.jsonl"
+    hellaswag_8.write_text("".join(open(HELLASWAG_SLICE).readlines()[:8]))
+    tg.main(
+        TINY
+        + [
+            "--data_dir",
+            str(data),
+            "--log_dir",
+            str(log_dir),
+            "--max_steps",
+            "3",
+            "--total_batch_size",
+            "128",
+            "--eval_interval",
+            "1",
+            "--val_loss_steps",
+            "1",
+            "--checkpoint_interval",
+            "2",
+            "--hellaswag",
+            "1",
+            "--hellaswag_path",
+            str(hellaswag_8),
+            "--block_size",
+            "128",
+        ]
+    )
+    out = capsys.readouterr().out
+    lines = open(log_dir / "log.txt").read().splitlines()
+    kinds = {"train": r"\d+\.\d{6}", "val": r"\d+\.\d{4}", "hella": r"0\.\d{4}|1\.0000"}
+    for line in lines:
+        step, kind, value = line.split(" ")
+        assert re.fullmatch(kinds[kind], value), line
+    assert [line.split(" ")[:2] for line in lines] == [
+        ["0", "val"],
+        ["0", "hella"],
+        ["0", "train"],
+        ["1", "val"],
+        ["1", "hella"],
+        ["1", "train"],
+        ["2", "val"],
+        ["2", "hella"],
+        ["2", "train"],
+        ["3", "val"],
+        ["3", "hella"],
+    ]
+    assert sorted(os.listdir(log_dir)) == [
+        "log.txt",
+        "model_00002.pt",
+        "model_00003.pt",
+        "run.json",
+    ]
+    # the printed per-step line has every field
+    assert re.search(
+        r"step     2 \| loss \d+\.\d{6} \| lr \d\.\d{4}e-\d\d \| norm \d+\.\d{4} \| "
+        r"dt \d+\.\d\dms \| tok/sec \d+\.\d\d",
+        out,
+    )
+    assert out.count("sample: Hello, I'm a language model,") == 3 * 4
+    ckpt = torch.load(log_dir / "model_00003.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["train_config"]["max_steps"] == 3
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    assert math.isclose(ckpt["val_loss"], float(lines[-2].split()[2]), abs_tol=1e-4)
+    run = json.load(open(log_dir / "run.json"))
+    assert run["config"]["n_layer"] == 2 and run["device"] == "cpu" and run["world_size"] == 1
+
+
+def test_default_run_uses_the_embedded_corpus(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no edu_fineweb10B here
+    cfg, checkpoint, embedded = tg.resolve_config({})
+    assert embedded and checkpoint is None and cfg.data_dir == tg.EMBEDDED_DATA_DIR
+    assert cfg.n_layer == tg.EMBEDDED_DEFAULTS["n_layer"]
+    tg.main(
+        [
+            "--max_steps",
+            "2",
+            "--n_layer",
+            "1",
+            "--n_embd",
+            "32",
+            "--n_head",
+            "2",
+            "--B",
+            "4",
+            "--T",
+            "64",
+            "--total_batch_size",
+            "512",
+            "--val_loss_steps",
+            "1",
+            "--eval_interval",
+            "1",
+            "--checkpoint_interval",
+            "1",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "training a small model on the bundled corpus" in out
+    assert "python fineweb.py" in out
+    assert os.path.exists(tmp_path / "log" / "model_00002.pt")
+    assert len(open(tmp_path / "log" / "log.txt").read().splitlines()) == 3 + 2
+
+
+def test_fineweb_shards_select_the_124m_reproduction(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_shards(tmp_path / "edu_fineweb10B", [100, 100])
+    cfg, _, embedded = tg.resolve_config({})
+    assert not embedded and cfg == TrainConfig()
+    assert (cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.total_batch_size) == (
+        12,
+        768,
+        50304,
+        2**19,
+    )
+    assert (cfg.max_lr, cfg.warmup_steps, cfg.max_steps) == (6e-4, 715, 19073)
+    with pytest.raises(SystemExit, match="no train shards"):
+        tg.main(["--data_dir", str(tmp_path / "nothing")] + TINY)
+
+
+def test_import_does_no_work(tmp_path):
+    code = (
+        "import os, sys, threading\n"
+        "import socket\n"
+        "socket.socket.connect = lambda *a: (_ for _ in ()).throw(OSError('network'))\n"
+        "before = threading.active_count()\n"
+        "import train_gpt2, hellaswag, export_hf\n"
+        "import torch\n"
+        "assert not torch.distributed.is_initialized()\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "assert threading.active_count() == before\n"
+        "assert 'transformers' not in sys.modules and 'datasets' not in sys.modules\n"
+        "assert os.listdir('.') == []\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONDONTWRITEBYTECODE="1")
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_help_is_light(tmp_path):
+    # --help must not pay for transformers or datasets (it should answer in about a second)
+    code = (
+        "import sys, train_gpt2\n"
+        "try:\n    train_gpt2.parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('transformers' in sys.modules, 'datasets' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    assert "--total_batch_size" in out.stdout and out.stdout.strip().endswith("False False")
