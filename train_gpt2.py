@@ -224,7 +224,7 @@ class GPT(nn.Module):
                 sd[k].copy_(v.t() if k.endswith(HF_CONV1D_WEIGHTS) else v)
         return model
 
-    def configure_optimizers(self, weight_decay, learning_rate, device_type, log=print):
+    def configure_optimizers(self, weight_decay, learning_rate, device_type, log=print, fused=None):
         """AdamW, weight decay on matmul weights and embeddings only (GPT-3 paper, appendix B)."""
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
@@ -239,7 +239,8 @@ class GPT(nn.Module):
             f"{sum(p.numel() for p in no_decay):,} parameters"
         )
         # the fused kernel updates all parameters in a few launches instead of one per tensor
-        fused = device_type == "cuda"
+        if fused is None:
+            fused = device_type == "cuda"
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
@@ -275,6 +276,11 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(torch.device(device))
     return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+
+
+def mfu(config, T, tokens_per_sec, peak):
+    """Model FLOPs utilization: the training FLOP/s achieved, as a fraction of the peak."""
+    return flops_per_token(config, T) * tokens_per_sec / peak
 
 
 # -----------------------------------------------------------------------------
@@ -1207,7 +1213,6 @@ def train(cfg, env, checkpoint, embedded, stop, start_time):
             )
             print0(f"saved {path}")
 
-    flops = flops_per_token(model_config, cfg.T)
     peak = peak_flops(env.device)
     skipped_in_a_row = 0
     print0(
@@ -1265,12 +1270,11 @@ def train(cfg, env, checkpoint, embedded, stop, start_time):
         tokens_seen += tokens
         if updated:
             skipped_in_a_row = 0
-            mfu = (
-                f" | mfu {100 * flops * tokens / dt / (peak * env.world_size):.2f}%" if peak else ""
-            )
+            rate = tokens / dt / env.world_size  # per device
+            mfu_text = f" | mfu {100 * mfu(model_config, cfg.T, rate, peak):.2f}%" if peak else ""
             print0(
                 f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-                f"dt {1000 * dt:.2f}ms | tok/sec {tokens / dt:.2f}{mfu}"
+                f"dt {1000 * dt:.2f}ms | tok/sec {tokens / dt:.2f}{mfu_text}"
             )
             log(f"{step} train {loss:.6f}")
         else:
