@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from train_gpt2 import (
     GPT,
     GPTConfig,
+    atomic_open,
     autocast_context,
     autocast_dtype,
     default_device,
@@ -52,26 +53,21 @@ def download(split, cache_dir=DATA_CACHE_DIR):
         return path
     url = DATA_URL.format(split=split)
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with requests.get(url, stream=True, timeout=30) as response:
             response.raise_for_status()
             total = int(response.headers.get("content-length", 0)) or None
             with (
-                open(tmp, "wb") as f,
+                atomic_open(path) as f,  # only a complete download gets the final name
                 tqdm(total=total, unit="iB", unit_scale=True, desc=path) as bar,
             ):
                 for chunk in response.iter_content(chunk_size=1 << 16):
                     bar.update(f.write(chunk))
-        os.replace(tmp, path)  # only a complete download gets the final name
     except requests.RequestException as e:
         raise SystemExit(
             f"could not download {url} ({type(e).__name__}); offline, put the file at {path} "
             "or pass its path (--input here, --hellaswag_path to train_gpt2.py)"
         ) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
@@ -148,7 +144,8 @@ def _score_batch(logits_fn, batch, device, autocast, n_vocab):
     with autocast:
         logits = logits_fn(tokens)
     # the logits at position t predict token t + 1
-    logits = logits[:, :-1, :n_vocab].float()
+    logits = logits[:, :-1, :n_vocab]
+    logits = logits.float() if logits.element_size() < 4 else logits  # bf16 / fp16 under autocast
     targets, target_mask = tokens[:, 1:], mask[:, 1:]
     losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     sum_losses = (losses * target_mask).sum(dim=1)

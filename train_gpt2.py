@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -326,13 +327,31 @@ LLMC_VERSION = 1
 LLMC_HEADER_INTS = 256
 
 
-def write_shard(path, tokens):
-    """Write a 1-D uint16 token array as .npy or llm.c .bin, atomically: a crash leaves no half
-    shard under the final name (temporary file in the same directory, fsync, then rename)."""
-    assert tokens.dtype == np.uint16 and tokens.ndim == 1
+@contextlib.contextmanager
+def atomic_open(path, mode="wb"):
+    """Open a file for writing that appears under `path` only once it is complete.
+
+    It is written under a temporary name in the same directory, flushed to disk, then renamed
+    (an atomic step): a crash or kill at any moment leaves either the old file or the new one,
+    never half of one. Used for shards, checkpoints and logs.
+    """
     directory, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_shard(path, tokens):
+    """Write a 1-D uint16 token array atomically, as .npy or (by extension) llm.c .bin."""
+    assert tokens.dtype == np.uint16 and tokens.ndim == 1
+    with atomic_open(path) as f:
         if path.endswith(".bin"):
             header = np.zeros(LLMC_HEADER_INTS, dtype=np.int32)
             header[:3] = (LLMC_MAGIC, LLMC_VERSION, len(tokens))
@@ -340,9 +359,6 @@ def write_shard(path, tokens):
             f.write(tokens.tobytes())
         else:
             np.save(f, tokens)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def open_shard(path):
@@ -550,17 +566,9 @@ def prepare_embedded_corpus(out_dir=EMBEDDED_DATA_DIR, corpus_dir=CORPUS_DIR):
     write_shard(
         os.path.join(out_dir, "corpus_train_000001.npy"), np.array(splits["train"], np.uint16)
     )
-    tmp = manifest_path + f".{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(
-            {
-                "sha256": digest.hexdigest(),
-                "texts": texts,
-                "tokens": {k: len(v) for k, v in splits.items()},
-            },
-            f,
-        )
-    os.replace(tmp, manifest_path)
+    tokens = {split: len(ids) for split, ids in splits.items()}
+    with atomic_open(manifest_path, "w") as f:  # written last: it marks the shards complete
+        json.dump({"sha256": digest.hexdigest(), "texts": texts, "tokens": tokens}, f)
     return out_dir
 
 
@@ -619,7 +627,7 @@ class DistEnv:
 def default_device():
     if torch.cuda.is_available():
         return "cuda"
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+    if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
 
@@ -667,6 +675,14 @@ def keep_freed_cpu_memory():
 def setup_distributed(device=""):
     """One process per device under torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE), else one."""
     device = device or default_device()
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if not available.get(device.split(":")[0]):
+        usable = ", ".join(k for k, ok in available.items() if ok)
+        raise SystemExit(f"--device {device} is not available on this machine (it has: {usable})")
     if "RANK" not in os.environ:
         return DistEnv(False, 0, 0, 1, device, True)
     rank = int(os.environ["RANK"])
@@ -684,12 +700,10 @@ def setup_distributed(device=""):
 
 
 def all_reduce_mean(value, env):
+    """Average a tensor over the ranks, in place (a sum and a division: gloo has no AVG)."""
     if env.ddp:
-        dist.all_reduce(
-            value, op=dist.ReduceOp.AVG if env.device_type == "cuda" else dist.ReduceOp.SUM
-        )
-        if env.device_type != "cuda":  # gloo has no AVG
-            value /= env.world_size
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= env.world_size
     return value
 
 
@@ -737,35 +751,22 @@ def to_device(t, device):
 # -----------------------------------------------------------------------------
 # Checkpoints
 
-CHECKPOINT_PREFIX = "model_"
-
 
 def checkpoint_path(log_dir, step):
-    return os.path.join(log_dir, f"{CHECKPOINT_PREFIX}{step:05d}.pt")
+    return os.path.join(log_dir, f"model_{step:05d}.pt")
 
 
 def save_checkpoint(path, checkpoint):
-    """torch.save to a temporary file, fsync, then rename: a crash mid-save never leaves a
-    truncated file under a checkpoint's name, so the previous checkpoint stays the latest."""
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    """Atomically: a crash mid-save leaves the previous checkpoint as the latest complete one."""
+    with atomic_open(path) as f:
         torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def latest_checkpoint(log_dir):
+    """The checkpoint of the highest step in log_dir, or None."""
     if not os.path.isdir(log_dir):
         return None
-    steps = [
-        int(n[len(CHECKPOINT_PREFIX) : -3])
-        for n in os.listdir(log_dir)
-        if n.startswith(CHECKPOINT_PREFIX)
-        and n.endswith(".pt")
-        and n[len(CHECKPOINT_PREFIX) : -3].isdigit()
-    ]
+    steps = [int(m[1]) for n in os.listdir(log_dir) if (m := re.fullmatch(r"model_(\d+)\.pt", n))]
     return checkpoint_path(log_dir, max(steps)) if steps else None
 
 
@@ -1029,9 +1030,8 @@ def trim_log(log_file, step):
         return
     with open(log_file) as f:
         keep = [line for line in f if line.split() and int(line.split()[0]) < step]
-    with open(log_file + ".tmp", "w") as f:
+    with atomic_open(log_file, "w") as f:
         f.writelines(keep)
-    os.replace(log_file + ".tmp", log_file)
 
 
 def build_model(cfg, checkpoint):

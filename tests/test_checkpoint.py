@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, make_shards
 
 import train_gpt2 as tg
+from conftest import ROOT, TINY, make_shards
 
 SCRIPT = os.path.join(ROOT, "train_gpt2.py")
 

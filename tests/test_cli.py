@@ -6,9 +6,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, make_shards
 
 import train_gpt2 as tg
+from conftest import ROOT, TINY, make_shards
 
 SCRIPT = os.path.join(ROOT, "train_gpt2.py")
 

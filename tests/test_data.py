@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_shards
 
 import train_gpt2 as tg
+from conftest import ROOT, make_shards
 from train_gpt2 import DataLoaderLite
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import torch
+
 from conftest import HELLASWAG_SLICE, ROOT, TINY, make_shards
 
 SCRIPT = os.path.join(ROOT, "train_gpt2.py")

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
-from conftest import HELLASWAG_SLICE, ROOT, TINY, make_shards
 
 import train_gpt2 as tg
+from conftest import HELLASWAG_SLICE, ROOT, TINY, make_shards
 from train_gpt2 import GPT, DataLoaderLite, DistEnv, GPTConfig, TrainConfig
 
 SINGLE = DistEnv(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", master_process=True)

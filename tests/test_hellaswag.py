@@ -1,0 +1,203 @@
+import json
+import os
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import export_hf
+import hellaswag
+import train_gpt2 as tg
+from conftest import HELLASWAG_SLICE, ROOT, TINY, make_shards
+from train_gpt2 import GPT, GPTConfig
+
+EXAMPLES = [json.loads(line) for line in open(HELLASWAG_SLICE)]
+
+
+def hf_tokenizer():
+    from transformers import GPT2TokenizerFast
+
+    return GPT2TokenizerFast.from_pretrained(os.path.join(ROOT, "data", "gpt2-hf"))
+
+
+def test_render_example():
+    hf = hf_tokenizer()  # an independent implementation of the same BPE
+    for example in EXAMPLES[:10]:
+        data, tokens, mask, label = hellaswag.render_example(example)
+        assert label == example["label"] == data["label"]
+        ctx = hf(example["ctx"])["input_ids"]
+        rows = [ctx + hf(" " + ending)["input_ids"] for ending in example["endings"]]
+        width = max(len(r) for r in rows)
+        assert tokens.shape == mask.shape == (4, width)
+        for i, row in enumerate(rows):
+            assert tokens[i, : len(row)].tolist() == row
+            assert tokens[i, len(row) :].tolist() == [0] * (width - len(row))
+            assert mask[i].tolist() == [0] * len(ctx) + [1] * (len(row) - len(ctx)) + [0] * (
+                width - len(row)
+            )
+    # the first example, by hand: "A man is sitting on a roof. he" + " is using wrap to ..."
+    _, tokens, mask, _ = hellaswag.render_example(EXAMPLES[0])
+    assert tokens[0, :9].tolist() == [32, 582, 318, 5586, 319, 257, 9753, 13, 339]
+    assert mask[0, :10].tolist() == [0] * 9 + [1]
+
+
+def reference_losses(model, example):
+    """Each ending scored alone, without padding or batching, by a plain log-softmax."""
+    enc = tg.get_tokenizer()
+    ctx = enc.encode(example["ctx"])
+    sums, means = [], []
+    for ending in example["endings"]:
+        end = enc.encode(" " + ending)
+        tokens = torch.tensor([ctx + end])
+        with torch.no_grad():
+            logits = model(tokens)[0][0, :, : enc.n_vocab]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        losses = [-logprobs[len(ctx) + j - 1, t].item() for j, t in enumerate(end)]
+        sums.append(sum(losses))
+        means.append(sum(losses) / len(losses))
+    return sums, means
+
+
+def padded_model():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128, vocab_size=50304))
+    with torch.no_grad():  # the padded ids get the largest logits: scoring must ignore them
+        model.lm_head.weight[50257:] = 5 * model.lm_head.weight[:47]
+    return model.eval()
+
+
+def test_scoring_matches_a_plain_loop():
+    model = padded_model().double()  # float64: any difference is a scoring error, not rounding
+    scores = list(
+        hellaswag.score_examples(lambda t: model(t)[0], EXAMPLES[:12], "cpu", batch_examples=5)
+    )
+    assert len(scores) == 12
+    preds = set()
+    for example, score in zip(EXAMPLES[:12], scores):
+        sums, means = reference_losses(model, example)
+        assert max(abs(a - b) for a, b in zip(score.sum_losses, sums)) < 1e-9
+        assert max(abs(a - b) for a, b in zip(score.mean_losses, means)) < 1e-9
+        assert score.pred == min(range(4), key=sums.__getitem__)
+        assert score.pred_norm == min(range(4), key=means.__getitem__)
+        preds.add((score.pred, score.pred_norm))
+    assert len(preds) > 1  # the model is not degenerate: the test could catch a mix-up
+    correct, correct_norm, total = hellaswag.evaluate(lambda t: model(t)[0], EXAMPLES[:12], "cpu")
+    assert total == 12
+    assert correct == sum(s.pred == s.label for s in scores)
+    assert correct_norm == sum(s.pred_norm == s.label for s in scores)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A checkpoint of a short real run and its Hugging Face export."""
+    root = tmp_path_factory.mktemp("hella")
+    make_shards(root / "data", [3000, 9000])
+    tg.main(
+        TINY
+        + ["--data_dir", str(root / "data"), "--log_dir", str(root / "log"), "--max_steps", "3"]
+        + ["--total_batch_size", "64", "--eval_interval", "10", "--block_size", "128"]
+        + ["--max_lr", "1e-2", "--warmup_steps", "1"]
+    )
+    checkpoint = str(root / "log" / "model_00003.pt")
+    export_hf.main([checkpoint, str(root / "hf")])
+    return checkpoint, str(root / "hf")
+
+
+def test_export_round_trip(trained):
+    from transformers import GPT2LMHeadModel
+
+    checkpoint, hf_dir = trained
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ours = GPT(GPTConfig(**ckpt["model_config"]))
+    ours.load_state_dict(ckpt["model"])
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    assert hf.config.vocab_size == 50257 and ours.config.vocab_size == 50304
+    idx = torch.randint(0, 50257, (2, 50), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (hf(idx).logits - ours(idx)[0][..., :50257]).abs().max().item()
+    assert diff < 1e-5
+    # the exported tokenizer loads offline and encodes like get_tokenizer()
+    from transformers import GPT2TokenizerFast
+
+    text = open(os.path.join(ROOT, "data", "corpus", "alice29.txt")).read()[:20000]
+    exported = GPT2TokenizerFast.from_pretrained(hf_dir)
+    assert exported(text)["input_ids"] == tg.get_tokenizer().encode(text)
+
+
+def test_checkpoint_and_its_export_score_the_same(trained, capsys):
+    checkpoint, hf_dir = trained
+    ours, _ = hellaswag.load_model("", checkpoint, "cpu")
+    theirs, _ = hellaswag.load_model(hf_dir, "", "cpu")
+    a = list(hellaswag.score_examples(ours, EXAMPLES, "cpu"))
+    b = list(hellaswag.score_examples(theirs, EXAMPLES, "cpu"))
+    assert [(s.pred, s.pred_norm) for s in a] == [(s.pred, s.pred_norm) for s in b]
+    for s, t in zip(a, b):
+        assert max(abs(x - y) for x, y in zip(s.mean_losses, t.mean_losses)) < 1e-4
+    # and the command line prints the same accuracies for both
+    for args in (["--checkpoint", checkpoint], ["--model_type", hf_dir]):
+        hellaswag.main(args + ["--input", HELLASWAG_SLICE, "--device", "cpu"])
+    finals = [line for line in capsys.readouterr().out.splitlines() if "examples: acc" in line]
+    assert len(finals) == 2 and finals[0].split("examples:")[1] == finals[1].split("examples:")[1]
+    n = sum(s.pred_norm == s.label for s in a)
+    assert f"acc_norm {n / len(EXAMPLES):.4f}" in finals[0]
+
+
+def test_init_from_hugging_face_dir_starts_at_its_loss(tiny_hf_dir, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    make_shards(tmp_path / "data", [3000, 9000])
+    args = ["--init_from", tiny_hf_dir, "--data_dir", str(tmp_path / "data")]
+    args += ["--log_dir", str(tmp_path / "log"), "--B", "2", "--T", "32", "--device", "cpu"]
+    args += ["--dtype", "float32", "--max_steps", "1", "--total_batch_size", "64"]
+    args += ["--hellaswag", "0", "--eval_interval", "10"]
+    tg.main(args)
+    first = next(line for line in open(tmp_path / "log" / "log.txt") if " train " in line)
+    # the same first batch (shuffled, seed 1337) through transformers' own model
+    x, y = tg.DataLoaderLite(
+        2, 32, 0, 1, "train", str(tmp_path / "data"), shuffle=True
+    ).next_batch()
+    hf = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
+    with torch.no_grad():
+        expected = F.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten()).item()
+    assert abs(float(first.split()[2]) - expected) < 2e-6
+    run = json.load(open(tmp_path / "log" / "run.json"))
+    assert run["config"]["vocab_size"] == 50257 and run["config"]["block_size"] == 128
+
+
+def test_init_from_refuses_shape_flags(tiny_hf_dir):
+    with pytest.raises(SystemExit, match="drop --n_layer"):
+        tg.main(["--init_from", tiny_hf_dir, "--n_layer", "3"])
+
+
+def test_missing_file_offline():
+    with pytest.raises(SystemExit, match="does not exist"):
+        list(hellaswag.iterate_examples("val", "/nonexistent/hellaswag_val.jsonl"))
+
+
+def test_default_hellaswag_turns_itself_off_when_the_file_cannot_be_had(tmp_path, monkeypatch):
+    def offline(split, cache_dir=None):
+        raise SystemExit("could not download hellaswag_val.jsonl (ConnectionError)")
+
+    monkeypatch.setattr(hellaswag, "download", offline)
+    monkeypatch.setattr(hellaswag, "DATA_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = tg.TrainConfig(hellaswag=None)
+    env = tg.DistEnv(False, 0, 0, 1, "cpu", True)
+    assert tg.load_hellaswag(cfg, env, embedded=False) is None
+    with pytest.raises(SystemExit, match="could not download"):
+        tg.load_hellaswag(tg.TrainConfig(hellaswag=1), env, embedded=False)
+    assert tg.load_hellaswag(tg.TrainConfig(hellaswag=None), env, embedded=True) is None
+
+
+def test_compiled_training_logs_hellaswag(tmp_path):
+    # torch.compile on the CPU needs a C++ compiler; HellaSwag runs on the uncompiled raw_model
+    make_shards(tmp_path / "data", [3000, 9000])
+    hella = tmp_path / "h.jsonl"
+    hella.write_text("".join(open(HELLASWAG_SLICE).readlines()[:4]))
+    args = TINY + ["--compile", "1", "--hellaswag", "1", "--hellaswag_path", str(hella)]
+    args += ["--data_dir", str(tmp_path / "data"), "--log_dir", str(tmp_path / "log")]
+    args += ["--block_size", "128", "--max_steps", "2", "--total_batch_size", "64"]
+    args += ["--eval_interval", "2", "--val_loss_steps", "1"]
+    tg.main(args)
+    log = open(tmp_path / "log" / "log.txt").read()
+    assert re.search(r"^2 hella \d\.\d{4}$", log, re.M) and "1 train" in log
