@@ -166,3 +166,7 @@ def test_hellaswag_missing_offline(workdir):
         workdir,
         "HellaSwag file",
     )
+
+
+def test_unavailable_device(workdir):
+    fails(with_data(workdir, "--device", "tpu"), workdir, "--device tpu is not available")
