@@ -207,16 +207,17 @@ def test_fineweb_shards_select_the_124m_reproduction(tmp_path, monkeypatch):
 
 
 def test_import_does_no_work(tmp_path):
+    # no files, no network, no process group, no CUDA, no threads or pools, no heavy imports
     code = (
-        "import os, sys, threading\n"
+        "import multiprocessing, os, sys, threading\n"
         "import socket\n"
         "socket.socket.connect = lambda *a: (_ for _ in ()).throw(OSError('network'))\n"
         "before = threading.active_count()\n"
-        "import train_gpt2, hellaswag, export_hf\n"
+        "import train_gpt2, hellaswag, fineweb, export_hf\n"
         "import torch\n"
         "assert not torch.distributed.is_initialized()\n"
         "assert not torch.cuda.is_initialized()\n"
-        "assert threading.active_count() == before\n"
+        "assert threading.active_count() == before and not multiprocessing.active_children()\n"
         "assert 'transformers' not in sys.modules and 'datasets' not in sys.modules\n"
         "assert os.listdir('.') == []\n"
         "print('ok')\n"
