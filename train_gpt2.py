@@ -81,10 +81,12 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        # flash attention on GPU: the (T, T) attention matrix is never materialized in memory
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = self.attend(q, k, v).transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
+
+    def attend(self, q, k, v):
+        # flash attention on GPU: the (T, T) attention matrix is never materialized in memory
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 class MLP(nn.Module):

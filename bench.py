@@ -1,0 +1,554 @@
+"""
+Measure the speed of train_gpt2.py: its training step, its data loader and HellaSwag evaluation.
+
+The training step (train_step, imported from train_gpt2.py: forward, backward, gradient clipping
+and the AdamW step, over --grad_accum micro-batches) is timed after warm-up steps, first in the
+lecture's fp32 baseline, then with its optimizations added one row at a time: TF32, bf16
+autocast, torch.compile, flash attention, the vocabulary padded to 50304, fused AdamW. Each row
+prints tokens/s, ms/step, MFU (PaLM FLOPs, against the GPU's datasheet peak and against the matmul
+peak measured here, so that a CPU has one too), peak memory and the speed-up over the first row.
+
+    python bench.py                                    # GPT-2 124M, B=16 T=1024 on a GPU
+    python bench.py --device cpu                       # the small model of train_gpt2.py's 1st run
+    python bench.py --B 64 --T 1024 --rows final       # one row, every optimization at once
+    python bench.py --compile 0 --json bench.json      # any optimization off; figures as JSON too
+    python bench.py --rows final --profile trace.json  # where the time goes (torch.profiler)
+"""
+
+import argparse
+import ctypes
+import dataclasses
+import gc
+import itertools
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from train_gpt2 import (
+    EMBEDDED_DEFAULTS,
+    GPT,
+    GPT2_PRESETS,
+    CausalSelfAttention,
+    DataLoaderLite,
+    DistEnv,
+    GPTConfig,
+    TrainConfig,
+    autocast_context,
+    autocast_dtype,
+    default_device,
+    flops_per_token,
+    keep_freed_cpu_memory,
+    mfu,
+    peak_flops,
+    setting,
+    train_step,
+    write_shard,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# 64 HellaSwag val examples kept in the repository, for offline runs
+HELLASWAG_SLICE = os.path.join(HERE, "tests", "data", "hellaswag_val_head64.jsonl")
+GPT2_VOCAB = 50257
+PADDED_VOCAB = 50304  # 50257 rounded up to a multiple of 128: the lecture's "nice number"
+# the small model train_gpt2.py trains on the bundled corpus when there is no FineWeb
+SMALL_PRESET = {k: EMBEDDED_DEFAULTS[k] for k in ("n_layer", "n_head", "n_embd")}
+PRESETS = {**GPT2_PRESETS, "small": SMALL_PRESET}
+
+# -----------------------------------------------------------------------------
+# Variants of the training step
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which of the lecture's optimizations a row uses; all off is its fp32 baseline."""
+
+    tf32: bool = False
+    autocast: bool = False
+    compile: bool = False
+    flash: bool = False
+    vocab_pad: bool = False
+    fused: bool = False
+
+
+# The optimizations in the lecture's order, each with a short name for the table. The autocast
+# one is named after its dtype (bf16, or fp16 on GPUs without bf16) when the rows are made.
+OPTIMIZATIONS = {
+    "tf32": "tf32",
+    "autocast": "autocast",
+    "compile": "compile",
+    "flash": "flash attention",
+    "vocab_pad": f"vocab {PADDED_VOCAB}",
+    "fused": "fused AdamW",
+}
+BASELINE = "fp32"
+PROFILE_STEPS = 3  # enough to see the steady state; a trace of each kernel launch grows fast
+
+
+class ManualAttention(CausalSelfAttention):
+    """The lecture's attention before flash attention: softmax(QK^T / sqrt(d) + causal mask) V,
+    with the (T, T) attention matrix materialized in memory. Same parameters as the SDPA version."""
+
+    def attend(self, q, k, v):
+        T = q.size(-2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        att = F.softmax(att.masked_fill(~causal, float("-inf")), dim=-1)
+        return att @ v
+
+
+def build_model(config, variant, device):
+    """A freshly initialized GPT in the variant's vocabulary and attention, on the device."""
+    config = dataclasses.replace(
+        config, vocab_size=PADDED_VOCAB if variant.vocab_pad else GPT2_VOCAB
+    )
+    torch.manual_seed(0)
+    model = GPT(config)
+    if not variant.flash:
+        for block in model.transformer.h:
+            block.attn.__class__ = ManualAttention  # an attend() swap: the weights stay as they are
+    return model.to(device)
+
+
+def synchronize(device):
+    """Wait for the device: CUDA and MPS run asynchronously to Python."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    elif device.startswith("mps"):
+        torch.mps.synchronize()
+
+
+def make_step(variant, config, loader, env, dtype, grad_accum):
+    """A fresh model and optimizer in this variant, and a function that runs one optimizer step of
+    train_step on them, reading from the loader, and waits for the device to finish it."""
+    torch.set_float32_matmul_precision("high" if variant.tf32 else "highest")
+    raw_model = build_model(config, variant, env.device)
+    model = torch.compile(raw_model) if variant.compile else raw_model
+    train = TrainConfig()  # the 124M run's optimizer settings
+    optimizer = raw_model.configure_optimizers(
+        weight_decay=train.weight_decay,
+        learning_rate=train.max_lr,
+        device_type=env.device_type,
+        log=lambda *a: None,
+        fused=variant.fused,
+    )
+    dtype = dtype if variant.autocast else torch.float32
+    autocast = autocast_context(dtype, env.device_type)
+    # fp16 needs loss scaling, as in train_gpt2.py
+    scaler = torch.amp.GradScaler(env.device_type, enabled=dtype == torch.float16)
+    loader.reset()
+
+    def step():
+        train_step(model, optimizer, loader, grad_accum, env, autocast, scaler, train.grad_clip)
+        synchronize(env.device)
+
+    return step
+
+
+def time_steps(step, warmup, steps):
+    """Seconds of each of `steps` timed calls of step(), after `warmup` untimed ones (in which
+    torch.compile compiles and the allocators reach their steady state)."""
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def profile_steps(step, device_type, steps, trace_path):
+    """Run steps under torch.profiler: print the operators that take the most time, and write a
+    trace for chrome://tracing or https://ui.perfetto.dev."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device_type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+    prof.export_chrome_trace(trace_path)
+    sort_by = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=20))
+    print(f"profiler trace of {steps} steps: {trace_path}")
+
+
+def step_figures(config, B, T, grad_accum, step_times, peak_spec, peak_matmul):
+    """FLOPs per token, tokens/s, ms/step and MFU against each peak (None where it is unknown)."""
+    seconds = sum(step_times)
+    tokens_per_sec = B * T * grad_accum * len(step_times) / seconds
+    return dict(
+        flops_per_token=flops_per_token(config, T),
+        tokens_per_sec=tokens_per_sec,
+        ms_per_step=1000 * seconds / len(step_times),
+        mfu_spec=mfu(config, T, tokens_per_sec, peak_spec) if peak_spec else None,
+        mfu_matmul=mfu(config, T, tokens_per_sec, peak_matmul) if peak_matmul else None,
+    )
+
+
+# -----------------------------------------------------------------------------
+# Device measurements: matmul peak and peak memory
+
+
+def matmul_peak(device, dtype, n, min_seconds=0.5):
+    """FLOP/s of an (n, n) @ (n, n) matmul in dtype: the best of repeated timings, at least three
+    and at least min_seconds of them. The device's attainable peak, where no datasheet has one."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b  # the first call picks kernels and allocates workspace
+    synchronize(device)
+    best, spent, reps = math.inf, 0.0, 0
+    while reps < 3 or spent < min_seconds:
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        dt = time.perf_counter() - t0
+        best, spent, reps = min(best, dt), spent + dt, reps + 1
+    return 2 * n**3 / best
+
+
+def _proc_status_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_memory(device):
+    """Start a peak-memory measurement: returns the memory in use now (bytes), or None where it
+    cannot be measured. On CUDA the caching allocator's counters; on Linux CPUs resident memory."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:
+        # keep_freed_cpu_memory keeps freed memory in the heap: hand it back to the OS so that
+        # the previous row's does not count, then reset the kernel's high-water mark of resident
+        # memory to the current value (proc(5): clear_refs, Linux 4.0 and later)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status_bytes("VmRSS")
+    except OSError:
+        return None
+
+
+def peak_memory(device, start):
+    """Peak memory (bytes) used since reset_peak_memory returned `start`, or None."""
+    if start is None:
+        return None
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) - start
+    return _proc_status_bytes("VmHWM") - start
+
+
+# -----------------------------------------------------------------------------
+# Data loader and HellaSwag
+
+
+def synthetic_shards(data_dir, tokens, seed=0):
+    """One random train shard of `tokens` GPT-2 token ids, written as fineweb.py writes them."""
+    rng = np.random.default_rng(seed)
+    write_shard(
+        os.path.join(data_dir, "bench_train_000000.npy"),
+        rng.integers(0, GPT2_VOCAB, size=tokens, dtype=np.uint16),
+    )
+    return data_dir
+
+
+def loader_rate(loader, batches):
+    """Batches per second of loader.next_batch()."""
+    loader.reset()
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        loader.next_batch()
+    return batches / (time.perf_counter() - t0)
+
+
+def hellaswag_rate(config, variant, device, dtype, path, limit, batch_examples):
+    """(examples per second, examples) of hellaswag.evaluate, as the training loop runs it: the
+    uncompiled model, the autocast of training. Returns (None, reason) where it cannot run."""
+    import hellaswag  # it imports train_gpt2: only this measurement needs it
+
+    examples = list(itertools.islice(hellaswag.iterate_examples("val", path), limit))
+    if not examples:
+        return None, f"no examples in {path}"
+    longest = max(hellaswag.render_example(ex)[1].size(1) for ex in examples)
+    if longest > config.block_size:
+        return None, f"HellaSwag needs block_size >= {longest}, the model has {config.block_size}"
+    model = build_model(config, variant, device)
+    device_type = device.split(":")[0]
+    autocast = autocast_context(dtype if variant.autocast else torch.float32, device_type)
+    logits_fn = lambda tokens: model(tokens)[0]
+    hellaswag.evaluate(logits_fn, examples[:batch_examples], device, autocast, 0, 1, batch_examples)
+    t0 = time.perf_counter()
+    hellaswag.evaluate(logits_fn, examples, device, autocast, 0, 1, batch_examples)
+    return len(examples) / (time.perf_counter() - t0), len(examples)
+
+
+# -----------------------------------------------------------------------------
+# Table and command line
+
+COLUMNS = ("variant", "tokens/s", "ms/step", "MFU (spec)", "MFU (matmul)", "peak mem", "speed-up")
+WIDTHS = (11, 9, 10, 12, 10, 8)  # of the figures' columns; the variant's fits its names
+
+
+def format_row(row, width):
+    """One line of the table for a row of measure_rows: its figures, or why it was skipped."""
+    name = row["variant"].ljust(width)
+    if row.get("skipped"):
+        return f"{name}  skipped: {row['skipped']}"
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
+    mem = row["peak_memory_bytes"]
+    cells = (
+        f"{row['tokens_per_sec']:,.0f}",
+        f"{row['ms_per_step']:.1f}",
+        pct(row["mfu_spec"]),
+        pct(row["mfu_matmul"]),
+        "-" if mem is None else f"{mem / 2**20:,.0f} MiB",
+        f"{row['speedup']:.2f}x",
+    )
+    return "  ".join([name] + [c.rjust(w) for c, w in zip(cells, WIDTHS)])
+
+
+def plan_rows(cfg, dtype):
+    """(name, optimizations added, reason to skip or None) of each row: the baseline, then one
+    optimization more per row (the lecture's sequence), or one row with all of them. Optimizations
+    switched off by flag appear in no row."""
+    names = dict(OPTIMIZATIONS, autocast={torch.float16: "fp16"}.get(dtype, "bf16"))
+    enabled = [k for k in OPTIMIZATIONS if getattr(cfg, k)]
+    no_autocast = "--dtype auto found no fast bf16 or fp16 here (--dtype bfloat16 forces it)"
+    if cfg.rows == "final":
+        if dtype == torch.float32:
+            enabled = [k for k in enabled if k != "autocast"]
+        return [(" + ".join([names[k] for k in enabled]) or BASELINE, enabled, None)]
+    return [(BASELINE, [], None)] + [
+        (f"+ {names[k]}", [k], no_autocast if k == "autocast" and dtype == torch.float32 else None)
+        for k in enabled
+    ]
+
+
+@dataclass
+class BenchConfig:
+    """Every setting of a benchmark run; each field is also a command-line flag (--name value)."""
+
+    preset: str = setting("", "gpt2[-medium|-large|-xl] or small; '': gpt2 on CUDA, else small")
+    n_layer: int = setting(0, "transformer blocks (0: the preset's)")
+    n_head: int = setting(0, "attention heads (0: the preset's)")
+    n_embd: int = setting(0, "embedding width (0: the preset's)")
+    B: int = setting(16, "micro-batch size, sequences")
+    T: int = setting(0, "sequence length (0: 1024 for GPT-2 presets, 256 for small)")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    device: str = setting("", "cuda, cuda:1, mps or cpu ('': the best available)")
+    dtype: str = setting("auto", "autocast dtype: auto, bfloat16 or float16")
+    warmup: int = setting(3, "untimed steps per row before the timed ones")
+    steps: int = setting(10, "timed optimizer steps per row")
+    rows: str = setting("sequence", "sequence: a row per optimization; final: only the last row")
+    tf32: int = setting(1, "rows with TF32 matmuls (0: in no row)")
+    autocast: int = setting(1, "rows with bf16 autocast, fp16 on GPUs without bf16 (0: in no row)")
+    compile: int = setting(1, "rows with torch.compile (0: in no row)")
+    flash: int = setting(1, "rows with flash attention, else the manual one (0: in no row)")
+    vocab_pad: int = setting(1, f"rows with the vocabulary padded to {PADDED_VOCAB} (0: in no row)")
+    fused: int = setting(1, "rows with fused AdamW, else the unfused one (0: in no row)")
+    matmul_size: int = setting(0, "n of the n^3 peak matmul (0: 8192 on CUDA, else 2048)")
+    data_dir: str = setting("", "train shards to read ('': random ones in a temporary directory)")
+    loader_batches: int = setting(100, "batches timed from the data loader")
+    hellaswag: int = setting(1, "measure HellaSwag evaluation")
+    hellaswag_path: str = setting(HELLASWAG_SLICE, "HellaSwag jsonl file")
+    hellaswag_examples: int = setting(64, "HellaSwag examples timed")
+    json: str = setting("", "also write the figures to this file")
+    profile: str = setting("", "profile the last row that ran and write its trace to this file")
+
+
+CHOICES = {
+    "dtype": ("auto", "bfloat16", "float16"),
+    "rows": ("sequence", "final"),
+    **{k: (0, 1) for k in (*OPTIMIZATIONS, "hellaswag")},
+}
+
+
+def parse_args(argv=None):
+    """A BenchConfig from command-line flags, one per field."""
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
+    for f in dataclasses.fields(BenchConfig):
+        parser.add_argument(
+            f"--{f.name}",
+            type=f.type,
+            default=f.default,
+            choices=CHOICES.get(f.name),
+            help=f"{f.metadata['help']} (default: {f.default!r})",
+        )
+    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    if min(cfg.B, cfg.grad_accum, cfg.steps, cfg.loader_batches) < 1 or cfg.warmup < 0:
+        raise SystemExit("B, grad_accum, steps and loader_batches must be positive, warmup >= 0")
+    return cfg
+
+
+def resolve_model(cfg, device_type):
+    """The GPTConfig and T to measure, from the preset and the size flags."""
+    preset = cfg.preset or ("gpt2" if device_type == "cuda" else "small")
+    if preset not in PRESETS:
+        raise SystemExit(f"--preset {preset}: expected one of {', '.join(PRESETS)}")
+    shape = {k: getattr(cfg, k) or v for k, v in PRESETS[preset].items()}
+    T = cfg.T or (EMBEDDED_DEFAULTS["T"] if preset == "small" else 1024)
+    if min(shape.values()) < 1:
+        raise SystemExit(f"n_layer, n_head and n_embd must be positive, not {shape}")
+    if shape["n_embd"] % shape["n_head"]:
+        raise SystemExit(f"n_embd={shape['n_embd']} is not divisible by n_head={shape['n_head']}")
+    if T < 1:
+        raise SystemExit(f"T={T} must be positive")
+    return GPTConfig(block_size=max(GPTConfig.block_size, T), **shape), preset, T
+
+
+def measure_rows(plan, config, T, loader, env, dtype, cfg, peak_spec, peak_matmul):
+    """Time every row of the plan, printing each as it is measured.
+
+    Each row adds its optimizations to the last row that ran. A row that fails (no compiler for
+    torch.compile, out of memory, ...) is reported as skipped with the reason, and its
+    optimization is left out of the rows below it. Returns (rows' figures, last variant that ran).
+    """
+    width = max(len(COLUMNS[0]), *(len(name) for name, _, _ in plan))
+    print("  ".join([COLUMNS[0].ljust(width)] + [c.rjust(w) for c, w in zip(COLUMNS[1:], WIDTHS)]))
+    results, current, baseline = [], Variant(), None
+    for name, added, reason in plan:
+        variant = dataclasses.replace(current, **{k: True for k in added})
+        row = {"variant": name, **dataclasses.asdict(variant), "skipped": reason}
+        if reason is None:
+            torch._dynamo.reset()  # compiled graphs hold their model: drop the previous row's
+            start = reset_peak_memory(env.device)
+            try:
+                # the step is passed on, never named: nothing here keeps its model and optimizer
+                # alive into the next row's memory measurement
+                times = time_steps(
+                    make_step(variant, config, loader, env, dtype, cfg.grad_accum),
+                    cfg.warmup,
+                    cfg.steps,
+                )
+            except Exception as e:  # report it and go on: the other rows still measure something
+                first_line = (str(e).strip() or "no message").splitlines()[0][:160]
+                row["skipped"] = f"{type(e).__name__}: {first_line}"
+            else:
+                row_config = dataclasses.replace(
+                    config, vocab_size=PADDED_VOCAB if variant.vocab_pad else GPT2_VOCAB
+                )
+                row.update(
+                    step_figures(
+                        row_config, cfg.B, T, cfg.grad_accum, times, peak_spec, peak_matmul
+                    )
+                )
+                row["peak_memory_bytes"] = peak_memory(env.device, start)
+                baseline = baseline or row["tokens_per_sec"]
+                row["speedup"] = row["tokens_per_sec"] / baseline
+                current = variant
+        results.append(row)
+        print(format_row(row, width), flush=True)
+    return results, current
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    device = cfg.device or default_device()
+    env = DistEnv(False, 0, 0, 1, device, True)
+    if env.device_type == "cpu":
+        keep_freed_cpu_memory()
+    config, preset, T = resolve_model(cfg, env.device_type)
+    dtype = autocast_dtype(cfg.dtype, env.device_type)
+    plan = plan_rows(cfg, dtype)
+
+    # every row's MFU is against one peak: the fastest matmul in a precision some row uses (fp16
+    # or bf16 need not be faster than fp32: most CPUs have no fast fp16)
+    planned = {k for _, added, reason in plan if reason is None for k in added}
+    torch.set_float32_matmul_precision("high" if "tf32" in planned else "highest")
+    n = cfg.matmul_size or (8192 if env.device_type == "cuda" else 2048)
+    dtypes = [torch.float32] + ([dtype] if "autocast" in planned else [])
+    peak_matmul, peak_dtype = max(
+        ((matmul_peak(device, d, n), d) for d in dtypes), key=lambda p: p[0]
+    )
+    peak_spec = peak_flops(device)
+    name = torch.cuda.get_device_name(device) if env.device_type == "cuda" else env.device_type
+    print(
+        f"{name}, torch {torch.__version__}; {preset} (n_layer={config.n_layer}, "
+        f"n_head={config.n_head}, n_embd={config.n_embd}), B={cfg.B}, T={T}, "
+        f"grad_accum={cfg.grad_accum}; {cfg.warmup} warm-up and {cfg.steps} timed steps per row"
+    )
+    spec = f"{peak_spec / 1e12:.0f} TFLOP/s datasheet" if peak_spec else "no datasheet figure"
+    peak_dtype_name = str(peak_dtype).removeprefix("torch.")
+    print(
+        f"peak: {spec}; {peak_matmul / 1e12:.3f} TFLOP/s measured ({n}^3 matmul, "
+        f"{peak_dtype_name}); MFU counts 6N + 12LHQT FLOPs per token (PaLM)"
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # the timed steps read from the loader too, with shuffling on as in training
+        sequences = cfg.B * max(cfg.loader_batches, (cfg.warmup + cfg.steps) * cfg.grad_accum)
+        data_dir = cfg.data_dir or synthetic_shards(tmp, sequences * T + 1)
+        loader = DataLoaderLite(cfg.B, T, 0, 1, "train", data_dir, shuffle=True)
+        results, last = measure_rows(
+            plan, config, T, loader, env, dtype, cfg, peak_spec, peak_matmul
+        )
+        memory = (
+            "the most memory held by tensors (torch.cuda.max_memory_allocated)"
+            if env.device_type == "cuda"
+            else "growth of the process's resident memory (VmHWM), the allocator's cache included"
+        )
+        print(f"peak mem: {memory}; speed-up: tokens/s over the first row's")
+        if cfg.profile:
+            torch._dynamo.reset()
+            step = make_step(last, config, loader, env, dtype, cfg.grad_accum)
+            time_steps(step, cfg.warmup, 0)
+            profile_steps(step, env.device_type, PROFILE_STEPS, cfg.profile)
+        batches_per_sec = loader_rate(loader, cfg.loader_batches)
+
+    # the fastest row's tokens/s in the loader's batches of B x T tokens
+    best = max((r["tokens_per_sec"] for r in results if not r["skipped"]), default=None)
+    needed = best / (cfg.B * T) if best else None
+    print(
+        f"data loader: {batches_per_sec:,.0f} batches/s of {cfg.B} x {T} tokens, shuffled"
+        + (f"; the fastest row takes {needed:,.1f} batches/s" if needed else "")
+    )
+
+    hella = None
+    if cfg.hellaswag:
+        rate, count = hellaswag_rate(
+            config, last, device, dtype, cfg.hellaswag_path, cfg.hellaswag_examples, 8
+        )
+        if rate is None:
+            hella = {"skipped": count}
+            print(f"HellaSwag: skipped: {count}")
+        else:
+            hella = {"examples_per_sec": rate, "examples": count, "path": cfg.hellaswag_path}
+            print(
+                f"HellaSwag: {rate:,.1f} examples/s ({count} examples of "
+                f"{os.path.basename(cfg.hellaswag_path)}; the last row's model, uncompiled, "
+                "as the training loop evaluates)"
+            )
+
+    if cfg.json:
+        figures = {
+            "device": name,
+            "torch": torch.__version__,
+            "preset": preset,
+            "model": dataclasses.asdict(config),
+            "settings": dataclasses.asdict(cfg),
+            "T": T,
+            "autocast_dtype": str(dtype).removeprefix("torch."),
+            "peak_flops_spec": peak_spec,
+            "peak_flops_matmul": peak_matmul,
+            "peak_matmul_dtype": peak_dtype_name,
+            "rows": results,
+            "data_loader": {"batches_per_sec": batches_per_sec, "fastest_row_needs": needed},
+            "hellaswag": hella,
+        }
+        with open(cfg.json, "w") as f:
+            json.dump(figures, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+from conftest import ROOT
+from train_gpt2 import DataLoaderLite, DistEnv, GPTConfig
+
+TINY = ["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--B", "2"]
+TINY += ["--T", "32", "--warmup", "1", "--steps", "2", "--matmul_size", "256"]
+
+
+def test_step_figures_gpt2_124m_by_hand():
+    # GPT-2 124M with the padded vocabulary: N = 50304 * 768 (wte = lm_head)
+    # + 12 * (12 * 768^2 + 13 * 768) (blocks) + 2 * 768 (ln_f) = 123,689,472 without wpe;
+    # 6N + 12 * 12 * 768 * 1024 = 855,383,040 FLOPs per token at T = 1024
+    config = GPTConfig(vocab_size=50304)
+    # 2 steps of 4 micro-batches of 16 x 1024 tokens in 0.8 s: 163,840 tokens/s, 400 ms/step,
+    # 855,383,040 * 163,840 = 140,145,957,273,600 FLOP/s
+    figures = bench.step_figures(config, 16, 1024, 4, [0.5, 0.3], 989e12, 700e12)
+    assert figures["tokens_per_sec"] == pytest.approx(163_840)
+    assert figures["ms_per_step"] == pytest.approx(400)
+    assert figures["mfu_spec"] == pytest.approx(140_145_957_273_600 / 989e12)  # 14.17%
+    assert figures["mfu_matmul"] == pytest.approx(140_145_957_273_600 / 700e12)  # 20.02%
+    assert bench.step_figures(config, 16, 1024, 4, [0.5], None, 700e12)["mfu_spec"] is None
+
+
+def test_manual_attention_matches_flash_attention():
+    config = GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64)
+    manual = bench.build_model(config, bench.Variant(flash=False), "cpu")
+    flash = bench.build_model(config, bench.Variant(flash=True), "cpu")
+    assert isinstance(manual.transformer.h[0].attn, bench.ManualAttention)
+    assert not isinstance(flash.transformer.h[0].attn, bench.ManualAttention)
+    idx = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (manual(idx)[0] - flash(idx)[0]).abs().max().item() < 1e-5
+
+
+def test_plan_is_the_lectures_sequence():
+    plan = bench.plan_rows(bench.parse_args([]), torch.bfloat16)
+    assert [name for name, _, _ in plan] == [
+        "fp32",
+        "+ tf32",
+        "+ bf16",
+        "+ compile",
+        "+ flash attention",
+        "+ vocab 50304",
+        "+ fused AdamW",
+    ]
+    plan = bench.plan_rows(bench.parse_args(["--compile", "0", "--rows", "final"]), torch.float16)
+    assert plan == [
+        (
+            "tf32 + fp16 + flash attention + vocab 50304 + fused AdamW",
+            ["tf32", "autocast", "flash", "vocab_pad", "fused"],
+            None,
+        )
+    ]
+    # where "auto" finds no fast low-precision matmuls, the autocast row says so
+    _, _, reason = bench.plan_rows(bench.parse_args([]), torch.float32)[2]
+    assert "no fast bf16" in reason
+
+
+def test_failed_row_is_skipped_and_left_out_below(tmp_path, monkeypatch, capsys):
+    seen = []
+
+    def fake_make_step(variant, *args):
+        seen.append(variant)
+        if variant.compile:
+            raise RuntimeError("no C++ compiler\nmore lines")
+        return len(seen)
+
+    monkeypatch.setattr(bench, "make_step", fake_make_step)
+    # each row faster than the one before: the n-th made step takes 1 / (n + 1) s
+    monkeypatch.setattr(bench, "time_steps", lambda step, warmup, steps: [1 / (step + 1)] * steps)
+    cfg = bench.parse_args(TINY)
+    bench.synthetic_shards(str(tmp_path), 1000)
+    loader = DataLoaderLite(2, 32, 0, 1, "train", str(tmp_path), shuffle=True)
+    env = DistEnv(False, 0, 0, 1, "cpu", True)
+    plan = bench.plan_rows(cfg, torch.bfloat16)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32)
+    rows, last = bench.measure_rows(plan, config, 32, loader, env, torch.bfloat16, cfg, None, 1e12)
+    compile_row = rows[3]
+    assert compile_row["skipped"] == "RuntimeError: no C++ compiler"
+    assert not any(v.compile for v in seen[4:]) and not last.compile
+    assert last == bench.Variant(tf32=True, autocast=True, flash=True, vocab_pad=True, fused=True)
+    # speed-up against the first row: it took 1/2 s a step, the last (the 7th call) 1/8 s
+    assert rows[0]["speedup"] == 1 and rows[-1]["speedup"] == pytest.approx(4.0)
+    assert "+ compile          skipped: RuntimeError: no C++ compiler" in capsys.readouterr().out
+
+
+def test_bench_script_prints_every_column(tmp_path):
+    """A smoke test: the real script on a tiny model, in seconds. No timings are checked."""
+    out_json = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench.py"), *TINY, "--compile", "0"]
+        + ["--loader_batches", "10", "--hellaswag_examples", "8", "--json", str(out_json)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("variant"))
+    assert header.split("  ")[0].strip() == "variant"
+    for column in bench.COLUMNS:
+        assert column in header
+    figures = json.loads(out_json.read_text())
+    names = ["fp32", "+ tf32", "+ bf16", "+ flash attention", "+ vocab 50304", "+ fused AdamW"]
+    assert [row["variant"] for row in figures["rows"]] == names
+    for row in figures["rows"]:
+        line = next(line for line in lines if line.startswith(row["variant"] + " "))
+        if row["skipped"]:  # only a CPU without bf16 may skip a row: the autocast one
+            assert row["variant"] == "+ bf16" and "skipped: --dtype auto" in line
+            continue
+        assert row["tokens_per_sec"] > 0 and row["mfu_matmul"] > 0 and row["mfu_spec"] is None
+        assert row["peak_memory_bytes"] is None or row["peak_memory_bytes"] > 0
+        assert line.endswith(f"{row['speedup']:.2f}x")
+        assert len(line.split()) >= 8  # name words + tokens/s, ms, MFU x2, memory, speed-up
+    assert figures["data_loader"]["batches_per_sec"] > 0
+    assert figures["hellaswag"]["examples"] == 8
+    assert any(line.startswith("data loader: ") for line in lines)
+    assert any(line.startswith("HellaSwag: ") and "examples/s" in line for line in lines)
