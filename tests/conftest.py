@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -52,6 +53,23 @@ def no_network(monkeypatch):
         return connect(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", local_only)
+
+
+def fails_in_one_line(script, args, cwd, expected):
+    """`python script args` exits non-zero with exactly one line on stderr, naming the problem,
+    and no traceback anywhere (SPEC S11)."""
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script)] + args,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        timeout=120,
+    )
+    errors = out.stderr.strip().splitlines()
+    assert out.returncode != 0
+    assert "Traceback" not in out.stdout + out.stderr, out.stderr
+    assert len(errors) == 1 and expected in errors[0], out.stderr
 
 
 def make_shards(data_dir, lengths, seed=0, split_names=None, fmt="npy"):

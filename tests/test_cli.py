@@ -1,31 +1,18 @@
 """Bad input (SPEC S11): one clear line on stderr, a non-zero exit, no traceback, nothing lost."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import train_gpt2 as tg
-from conftest import ROOT, TINY, make_shards
+from conftest import ROOT, TINY, fails_in_one_line, make_shards
 
 SCRIPT = os.path.join(ROOT, "train_gpt2.py")
 
 
 def fails(args, cwd, expected):
-    out = subprocess.run(
-        [sys.executable, SCRIPT] + args,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=ROOT),
-        timeout=120,
-    )
-    errors = out.stderr.strip().splitlines()
-    assert out.returncode != 0
-    assert "Traceback" not in out.stdout + out.stderr, out.stderr
-    assert len(errors) == 1 and expected in errors[0], out.stderr
+    fails_in_one_line("train_gpt2.py", args, cwd, expected)
 
 
 @pytest.fixture(scope="module")

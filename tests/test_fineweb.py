@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import fineweb
-from conftest import HELLASWAG_SLICE, ROOT
+from conftest import HELLASWAG_SLICE, ROOT, fails_in_one_line
 from train_gpt2 import EOT, DataLoaderLite, get_tokenizer
 
 SCRIPT = os.path.join(ROOT, "fineweb.py")
@@ -434,18 +434,7 @@ def test_permanent_download_error_is_not_retried(tmp_path, monkeypatch):
 
 
 def fails(args, cwd, expected):
-    """python fineweb.py args: one line on stderr with expected in it, a non-zero exit code."""
-    out = subprocess.run(
-        [sys.executable, SCRIPT] + args,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    errors = out.stderr.strip().splitlines()
-    assert out.returncode != 0
-    assert "Traceback" not in out.stdout + out.stderr, out.stderr
-    assert len(errors) == 1 and expected in errors[0], out.stderr
+    fails_in_one_line("fineweb.py", args, cwd, expected)
 
 
 @pytest.fixture(scope="module")
