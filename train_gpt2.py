@@ -1299,12 +1299,18 @@ def train(cfg, env, checkpoint, embedded, stop, start_time):
             signum = int(signum_t.item())
         if signum:
             save(step + 1)
+            if env.ddp:
+                dist.barrier()  # see the end of train()
             print0(
                 f"stopped by {signal.Signals(signum).name} after step {step}; continue with: "
                 f"python train_gpt2.py --resume latest --log_dir {cfg.log_dir}"
             )
             raise SystemExit(128 + signum)
 
+    if env.ddp:
+        # the ranks leave together: gloo aborts a process whose peers tear down the group while
+        # it still works (rank 0 saving the last checkpoint, say)
+        dist.barrier()
     print0(
         f"done: {cfg.max_steps} steps in {time.time() - start_time:.0f}s, final val loss "
         f"{val_loss:.4f}; log in {log_file}"

@@ -2,11 +2,13 @@
 gradient accumulation (same data per step, same averaged gradients)."""
 
 import os
+import signal
 import subprocess
 import sys
 
 import torch
 
+import train_gpt2 as tg
 from conftest import HELLASWAG_SLICE, ROOT, TINY, make_shards
 
 SCRIPT = os.path.join(ROOT, "train_gpt2.py")
@@ -113,3 +115,53 @@ def test_torchrun_on_the_embedded_corpus(tmp_path):
     )
     assert "bundled corpus" in out and "done: 2 steps" in out
     assert len(log_lines(tmp_path / "log", "train")) == 2
+
+
+def worker_pids(agent_pid):
+    """{LOCAL_RANK: pid} of the workers torchrun started, read from /proc."""
+    workers = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == agent_pid:
+            rank = [e for e in environ if e.startswith(b"LOCAL_RANK=")]
+            if rank:
+                workers[int(rank[0].split(b"=")[1])] = int(pid)
+    return workers
+
+
+def test_sigterm_to_one_rank_stops_all_at_the_same_step_and_resumes(tmp_path):
+    data = tmp_path / "data"
+    make_shards(data, [6000, 30000])
+    args = TINY + ["--data_dir", str(data), "--total_batch_size", "256", "--max_steps", "30"]
+    args += ["--eval_interval", "10", "--val_loss_steps", "1", "--checkpoint_interval", "30"]
+    args += ["--num_return_sequences", "1"]
+    run(args + ["--log_dir", str(tmp_path / "full")], 2, tmp_path)
+    expected = open(tmp_path / "full" / "log.txt").read()
+
+    log_dir = tmp_path / "stopped"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    proc = subprocess.Popen(
+        launcher + ["--nproc_per_node=2", SCRIPT] + args + ["--log_dir", str(log_dir)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONUNBUFFERED="1"),
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step     3 |"):
+            os.kill(worker_pids(proc.pid)[1], signal.SIGTERM)  # rank 1 only, as a preemption
+            break
+    out = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=120) != 0
+    assert out.count("stopped by SIGTERM") == 1 and "--resume latest" in out
+    step = torch.load(tg.latest_checkpoint(str(log_dir)), weights_only=True)["step"]
+    assert 4 <= step < 30
+    run(["--resume", "latest", "--log_dir", str(log_dir)], 2, tmp_path)
+    assert open(log_dir / "log.txt").read() == expected
