@@ -1102,7 +1102,7 @@ def main(argv=None):
 
 
 def train(cfg, env, checkpoint, embedded, stop, start_time):
-    check_config(cfg, env.world_size)
+    check_config(cfg, env.world_size)  # before anything slow
     print0 = env.print0
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -1123,7 +1123,7 @@ def train(cfg, env, checkpoint, embedded, stop, start_time):
     raw_model = build_model(cfg, checkpoint)  # evaluation, sampling, checkpoints use this module
     model_config = raw_model.config
     cfg = dataclasses.replace(cfg, **dataclasses.asdict(model_config))  # --init_from sets these
-    check_config(cfg, env.world_size)
+    check_config(cfg, env.world_size)  # again, for the shape --init_from brought
     raw_model.to(env.device)
     model = raw_model
     use_compile = cfg.compile if cfg.compile is not None else env.device_type == "cuda"
