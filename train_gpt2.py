@@ -1095,13 +1095,20 @@ def main(argv=None):
         keep_freed_cpu_memory()
     try:
         with StopSignal() as stop:
-            train(cfg, env, checkpoint, embedded, stop, start_time)
+            signum = train(cfg, env, checkpoint, embedded, stop, start_time)
+        if env.ddp:
+            # the ranks leave together: gloo aborts a process whose peers tear down the group
+            # while it still works (rank 0 saving the last checkpoint, say)
+            dist.barrier()
     finally:
         if env.ddp:
             dist.destroy_process_group()
+    if signum:
+        raise SystemExit(128 + signum)
 
 
 def train(cfg, env, checkpoint, embedded, stop, start_time):
+    """The training run; returns 0 when done, or the number of the signal that stopped it."""
     check_config(cfg, env.world_size)  # before anything slow
     print0 = env.print0
     random.seed(cfg.seed)
@@ -1299,18 +1306,12 @@ def train(cfg, env, checkpoint, embedded, stop, start_time):
             signum = int(signum_t.item())
         if signum:
             save(step + 1)
-            if env.ddp:
-                dist.barrier()  # see the end of train()
             print0(
                 f"stopped by {signal.Signals(signum).name} after step {step}; continue with: "
                 f"python train_gpt2.py --resume latest --log_dir {cfg.log_dir}"
             )
-            raise SystemExit(128 + signum)
+            return signum
 
-    if env.ddp:
-        # the ranks leave together: gloo aborts a process whose peers tear down the group while
-        # it still works (rank 0 saving the last checkpoint, say)
-        dist.barrier()
     print0(
         f"done: {cfg.max_steps} steps in {time.time() - start_time:.0f}s, final val loss "
         f"{val_loss:.4f}; log in {log_file}"
@@ -1321,6 +1322,7 @@ def train(cfg, env, checkpoint, embedded, stop, start_time):
             "FineWeb-Edu 10B (about 20GB of token shards) with `python fineweb.py`, then run "
             "`torchrun --standalone --nproc_per_node=8 train_gpt2.py`."
         )
+    return 0
 
 
 if __name__ == "__main__":
