@@ -4,7 +4,8 @@ Measure the speed of train_gpt2.py: its training step, its data loader and Hella
 The training step (train_step, imported from train_gpt2.py: forward, backward, gradient clipping
 and the AdamW step, over --grad_accum micro-batches) is timed after warm-up steps, first in the
 lecture's fp32 baseline, then with its optimizations added one row at a time: TF32, bf16
-autocast, torch.compile, flash attention, the vocabulary padded to 50304, fused AdamW. Each row
+autocast, torch.compile, flash attention, the vocabulary padded to 50304, fused AdamW; then the
+ones this project adds: the chunked lm_head + cross-entropy (train_gpt2.py --fused_loss). Each row
 prints tokens/s, ms/step, MFU (PaLM FLOPs, against the GPU's datasheet peak and against the matmul
 peak measured here, so that a CPU has one too), peak memory and the speed-up over the first row.
 
@@ -48,6 +49,7 @@ from train_gpt2 import (
     mfu,
     peak_flops,
     setting,
+    synchronize,
     train_step,
     write_shard,
 )
@@ -75,6 +77,7 @@ class Variant:
     flash: bool = False
     vocab_pad: bool = False
     fused: bool = False
+    fused_loss: bool = False
 
 
 # The optimizations in the lecture's order, each with a short name for the table. The autocast
@@ -86,6 +89,7 @@ OPTIMIZATIONS = {
     "flash": "flash attention",
     "vocab_pad": f"vocab {PADDED_VOCAB}",
     "fused": "fused AdamW",
+    "fused_loss": "fused loss",  # beyond the lecture
 }
 BASELINE = "fp32"
 PROFILE_STEPS = 3  # enough to see the steady state; a trace of each kernel launch grows fast
@@ -110,18 +114,11 @@ def build_model(config, variant, device):
     )
     torch.manual_seed(0)
     model = GPT(config)
+    model.fused_loss = variant.fused_loss
     if not variant.flash:
         for block in model.transformer.h:
             block.attn.__class__ = ManualAttention  # an attend() swap: the weights stay as they are
     return model.to(device)
-
-
-def synchronize(device):
-    """Wait for the device: CUDA and MPS run asynchronously to Python."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-    elif device.startswith("mps"):
-        torch.mps.synchronize()
 
 
 def make_step(variant, config, loader, env, dtype, grad_accum):
@@ -272,24 +269,27 @@ def loader_rate(loader, batches):
     return batches / (time.perf_counter() - t0)
 
 
-def hellaswag_rate(config, variant, device, dtype, path, limit, batch_examples):
-    """(examples per second, examples) of hellaswag.evaluate, as the training loop runs it: the
-    uncompiled model, the autocast of training. Returns (None, reason) where it cannot run."""
+def hellaswag_rate(config, variant, device, dtype, path, limit):
+    """(examples per second, examples) of hellaswag.evaluate as the training loop runs it: the
+    examples packed once, the scorer compiled when the variant compiles, the autocast of
+    training; the first pass (which compiles) is not timed. (None, reason) where it cannot run."""
     import hellaswag  # it imports train_gpt2: only this measurement needs it
 
     examples = list(itertools.islice(hellaswag.iterate_examples("val", path), limit))
     if not examples:
         return None, f"no examples in {path}"
-    longest = max(hellaswag.render_example(ex)[1].size(1) for ex in examples)
-    if longest > config.block_size:
-        return None, f"HellaSwag needs block_size >= {longest}, the model has {config.block_size}"
+    try:
+        batch_tokens = hellaswag.batch_tokens_for(device)
+        packed = hellaswag.pack_examples(examples, batch_tokens, max_width=config.block_size)
+    except SystemExit as e:
+        return None, str(e)
     model = build_model(config, variant, device)
     device_type = device.split(":")[0]
     autocast = autocast_context(dtype if variant.autocast else torch.float32, device_type)
-    logits_fn = lambda tokens: model(tokens)[0]
-    hellaswag.evaluate(logits_fn, examples[:batch_examples], device, autocast, 0, 1, batch_examples)
+    scorer = hellaswag.make_scorer(lambda tokens: model(tokens)[0], variant.compile)
+    hellaswag.evaluate(scorer, packed, device, autocast)
     t0 = time.perf_counter()
-    hellaswag.evaluate(logits_fn, examples, device, autocast, 0, 1, batch_examples)
+    hellaswag.evaluate(scorer, packed, device, autocast)
     return len(examples) / (time.perf_counter() - t0), len(examples)
 
 
@@ -357,6 +357,7 @@ class BenchConfig:
     flash: int = setting(1, "rows with flash attention, else the manual one (0: in no row)")
     vocab_pad: int = setting(1, f"rows with the vocabulary padded to {PADDED_VOCAB} (0: in no row)")
     fused: int = setting(1, "rows with fused AdamW, else the unfused one (0: in no row)")
+    fused_loss: int = setting(1, "rows with the chunked lm_head + loss (0: in no row)")
     matmul_size: int = setting(0, "n of the n^3 peak matmul (0: 8192 on CUDA, else 2048)")
     data_dir: str = setting("", "train shards to read ('': random ones in a temporary directory)")
     loader_batches: int = setting(100, "batches timed from the data loader")
@@ -517,7 +518,7 @@ def main(argv=None):
     hella = None
     if cfg.hellaswag:
         rate, count = hellaswag_rate(
-            config, last, device, dtype, cfg.hellaswag_path, cfg.hellaswag_examples, 8
+            config, last, device, dtype, cfg.hellaswag_path, cfg.hellaswag_examples
         )
         if rate is None:
             hella = {"skipped": count}
@@ -526,8 +527,8 @@ def main(argv=None):
             hella = {"examples_per_sec": rate, "examples": count, "path": cfg.hellaswag_path}
             print(
                 f"HellaSwag: {rate:,.1f} examples/s ({count} examples of "
-                f"{os.path.basename(cfg.hellaswag_path)}; the last row's model, uncompiled, "
-                "as the training loop evaluates)"
+                f"{os.path.basename(cfg.hellaswag_path)}; the last row's model, packed and "
+                "scored as the training loop does)"
             )
 
     if cfg.json:

@@ -7,20 +7,18 @@ that transformers pipelines and lm-evaluation-harness run on it offline.
     lm_eval --model hf --model_args pretrained=gpt2-repro --tasks hellaswag
 """
 
-import argparse
 import os
 
 import torch
 
 from train_gpt2 import (
     EOT,
-    GPT,
     HERE,
     HF_CONV1D_WEIGHTS,
     HF_MASK_BUFFERS,
-    GPTConfig,
+    ArgumentParser,
     get_tokenizer,
-    load_checkpoint,
+    load_model_from_checkpoint,
 )
 
 # OpenAI's GPT-2 vocabulary in Hugging Face's file format (encoder.json and vocab.bpe)
@@ -33,6 +31,11 @@ def export_hf(model, out_dir):
 
     n_vocab = get_tokenizer().n_vocab  # drop the padding rows: 50304 -> 50257
     c = model.config
+    if c.recipe != "gpt2":
+        raise SystemExit(
+            f"a --recipe {c.recipe} model is not a GPT-2 architecture (rotary positions, no "
+            "LayerNorm, untied head): transformers' GPT2LMHeadModel cannot hold it"
+        )
     if c.vocab_size < n_vocab:
         raise SystemExit(
             f"the model's vocabulary ({c.vocab_size}) is smaller than GPT-2's ({n_vocab})"
@@ -67,17 +70,27 @@ def export_hf(model, out_dir):
     tokenizer.save_pretrained(out_dir)
 
 
+def check_out_dir(out_dir):
+    """The export writes into a new or empty directory only: never over other files."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SystemExit(f"{out_dir} is a file: name a new or empty directory to export into")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise SystemExit(f"{out_dir} is not empty: name a new or empty directory to export into")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Export a checkpoint to Hugging Face format.")
+    parser = ArgumentParser(description="Export a checkpoint to Hugging Face format.")
     parser.add_argument("checkpoint", help="a log/model_XXXXX.pt of train_gpt2.py, or 'latest'")
-    parser.add_argument("out_dir", help="directory to write (created)")
+    parser.add_argument("out_dir", help="a new or empty directory to write")
     parser.add_argument("--log_dir", default="log", help="where 'latest' looks")
     args = parser.parse_args(argv)
-    ckpt = load_checkpoint(args.checkpoint, args.log_dir)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    check_out_dir(args.out_dir)
+    model, ckpt = load_model_from_checkpoint(args.checkpoint, args.log_dir)
     with torch.no_grad():
-        export_hf(model, args.out_dir)
+        try:
+            export_hf(model, args.out_dir)
+        except OSError as e:
+            raise SystemExit(f"could not write {args.out_dir}: {e.strerror or e}") from None
     print(f"wrote {args.out_dir} from {ckpt['path']} (step {ckpt['step']})")
 
 

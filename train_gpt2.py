@@ -7,6 +7,7 @@ defaults are the GPT-2 124M reproduction (10B tokens, 19073 steps of 2**19 token
 
     python train_gpt2.py                                     # CPU, Apple MPS or one GPU
     python train_gpt2.py --max_steps 50 --B 16 --T 512       # any setting: see --help
+    python train_gpt2.py --recipe speedrun                   # the modern recipe (README)
     torchrun --standalone --nproc_per_node=8 train_gpt2.py   # one node, 8 GPUs
     # several nodes: run on every node, with its own --node_rank and the first node's address
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 \\
@@ -39,8 +40,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+EOT = 50256  # <|endoftext|>: separates (and begins) every document
 
 # -----------------------------------------------------------------------------
 # Model
@@ -49,10 +53,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # longest sequence (context length)
-    vocab_size: int = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+    vocab_size: int = GPT2_VOCAB_SIZE
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    recipe: str = "gpt2"  # or "speedrun": the modern architecture (README, "The speedrun recipe")
 
 
 # The four sizes OpenAI released (GPT-2 paper, table 2); all share block_size and vocab_size.
@@ -62,57 +67,156 @@ GPT2_PRESETS = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
+RECIPES = ("gpt2", "speedrun")
+# The speedrun recipe's architecture (modded-nanogpt's NanoGPT speedrun, 2024-2025): with q and k
+# RMS-normalized, a fixed attention temperature of 0.12 trains better than 1/sqrt(head_dim), and
+# logits soft-capped by 15 * tanh(logits / 15) keep the early steps stable (Gemma 2 does the same).
+SPEEDRUN_ATTN_SCALE = 0.12
+SPEEDRUN_SOFTCAP = 15.0
+ROPE_BASE = 10000  # RoFormer's
+
+
+def rms_norm(x):
+    """RMSNorm (Zhang & Sennrich 2019) without a learned gain: the speedrun recipe's only norm."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (RoFormer, arXiv 2104.09864): channel pair i of a head is rotated
+    by the angle position * base^(-2i / head_size), so that q.k depends on the distance between two
+    positions and not on where they are. Replaces the learned wpe of GPT-2."""
+
+    def __init__(self, head_size, max_len):
+        super().__init__()
+        freqs = ROPE_BASE ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
+        # buffers, not weights: the same for every model, rebuilt rather than saved
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, pos):
+        """cos and sin for positions pos, (T,) or per row (B, T), shaped to broadcast over heads."""
+        cos, sin = self.cos[pos], self.sin[pos]
+        if pos.dim() == 2:  # (B, T, D/2) -> (B, 1, T, D/2): one rotation per row and position
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return cos, sin
+
+
+def apply_rotary(x, rope):
+    """Rotate the channel pairs (i, i + D/2) of x, (B, n_head, T, D), by the angles in rope."""
+    cos, sin = rope
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+class KVCache:
+    """The keys and values of every layer during generation, preallocated to max_len positions,
+    with the attention mask of the rows: a row's left padding is never attended to."""
+
+    def __init__(self, pad, max_len):
+        self.pad = pad  # (B,) left-padding tokens of each row
+        self.max_len = max_len
+        self.length = 0  # positions already filled
+        self.k, self.v = {}, {}  # layer -> (B, n_head, max_len, head_size)
+        self.mask = None  # (B, 1, T, length + T), set by GPT.forward for the T new positions
+
+    def positions(self, T):
+        """Positions of the next T tokens of every row, counted from the row's first real token."""
+        start = torch.arange(self.length, self.length + T, device=self.pad.device)
+        return (start.unsqueeze(0) - self.pad.unsqueeze(1)).clamp(min=0)
+
+    def prepare(self, T):
+        """The mask of T new queries: causal, and blind to padding (a padding query attends to
+        itself only, so that its row of weights is never empty)."""
+        keys = torch.arange(self.length + T, device=self.pad.device)
+        queries = torch.arange(self.length, self.length + T, device=self.pad.device)
+        causal = keys.view(1, -1) <= queries.view(-1, 1)  # (T, L)
+        real = keys.view(1, -1) >= self.pad.view(-1, 1)  # (B, L)
+        self.mask = causal.unsqueeze(0) & (real.unsqueeze(1) | (keys == queries.view(-1, 1)))
+        self.mask = self.mask.unsqueeze(1)
+
+    def update(self, layer, k, v):
+        """Store the new keys and values of a layer; returns all of that layer's so far."""
+        if layer not in self.k:
+            B, H, _, D = k.shape
+            self.k[layer] = k.new_zeros(B, H, self.max_len, D)
+            self.v[layer] = v.new_zeros(B, H, self.max_len, D)
+        end = self.length + k.size(2)
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.speedrun = config.recipe == "speedrun"
+        bias = not self.speedrun  # the speedrun's linear layers have no biases (as PaLM's)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
         self.c_proj.RESIDUAL_SCALE_INIT = True
         self.n_head = config.n_head
         self.n_embd = config.n_embd
+        self.layer = layer  # its slot in a KVCache
+        self.scale = SPEEDRUN_ATTN_SCALE if self.speedrun else None  # None: 1/sqrt(head_size)
 
-    def forward(self, x):
+    def forward(self, x, rope=None, cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size): the heads become a batch dimension
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = self.attend(q, k, v).transpose(1, 2).contiguous().view(B, T, C)
+        if self.speedrun:
+            # QK-norm (Dehghani et al. 2023): unit-RMS queries and keys bound the attention logits
+            q, k = apply_rotary(rms_norm(q), rope), apply_rotary(rms_norm(k), rope)
+        if cache is None:
+            y = self.attend(q, k, v)
+        else:
+            k, v = cache.update(self.layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, scale=self.scale)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
     def attend(self, q, k, v):
         # flash attention on GPU: the (T, T) attention matrix is never materialized in memory
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.speedrun = config.recipe == "speedrun"
+        bias = not self.speedrun
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2 was trained with the tanh approximation
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=bias)
         self.c_proj.RESIDUAL_SCALE_INIT = True
 
     def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        x = self.c_fc(x)
+        # the speedrun's ReLU squared (Primer, arXiv 2109.08668): cheaper than GELU, and better
+        x = F.relu(x).square() if self.speedrun else self.gelu(x)
+        return self.c_proj(x)
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.speedrun = config.recipe == "speedrun"
+        # the speedrun's norms have no weights: no modules
+        self.ln_1 = None if self.speedrun else nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = None if self.speedrun else nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x):
+    def forward(self, x, rope=None, cache=None):
         # pre-LayerNorm (GPT-2 paper, section 2.3): the residual stream itself is never normalized
-        x = x + self.attn(self.ln_1(x))
-        x = x + self.mlp(self.ln_2(x))
+        norm_1 = rms_norm if self.speedrun else self.ln_1
+        norm_2 = rms_norm if self.speedrun else self.ln_2
+        x = x + self.attn(norm_1(x), rope, cache)
+        x = x + self.mlp(norm_2(x))
         return x
 
 
@@ -146,22 +250,39 @@ def load_hf_gpt2(name_or_path):
         ) from None
 
 
+class NonFiniteLogits(Exception):
+    """Generation met NaN or infinite logits: the model has diverged."""
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.speedrun = config.recipe == "speedrun"
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd),
+                # rotary embeddings, not learned positions, in the speedrun
+                wpe=None if self.speedrun else nn.Embedding(config.block_size, config.n_embd),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=None if self.speedrun else nn.LayerNorm(config.n_embd),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying (Press & Wolf 2017), as in GPT-2: the token embedding is the output layer
-        self.transformer.wte.weight = self.lm_head.weight
+        if self.speedrun:
+            self.rotary = Rotary(config.n_embd // config.n_head, config.block_size)
+        else:
+            # weight tying (Press & Wolf 2017), as in GPT-2: the token embedding is the output layer
+            self.transformer.wte.weight = self.lm_head.weight
+        self.fused_loss = False  # train_gpt2.py --fused_loss: see linear_cross_entropy
         self.apply(self._init_weights)
+        if self.speedrun:
+            # zero-initialized projections into the residual stream and head (modded-nanogpt):
+            # every block starts as the identity, and the first logits are uniform
+            for block in self.transformer.h:
+                nn.init.zeros_(block.attn.c_proj.weight)
+                nn.init.zeros_(block.mlp.c_proj.weight)
+            nn.init.zeros_(self.lm_head.weight)
 
     def _init_weights(self, module):
         # GPT-2's init: normal(0, 0.02) weights, zero biases; each block adds to the residual stream
@@ -176,24 +297,110 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
+        """(logits, loss). With a KVCache, idx continues the cached rows and only the last
+        position's logits are computed; with fused_loss and targets, logits are None."""
         B, T = idx.size()
-        if T > self.config.block_size:
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.block_size:
             raise ValueError(
-                f"sequence of length {T} is longer than block_size {self.config.block_size}"
+                f"sequence of length {start + T} is longer than block_size {self.config.block_size}"
             )
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        if cache is None:
+            pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        else:
+            pos = cache.positions(T)
+            cache.prepare(T)
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.speedrun:
+            x = rms_norm(x)
+            rope = self.rotary(pos)
+        else:
+            x = x + self.transformer.wpe(pos)
         for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
+            x = block(x, rope, cache)
+        x = rms_norm(x) if self.speedrun else self.transformer.ln_f(x)
+        if cache is not None:
+            cache.length += T
+            x = x[:, -1:]  # generation needs the next token only
+        softcap = SPEEDRUN_SOFTCAP if self.speedrun else None
+        if targets is not None and self.fused_loss:
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, softcap)
         logits = self.lm_head(x)
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
         loss = None
         if targets is not None:
             # over the whole padded vocabulary, as in the lecture: the model learns in a few
             # steps to push the never-seen padded ids down, and losses match the reference's
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx,
+        max_new_tokens,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        generator=None,
+        stop_token=None,
+    ):
+        """Continue each prompt by up to max_new_tokens tokens, with a key/value cache.
+
+        idx is a (B, T) token tensor or a list of token lists of any lengths (left-padded inside).
+        Returns a list of token lists: each prompt followed by its new tokens, which end early at
+        stop_token (included). Runs under the caller's autocast, if any.
+        """
+        prompts = idx.tolist() if torch.is_tensor(idx) else [list(p) for p in idx]
+        rows = [list(p) for p in prompts]
+        for tokens in self.stream(
+            prompts, max_new_tokens, temperature, top_k, top_p, generator, stop_token
+        ):
+            for row, token in zip(rows, tokens):
+                if token is not None:
+                    row.append(token)
+        return rows
+
+    @torch.no_grad()
+    def stream(
+        self,
+        prompts,
+        max_new_tokens,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        generator=None,
+        stop_token=None,
+    ):
+        """Generate one token per step for every prompt (token lists); yields the list of each
+        row's new token, None for a row that has reached stop_token. The prompts are run once
+        through the model, then each step runs only the newest token of every row."""
+        if not prompts or min(len(p) for p in prompts) == 0:
+            raise ValueError("every prompt needs at least one token")
+        width = max(len(p) for p in prompts)
+        if width + max_new_tokens > self.config.block_size:
+            raise ValueError(
+                f"a prompt of {width} tokens and {max_new_tokens} new tokens exceed the model's "
+                f"context of {self.config.block_size} tokens"
+            )
+        device = self.lm_head.weight.device
+        pad = torch.tensor([width - len(p) for p in prompts], device=device)
+        idx = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=device)
+        cache = KVCache(pad, width + max_new_tokens)
+        n_vocab = min(self.config.vocab_size, GPT2_VOCAB_SIZE)  # never a padded id
+        done = [False] * len(prompts)
+        logits, _ = self(idx, cache=cache)
+        for i in range(max_new_tokens):
+            next_tokens = sample_next(logits[:, -1, :n_vocab], temperature, top_k, top_p, generator)
+            tokens = next_tokens.tolist()
+            yield [None if d else t for d, t in zip(done, tokens)]
+            done = [d or t == stop_token for d, t in zip(done, tokens)]
+            if all(done) or i == max_new_tokens - 1:
+                return
+            logits, _ = self(next_tokens.unsqueeze(1), cache=cache)
 
     @classmethod
     def from_pretrained(cls, name_or_path):
@@ -246,15 +453,112 @@ class GPT(nn.Module):
             fused = device_type == "cuda"
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
+    def configure_speedrun_optimizer(self, cfg, ns_dtype, log=print):
+        """Muon for the blocks' matrices; AdamW (betas 0.8, 0.95) for the embedding and the head,
+        each with its own learning rate (modded-nanogpt's choices, scaled by cfg)."""
+        matrices = [p for block in self.transformer.h for p in block.parameters()]
+        assert all(p.dim() == 2 for p in matrices), "speedrun blocks hold matrices only"
+        groups = [
+            dict(params=matrices, use_muon=True, lr=cfg.muon_lr, weight_decay=cfg.muon_wd),
+            dict(params=[self.transformer.wte.weight], lr=cfg.embed_lr),
+            dict(params=[self.lm_head.weight], lr=cfg.head_lr),
+        ]
+        for group in groups:
+            group["initial_lr"] = group["lr"]  # the schedule scales every group's own rate
+        log(
+            f"Muon: {len(matrices)} matrices with {sum(p.numel() for p in matrices):,} parameters; "
+            f"AdamW: embedding and head, {2 * self.lm_head.weight.numel():,} parameters"
+        )
+        return Muon(groups, ns_dtype=ns_dtype)
+
+
+def linear_cross_entropy(x, weight, targets, softcap=None, chunk_rows=8192):
+    """F.cross_entropy(x @ weight.T, targets) without the (rows, vocab) logits tensor.
+
+    The logits exist for chunk_rows rows at a time: their loss and their gradients (softmax minus
+    one-hot) are computed together in the forward pass, and the gradients of x and weight are
+    kept for backward. For GPT-2 124M at B=64, T=1024, the full logits are 13GB in float32.
+    Under autocast the matmuls run in its dtype, as nn.Linear's would.
+    """
+    x = x.reshape(-1, x.size(-1))
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return LinearCrossEntropy.apply(x, weight, targets.reshape(-1), softcap, chunk_rows)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, softcap, chunk_rows):
+        n = x.size(0)
+        acc = torch.promote_types(x.dtype, torch.float32)  # bf16 logits upcast: F.cross_entropy
+        grad_x = torch.empty_like(x)
+        grad_weight = torch.zeros_like(weight, dtype=acc)
+        loss = torch.zeros((), dtype=acc, device=x.device)
+        for start in range(0, n, chunk_rows):
+            xc, yc = x[start : start + chunk_rows], targets[start : start + chunk_rows]
+            logits = (xc @ weight.t()).to(acc)
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = softcap * capped
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            loss += (lse.squeeze(1) - logits.gather(1, yc.unsqueeze(1)).squeeze(1)).sum()
+            # d(mean loss) / d(logits) = (softmax - one_hot) / n
+            grad = logits.sub_(lse).exp_()
+            grad[torch.arange(len(yc), device=grad.device), yc] -= 1.0
+            grad /= n
+            if softcap:
+                grad *= 1.0 - capped * capped  # through softcap * tanh(z / softcap)
+            grad = grad.to(x.dtype)
+            grad_x[start : start + chunk_rows] = grad @ weight
+            grad_weight += (grad.t() @ xc).to(acc)
+        ctx.save_for_backward(grad_x, grad_weight.to(weight.dtype))
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_weight = ctx.saved_tensors
+        return grad_x * grad_loss, grad_weight * grad_loss, None, None, None
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """The next token of every row from its (B, vocab) logits: the most likely one at
+    temperature 0, else one drawn from softmax(logits / temperature) restricted to the top_k
+    likeliest tokens and to the smallest set of them whose probability reaches top_p."""
+    logits = logits.float()
+    if not torch.isfinite(logits).all():
+        raise NonFiniteLogits("the model's logits are not finite")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # a token is kept while the probability of the likelier ones is still below top_p
+        outside = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
 
 def flops_per_token(config, T):
     """Training FLOPs per token: 6N + 12 L H Q T (PaLM paper, appendix B).
 
     N counts the parameters that take part in matmuls: all but the position embedding (the tied
     token embedding is the lm_head). 12 L H Q T is the attention's QK^T and AV, forward and back.
+    The speedrun model has no biases and no norm gains, and its lm_head is the one matrix of its
+    untied embeddings that is multiplied.
     """
     d, L = config.n_embd, config.n_layer
-    n_params = config.vocab_size * d + L * (12 * d * d + 13 * d) + 2 * d
+    if config.recipe == "speedrun":
+        n_params = config.vocab_size * d + L * 12 * d * d
+    else:
+        n_params = config.vocab_size * d + L * (12 * d * d + 13 * d) + 2 * d
     return 6 * n_params + 12 * L * d * T
 
 
@@ -296,7 +600,6 @@ TOKENIZER_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838d
 GPT2_SPLIT_PATTERN = (
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 )
-EOT = 50256  # <|endoftext|>: separates (and begins) every document
 
 
 @functools.cache
@@ -327,6 +630,8 @@ def get_tokenizer():
 LLMC_MAGIC = 20240520
 LLMC_VERSION = 1
 LLMC_HEADER_INTS = 256
+# atomic_open's temporary files: .{name}.{pid}.tmp beside the file being written
+TEMPORARY_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
 
 
 @contextlib.contextmanager
@@ -350,6 +655,26 @@ def atomic_open(path, mode="wb"):
             os.remove(tmp)
 
 
+def remove_stale_temporaries(directory, names):
+    """Delete atomic_open's temporary files of the given names left by killed processes (a
+    SIGKILL during a save leaves one as large as the checkpoint), never those of a live one."""
+    for entry in os.listdir(directory):
+        m = TEMPORARY_FILE.match(entry)
+        if m and re.fullmatch(names, m["name"]) and not process_alive(int(m["pid"])):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, entry))
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def write_shard(path, tokens):
     """Write a 1-D uint16 token array atomically, as .npy or (by extension) llm.c .bin."""
     assert tokens.dtype == np.uint16 and tokens.ndim == 1
@@ -365,6 +690,13 @@ def write_shard(path, tokens):
 
 def open_shard(path):
     """Memory-map a shard (.npy uint16 array or llm.c .bin) without reading it into RAM."""
+    try:
+        return _open_shard(path)
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot read the shard ({e.strerror or e})") from None
+
+
+def _open_shard(path):
     if path.endswith(".bin"):
         header = np.fromfile(path, dtype=np.int32, count=LLMC_HEADER_INTS)
         if len(header) < LLMC_HEADER_INTS or header[0] != LLMC_MAGIC:
@@ -378,12 +710,14 @@ def open_shard(path):
                 f"{path}: header says {ntok} tokens but the file has "
                 f"{os.path.getsize(path)} bytes, not {expected}"
             )
+        if ntok == 0:
+            return np.zeros(0, dtype=np.uint16)
         return np.memmap(
             path, dtype=np.uint16, mode="r", offset=4 * LLMC_HEADER_INTS, shape=(ntok,)
         )
     try:
         tokens = np.load(path, mmap_mode="r")
-    except ValueError as e:
+    except (ValueError, EOFError) as e:
         raise SystemExit(f"{path}: not a readable .npy token shard ({e})") from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise SystemExit(
@@ -394,11 +728,44 @@ def open_shard(path):
 
 
 def list_shards(data_dir, split):
-    """Shard files of a split, in name order: every .npy or .bin file with the split in its name."""
+    """Shard files of a split, in name order: the .npy and .bin files that have the split as a
+    whole field of their name (fields are separated by _ . or -: fineweb_val_000000.bin)."""
     if not os.path.isdir(data_dir):
         return []
-    names = sorted(n for n in os.listdir(data_dir) if split in n and n.endswith((".npy", ".bin")))
-    return [os.path.join(data_dir, n) for n in names if not n.startswith(".")]
+    try:
+        names = os.listdir(data_dir)
+    except OSError as e:
+        raise SystemExit(f"cannot list {data_dir}: {e.strerror or e}") from None
+    names = sorted(
+        n
+        for n in names
+        if n.endswith((".npy", ".bin")) and not n.startswith(".") and split in re.split(r"[_.-]", n)
+    )
+    return [os.path.join(data_dir, n) for n in names]
+
+
+def shard_fingerprint(paths):
+    """A cheap identity of a set of shards: their names and sizes and the first and last KB of
+    each. A resumed run refuses other shards: its position in them would mean other data."""
+    digest = hashlib.sha256()
+    for path in paths:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(1024)
+            f.seek(max(0, size - 1024))
+            tail = f.read(1024)
+        digest.update(f"{os.path.basename(path)}:{size}:".encode() + head + tail)
+    return digest.hexdigest()[:16]
+
+
+def recorded_max_tokens(data_dir):
+    """{shard name: (bytes, largest token id)} from fineweb.py's manifest, where it has one."""
+    try:
+        with open(os.path.join(data_dir, "manifest.json")) as f:
+            shards = json.load(f).get("shards", [])
+        return {s["name"]: (s["bytes"], s["max_token"]) for s in shards if "max_token" in s}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return {}
 
 
 class DataLoaderLite:
@@ -411,6 +778,10 @@ class DataLoaderLite:
     run across shard boundaries, so no rank skips a shard's tail. With shuffle on, every epoch
     visits the shards and the sequences within each shard in a fresh order drawn from
     (seed, epoch), so neither the world size nor B changes which data a step sees.
+
+    Every token id is checked against the vocabulary when the loader is made, not hours into a
+    run: from fineweb.py's manifest where it records them, else by a scan of the memory-mapped
+    shards, each rank scanning every num_processes-th.
     """
 
     def __init__(
@@ -423,11 +794,11 @@ class DataLoaderLite:
         data_dir,
         shuffle=False,
         seed=1337,
-        vocab_size=50257,
+        vocab_size=GPT2_VOCAB_SIZE,
     ):
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
-        self.shuffle, self.seed, self.vocab_size = shuffle, seed, vocab_size
+        self.shuffle, self.seed = shuffle, seed
         self.paths = list_shards(data_dir, split)
         if not self.paths:
             raise SystemExit(
@@ -439,29 +810,52 @@ class DataLoaderLite:
             raise SystemExit(
                 f"the {split} shards in {data_dir} hold fewer than T + 1 = {T + 1} tokens"
             )
-        self.checked = set()  # shards whose token ids have been range-checked
+        self.fingerprint = shard_fingerprint(self.paths)
+        self.check_token_ids(recorded_max_tokens(data_dir), vocab_size)
         self.reset()
 
+    def check_token_ids(self, recorded, vocab_size):
+        for i, (path, shard) in enumerate(zip(self.paths, self.shards)):
+            name, size = os.path.basename(path), os.path.getsize(path)
+            if name in recorded and recorded[name][0] == size:
+                top = recorded[name][1]
+            elif i % self.num_processes == self.process_rank:
+                top = int(shard.max()) if len(shard) else 0
+            else:
+                continue
+            if top >= vocab_size:
+                raise SystemExit(
+                    f"{path}: token id {top} is outside the vocabulary (< {vocab_size})"
+                )
+
     def reset(self):
-        self.load_state_dict(
-            {"epoch": 0, "shard_pos": 0, "seq_pos": 0, "T": self.T, "num_shards": len(self.shards)}
-        )
+        self.load_state_dict(self.state_at(epoch=0))
+
+    def state_at(self, epoch, shard_pos=0, seq_pos=0):
+        return {
+            "epoch": epoch,
+            "shard_pos": shard_pos,
+            "seq_pos": seq_pos,
+            "T": self.T,
+            "num_shards": len(self.shards),
+            "data": self.fingerprint,
+        }
 
     def state_dict(self):
         # the world's position in the stream, the same on every rank
-        return {
-            "epoch": self.epoch,
-            "shard_pos": self.shard_pos,
-            "seq_pos": self.seq_pos,
-            "T": self.T,
-            "num_shards": len(self.shards),
-        }
+        return self.state_at(self.epoch, self.shard_pos, self.seq_pos)
 
     def load_state_dict(self, state):
         if state["T"] != self.T or state["num_shards"] != len(self.shards):
             raise SystemExit(
                 f"data loader state is for T={state['T']} over {state['num_shards']} shards; this "
                 f"run has T={self.T} over {len(self.shards)} shards"
+            )
+        if state.get("data") != self.fingerprint:
+            raise SystemExit(
+                "the shards differ from those the checkpoint was trained on (names, sizes or "
+                "contents): resume with the same data, or pass --resume_allow_new_data 1 to "
+                "start the new data from its beginning"
             )
         self.epoch, self.shard_pos, self.seq_pos = (
             state["epoch"],
@@ -484,14 +878,6 @@ class DataLoaderLite:
         self.shard = shard
         n = self.num_sequences[shard]
         self.seq_order = self._rng(self.epoch, shard + 1).permutation(n) if self.shuffle else None
-        if shard not in self.checked:
-            top = int(self.shards[shard].max()) if len(self.shards[shard]) else 0
-            if top >= self.vocab_size:
-                raise SystemExit(
-                    f"{self.paths[shard]}: token id {top} is outside the vocabulary "
-                    f"(< {self.vocab_size})"
-                )
-            self.checked.add(shard)
 
     def _advance(self, n):
         """Move the cursor n sequences forward, into the next shard and epoch as needed."""
@@ -533,6 +919,8 @@ class DataLoaderLite:
 
 
 # The bundled public-domain texts (Canterbury corpus) for a first run with no download.
+# `--data_dir bundled` names them in flags and checkpoints, wherever the project is checked out.
+BUNDLED = "bundled"
 CORPUS_DIR = os.path.join(HERE, "data", "corpus")
 EMBEDDED_DATA_DIR = os.path.join(HERE, "data", "corpus_shards")
 EMBEDDED_VAL_FRACTION = 0.1  # the last tenth of every text is held out for validation
@@ -563,19 +951,99 @@ def prepare_embedded_corpus(out_dir=EMBEDDED_DATA_DIR, corpus_dir=CORPUS_DIR):
         cut = len(text) if cut < 0 else cut + 1
         for split, part in (("train", text[:cut]), ("val", text[cut:])):
             splits[split].extend([EOT] + enc.encode_ordinary(part))
-    os.makedirs(out_dir, exist_ok=True)
-    write_shard(os.path.join(out_dir, "corpus_val_000000.npy"), np.array(splits["val"], np.uint16))
-    write_shard(
-        os.path.join(out_dir, "corpus_train_000001.npy"), np.array(splits["train"], np.uint16)
-    )
-    tokens = {split: len(ids) for split, ids in splits.items()}
-    with atomic_open(manifest_path, "w") as f:  # written last: it marks the shards complete
-        json.dump({"sha256": digest.hexdigest(), "texts": texts, "tokens": tokens}, f)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        for i, split in enumerate(("val", "train")):
+            path = os.path.join(out_dir, f"corpus_{split}_{i:06d}.npy")
+            write_shard(path, np.array(splits[split], np.uint16))
+        tokens = {split: len(ids) for split, ids in splits.items()}
+        with atomic_open(manifest_path, "w") as f:  # written last: it marks the shards complete
+            json.dump({"sha256": digest.hexdigest(), "texts": texts, "tokens": tokens}, f)
+    except OSError as e:
+        raise SystemExit(
+            f"cannot write the bundled corpus's token shards to {out_dir}: {e.strerror or e}"
+        ) from None
     return out_dir
 
 
 # -----------------------------------------------------------------------------
 # Optimizer and schedule
+
+
+def newton_schulz(G, steps=5):
+    """An approximately orthogonal matrix near G: its singular values moved to about 1 (within
+    roughly 0.7-1.2), its singular vectors kept, by a quintic Newton-Schulz iteration.
+
+    Each step maps every singular value s to a s + b s^3 + c s^5; these coefficients (from the
+    Muon write-up, Jordan et al. 2024) pull all of [0, 1] quickly towards 1 at the cost of not
+    converging exactly, which Muon does not need. Runs in G's dtype.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G / (G.norm() + 1e-7)  # singular values <= 1: the iteration's range
+    transposed = X.size(0) > X.size(1)
+    if transposed:  # X @ X.T is then the smaller Gram matrix
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if transposed else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (MomentUm Orthogonalized by Newton-schulz; Jordan et al. 2024) for the parameter groups
+    marked use_muon, AdamW for the others.
+
+    Muon keeps a momentum of each matrix's gradient and steps along its Nesterov look-ahead made
+    orthogonal by newton_schulz: every direction of the update has the same size, whatever the
+    gradient's spectrum. The update is scaled by sqrt(max(1, rows / cols)) so that tall matrices
+    move as much per element as square ones; weight decay is decoupled (p *= 1 - lr * wd).
+    The other groups (embedding, head) get AdamW with betas (0.8, 0.95) and eps 1e-10.
+    Under DDP every rank holds the same averaged gradients and computes the same update.
+    """
+
+    def __init__(self, params, ns_dtype=torch.bfloat16):
+        defaults = dict(
+            lr=0.02, use_muon=False, momentum=0.95, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0
+        )
+        super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group["use_muon"]:
+                    self._muon_update(p, group, self.state[p])
+                else:
+                    self._adamw_update(p, group, self.state[p])
+
+    def _muon_update(self, p, group, state):
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        buf.mul_(group["momentum"]).add_(p.grad)
+        direction = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+        update = newton_schulz(direction.to(self.ns_dtype)).to(p.dtype)
+        update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
+        p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        p.add_(update, alpha=-group["lr"])
+
+    def _adamw_update(self, p, group, state):
+        if "step" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        state["exp_avg"].lerp_(p.grad, 1.0 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+        bias_correction1 = 1.0 - beta1 ** state["step"]
+        bias_correction2 = 1.0 - beta2 ** state["step"]
+        denom = (state["exp_avg_sq"] / bias_correction2).sqrt_().add_(group["eps"])
+        p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias_correction1)
 
 
 def get_lr(step, cfg):
@@ -589,6 +1057,26 @@ def get_lr(step, cfg):
     decay_ratio = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
     return min_lr + coeff * (max_lr - min_lr)
+
+
+def speedrun_lr_factor(step, cfg):
+    """The speedrun's schedule, as a factor of each group's rate: no warmup, constant, then a
+    linear cooldown to min_lr_ratio over the last cooldown_frac of the steps."""
+    cooldown_start = cfg.max_steps * (1.0 - cfg.cooldown_frac)
+    if step < cooldown_start:
+        return 1.0
+    progress = min(1.0, (step - cooldown_start) / max(1e-9, cfg.max_steps - cooldown_start))
+    return 1.0 - (1.0 - cfg.min_lr_ratio) * progress
+
+
+def set_learning_rate(optimizer, step, cfg):
+    """Set every parameter group's learning rate for this step; returns the first group's."""
+    for group in optimizer.param_groups:
+        if cfg.recipe == "speedrun":
+            group["lr"] = group["initial_lr"] * speedrun_lr_factor(step, cfg)
+        else:
+            group["lr"] = get_lr(step, cfg)
+    return optimizer.param_groups[0]["lr"]
 
 
 def grad_accum_steps_at(tokens_seen, cfg, world_size):
@@ -616,6 +1104,9 @@ class DistEnv:
     world_size: int
     device: str
     master_process: bool
+    # gloo group for the small collectives that decide things on the host (stop requests, whether
+    # every rank's start-up worked): they never wait for the GPU. None: the default group.
+    cpu_group: object = None
 
     @property
     def device_type(self):
@@ -641,18 +1132,34 @@ def autocast_dtype(requested, device_type):
     if device_type == "cuda":
         # V100 and T4 (compute capability < 8) have no bf16 tensor cores
         return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
-    if device_type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        # CPUs with AVX512-BF16 run bf16 matmuls 3-4x faster than fp32 ones
-        with contextlib.suppress(AttributeError, RuntimeError):
-            if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-                return torch.bfloat16
+    if device_type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
     return torch.float32
+
+
+def cpu_has_bf16():
+    """CPUs with AVX512-BF16 (or AMX) run bf16 matmuls 3-4x faster than fp32 ones."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
+    with contextlib.suppress(AttributeError, RuntimeError):
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
 
 
 def autocast_context(dtype, device_type):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def synchronize(device):
+    """Wait until the device has done its queued work (CUDA and MPS run asynchronously): step
+    times are measured after it."""
+    device = str(device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    elif device.startswith("mps"):
+        torch.mps.synchronize()
 
 
 def keep_freed_cpu_memory():
@@ -690,15 +1197,17 @@ def setup_distributed(device=""):
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
+    cpu_group = None
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl", device_id=torch.device(device))
+        cpu_group = dist.new_group(backend="gloo")
     elif device == "cpu":
         dist.init_process_group(backend="gloo")
     else:
         raise SystemExit(f"distributed training needs cuda (nccl) or cpu (gloo), not {device}")
-    return DistEnv(True, rank, local_rank, world_size, device, rank == 0)
+    return DistEnv(True, rank, local_rank, world_size, device, rank == 0, cpu_group)
 
 
 def all_reduce_mean(value, env):
@@ -709,16 +1218,93 @@ def all_reduce_mean(value, env):
     return value
 
 
+def agree(env, action):
+    """Run action() on this rank, then agree with every rank on how it went: its result if it
+    worked on all of them, else SystemExit on all of them with the message of the lowest rank
+    that failed, printed once per node. A rank that acts alone on local state (a download, a
+    file, a parse) thus never leaves the others waiting in a collective."""
+    error, result = None, None
+    try:
+        result = action()
+    except SystemExit as e:
+        error = str(e.code)
+    if env.ddp:
+        errors = [None] * env.world_size
+        dist.all_gather_object(errors, error, group=env.cpu_group)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise SystemExit(error if env.local_rank == 0 else 1)
+    return result
+
+
+class StopNow(BaseException):
+    """A stop request that cannot wait: nothing is lost by stopping at once."""
+
+    def __init__(self, signum, why):
+        super().__init__(why)
+        self.signum = signum
+
+
+class StopSignal:
+    """SIGTERM and SIGINT (preemption, Ctrl-C) while training.
+
+    Until a step of this run has completed, a stop loses nothing: the run stops at once (even in
+    the middle of torch.compile). After, the signal is remembered, and the run asks for it with
+    requested() between micro-steps, evaluation batches and samples and before checkpoints, then
+    saves the last completed step and exits. A second Ctrl-C stops at once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, env):
+        self.env = env
+        self.signum = 0
+        self.deferred = False  # whether a signal waits for the run to save
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handler(self, signum, frame):
+        name = signal.Signals(signum).name
+        if not self.deferred:
+            raise StopNow(signum, f"stopped by {name} before the first step: nothing to save")
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise StopNow(signum, "stopped at once by a second Ctrl-C, without saving")
+        self.signum = signum
+
+    def defer(self):
+        """From now on a signal waits for the run to save its state."""
+        self.deferred = True
+
+    def requested(self):
+        """The signal every rank agrees to stop for, or 0. Under DDP a collective (on the CPU
+        group): every rank calls it at the same points."""
+        signum = self.signum
+        if self.env.ddp:
+            flag = torch.tensor(signum)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.env.cpu_group)
+            signum = int(flag)
+        return signum
+
+
 # -----------------------------------------------------------------------------
 # Evaluation and sampling
 
 
 @torch.no_grad()
-def evaluate_val_loss(model, loader, steps, env, autocast):
-    """Mean loss over the first `steps` micro-batches of every rank, averaged over ranks."""
+def evaluate_val_loss(model, loader, steps, env, autocast, should_stop=None):
+    """Mean loss over the first `steps` micro-batches of every rank, averaged over ranks; None if
+    should_stop() said so between two micro-batches."""
     loader.reset()
     total = torch.zeros((), device=env.device)
     for _ in range(steps):
+        if should_stop is not None and should_stop():
+            return None
         x, y = loader.next_batch()
         x, y = to_device(x, env.device), to_device(y, env.device)
         with autocast:
@@ -727,31 +1313,113 @@ def evaluate_val_loss(model, loader, steps, env, autocast):
     return all_reduce_mean(total / steps, env).item()
 
 
-@torch.no_grad()
-def sample(model, enc, prompt, num_return_sequences, max_length, device, seed, autocast, top_k=50):
-    """Top-k sampling with a private generator, so sampling never moves the training RNG."""
-    tokens = torch.tensor(enc.encode(prompt), dtype=torch.long, device=device)
-    tokens = tokens.unsqueeze(0).repeat(num_return_sequences, 1)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    while tokens.size(1) < max_length:
-        with autocast:
-            logits, _ = model(tokens[:, -model.config.block_size :])
-        # drop the padded vocabulary ids: they are not tokens
-        probs = F.softmax(logits[:, -1, : enc.n_vocab].float(), dim=-1)
-        topk_probs, topk_indices = torch.topk(probs, min(top_k, probs.size(-1)), dim=-1)
-        choice = torch.multinomial(topk_probs, 1, generator=generator)
-        tokens = torch.cat((tokens, torch.gather(topk_indices, -1, choice)), dim=1)
-    return [enc.decode(row.tolist()) for row in tokens]
-
-
 def to_device(t, device):
     if device.startswith("cuda"):
         return t.pin_memory().to(device, non_blocking=True)  # copy overlaps with GPU work
     return t.to(device)
 
 
+SAMPLE_PROMPT = "Hello, I'm a language model,"
+
+
+class Evaluator:
+    """What every eval_interval steps measures and prints: the val loss (on the compiled model,
+    which has the training shapes), HellaSwag (its own compiled scorer) and samples. Each part
+    checks for a stop request between its batches and stops early when there is one."""
+
+    def __init__(self, cfg, env, model, state, val_loader, hella, autocast, stop, run_log):
+        self.cfg, self.env, self.autocast, self.stop, self.log = cfg, env, autocast, stop, run_log
+        self.model, self.state, self.val_loader, self.hella = model, state, val_loader, hella
+        raw_model = state.model
+        # a fixed number of val tokens, whatever the world size and B; fewer if the split is smaller
+        steps = cfg.val_loss_steps * cfg.total_batch_size // (cfg.B * cfg.T * env.world_size)
+        available = sum(val_loader.num_sequences) // (cfg.B * env.world_size)
+        self.val_steps = max(1, min(steps, available))
+        self.scorer = None
+        if hella is not None:
+            import hellaswag  # it imports this file: import it only when it is needed
+
+            self.scorer = hellaswag.make_scorer(lambda t: raw_model(t)[0], model is not raw_model)
+
+    def warm_up(self):
+        """Compile the evaluation graphs now, at start-up, where a stop loses nothing, rather than
+        at the first evaluation: one val batch, and one HellaSwag batch of every shape."""
+        with torch.no_grad(), self.autocast:
+            x, _ = self.val_loader.next_batch()
+            self.model(to_device(x, self.env.device), to_device(x, self.env.device))
+            shapes = {tuple(b.tokens.shape): b for b in self.hella.batches} if self.hella else {}
+            for batch in shapes.values():
+                self.scorer(batch.tokens.to(self.env.device), batch.mask.to(self.env.device))
+
+    def run(self, step):
+        """Evaluate after `step` steps; returns early when a stop is requested."""
+        env, requested = self.env, self.stop.requested
+        val_loss = evaluate_val_loss(
+            self.model, self.val_loader, self.val_steps, env, self.autocast, requested
+        )
+        if val_loss is None:
+            return
+        self.state.val_loss = val_loss
+        env.print0(f"validation loss: {val_loss:.4f}")
+        self.log.write(step, "val", f"{val_loss:.4f}")
+        if self.hella is not None:
+            import hellaswag
+
+            result = hellaswag.evaluate(
+                self.scorer,
+                self.hella,
+                env.device,
+                self.autocast,
+                env.rank,
+                env.world_size,
+                requested,
+            )
+            if result is None:
+                return
+            _, correct_norm, total = result
+            env.print0(f"HellaSwag accuracy: {correct_norm}/{total}={correct_norm / total:.4f}")
+            self.log.write(step, "hella", f"{correct_norm / total:.4f}")
+        if step > 0 and not requested() and env.master_process:
+            print_samples(self.state.model, self.cfg, env, self.autocast)
+
+
+def print_samples(model, cfg, env, autocast):
+    """num_return_sequences continuations of SAMPLE_PROMPT, top-k 50, with a generator of their
+    own so that sampling never moves the training RNG."""
+    if cfg.num_return_sequences == 0:
+        return
+    enc = get_tokenizer()
+    prompt = enc.encode(SAMPLE_PROMPT)
+    generator = torch.Generator(device=env.device).manual_seed(cfg.seed + env.rank)
+    new_tokens = max(0, cfg.max_length - len(prompt))
+    try:
+        with autocast:
+            rows = model.generate(
+                [prompt] * cfg.num_return_sequences, new_tokens, top_k=50, generator=generator
+            )
+    except NonFiniteLogits as e:
+        env.print0(f"samples skipped: {e}")
+        return
+    for row in rows:
+        env.print0(f"sample: {enc.decode(row)}")
+
+
 # -----------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints, log.txt and run.json
+
+CHECKPOINT_KEYS = (
+    "model",
+    "optimizer",
+    "scaler",
+    "model_config",
+    "train_config",
+    "step",
+    "tokens_seen",
+    "val_loss",
+    "loader",
+    "rng",
+)
+CHECKPOINT_FILE = re.compile(r"model_(\d+)\.pt")
 
 
 def checkpoint_path(log_dir, step):
@@ -760,20 +1428,30 @@ def checkpoint_path(log_dir, step):
 
 def save_checkpoint(path, checkpoint):
     """Atomically: a crash mid-save leaves the previous checkpoint as the latest complete one."""
-    with atomic_open(path) as f:
-        torch.save(checkpoint, f)
+    try:
+        with atomic_open(path) as f:
+            torch.save(checkpoint, f)
+    except OSError as e:
+        raise SystemExit(
+            f"could not save {path}: {e.strerror or e}; the earlier checkpoints are intact"
+        ) from None
+
+
+def checkpoint_steps(log_dir):
+    """The steps of the checkpoints in log_dir, in order."""
+    if not os.path.isdir(log_dir):
+        return []
+    return sorted(int(m[1]) for n in os.listdir(log_dir) if (m := CHECKPOINT_FILE.fullmatch(n)))
 
 
 def latest_checkpoint(log_dir):
     """The checkpoint of the highest step in log_dir, or None."""
-    if not os.path.isdir(log_dir):
-        return None
-    steps = [int(m[1]) for n in os.listdir(log_dir) if (m := re.fullmatch(r"model_(\d+)\.pt", n))]
-    return checkpoint_path(log_dir, max(steps)) if steps else None
+    steps = checkpoint_steps(log_dir)
+    return checkpoint_path(log_dir, steps[-1]) if steps else None
 
 
-def load_checkpoint(path, log_dir):
-    """Read a checkpoint (a path, or 'latest' in log_dir) onto the CPU."""
+def load_checkpoint(path, log_dir, keys=CHECKPOINT_KEYS):
+    """Read a checkpoint (a path, or 'latest' in log_dir) onto the CPU; it must hold `keys`."""
     if path == "latest":
         path = latest_checkpoint(log_dir)
         if path is None:
@@ -786,10 +1464,40 @@ def load_checkpoint(path, log_dir):
         raise SystemExit(
             f"checkpoint {path} is corrupt or not a checkpoint of ours ({type(e).__name__})"
         ) from None
-    if not isinstance(checkpoint, dict) or not {"model", "model_config", "step"} <= set(checkpoint):
+    if not isinstance(checkpoint, dict):
         raise SystemExit(f"checkpoint {path} is not a checkpoint of train_gpt2.py")
+    missing = [k for k in keys if k not in checkpoint]
+    if missing:
+        raise SystemExit(f"checkpoint {path} is incomplete: it has no {', '.join(missing)}")
     checkpoint["path"] = path
     return checkpoint
+
+
+def model_config_of(checkpoint):
+    try:
+        return GPTConfig(**checkpoint["model_config"])
+    except TypeError:
+        path = checkpoint["path"]
+        raise SystemExit(f"checkpoint {path} has a model_config of another kind") from None
+
+
+def model_from_checkpoint(checkpoint):
+    """The GPT that a checkpoint describes, with its weights."""
+    model = GPT(model_config_of(checkpoint))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        first_line = str(e).strip().splitlines()[0]
+        raise SystemExit(
+            f"checkpoint {checkpoint['path']} does not fit the model it describes: {first_line}"
+        ) from None
+    return model
+
+
+def load_model_from_checkpoint(path, log_dir="."):
+    """(GPT with the checkpoint's weights, the checkpoint): the one way every script reads one."""
+    checkpoint = load_checkpoint(path, log_dir, keys=("model", "model_config", "step"))
+    return model_from_checkpoint(checkpoint), checkpoint
 
 
 def rng_state():
@@ -812,6 +1520,188 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainingState:
+    """Everything a checkpoint holds and --resume restores: state_dict and load_state_dict side by
+    side, so that nothing is saved without being restored."""
+
+    model: nn.Module  # the raw (uncompiled, unwrapped) model
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: DataLoaderLite
+    cfg: "TrainConfig"
+    tokens_seen: int = 0
+    val_loss: float | None = None
+
+    def state_dict(self, step):
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "model_config": dataclasses.asdict(self.model.config),
+            "train_config": dataclasses.asdict(self.cfg),
+            "step": step,
+            "tokens_seen": self.tokens_seen,
+            "val_loss": self.val_loss,
+            "loader": self.loader.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, checkpoint, print0=print):
+        """Restore a checkpoint; returns its step, the next one to run."""
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint["loader"].get("data") == self.loader.fingerprint:
+            self.loader.load_state_dict(checkpoint["loader"])
+        elif self.cfg.resume_allow_new_data:
+            print0("the shards differ from the checkpoint's: the new data starts at its beginning")
+        else:
+            self.loader.load_state_dict(checkpoint["loader"])  # refuses, saying why
+        set_rng_state(checkpoint["rng"])
+        self.tokens_seen, self.val_loss = checkpoint["tokens_seen"], checkpoint["val_loss"]
+        return checkpoint["step"]
+
+    def save(self, step, env):
+        if env.master_process:
+            path = checkpoint_path(self.cfg.log_dir, step)
+            save_checkpoint(path, self.state_dict(step))
+            env.print0(f"saved {path}")
+
+
+LOG_LINE = re.compile(r"(\d+) (train|val|hella) \S+")
+
+
+def read_log(path):
+    """The lines of a log.txt, each checked to be one of ours (so that a resume never trims a
+    file it does not understand)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines, 1):
+        if not LOG_LINE.fullmatch(line):
+            raise SystemExit(f"{path} line {i} is not a line of train_gpt2.py's log: {line[:60]!r}")
+    return lines
+
+
+def check_log_dir(log_dir, checkpoint):
+    """Refuse, before anything is written, a log dir that would mix or lose another run's files.
+
+    A fresh run needs a log dir without checkpoints or log lines. A resumed run continues in its
+    checkpoint's directory only from the latest checkpoint there (a later one would be
+    overwritten); into any other directory it branches off, and that directory must be free.
+    """
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise SystemExit(f"--log_dir {log_dir} is a file, not a directory")
+    steps = checkpoint_steps(log_dir)
+    log_lines = read_log(os.path.join(log_dir, "log.txt"))
+    if checkpoint is not None:
+        step = checkpoint["step"]
+        own_dir = os.path.dirname(os.path.abspath(checkpoint["path"]))
+        if os.path.isdir(log_dir) and os.path.samefile(own_dir, log_dir):
+            later = [s for s in steps if s > step]
+            if later:
+                raise SystemExit(
+                    f"{checkpoint_path(log_dir, later[-1])} is later than the checkpoint to "
+                    f"resume (step {step}): resume the latest with --resume latest, or branch off "
+                    f"step {step} into a new --log_dir"
+                )
+            return
+        what = "checkpoints" if steps else "a log.txt"
+        if steps or log_lines:
+            raise SystemExit(
+                f"{log_dir} holds {what} of another run: resume into the checkpoint's own "
+                "directory or a new --log_dir"
+            )
+        return
+    if steps:  # never overwrite another run's checkpoints
+        raise SystemExit(
+            f"{log_dir} holds checkpoints of an earlier run ({checkpoint_path(log_dir, steps[-1])})"
+            ": continue it with --resume latest, or start afresh in another --log_dir"
+        )
+    if log_lines:
+        raise SystemExit(
+            f"{log_dir}/log.txt holds the log of an earlier run ({len(log_lines)} lines): move it "
+            "away, or start afresh in another --log_dir"
+        )
+
+
+class RunLog:
+    """log.txt ({step} train/val/hella {value} lines) and run.json (the run's settings, and one
+    entry per resume) in the log dir, written by the master process only."""
+
+    def __init__(self, log_dir, env):
+        self.dir, self.env = log_dir, env
+        self.path = os.path.join(log_dir, "log.txt")
+
+    def start(self, run_info, checkpoint):
+        """A new log.txt and run.json; on resume, the log up to the resumed step (carried over
+        from the checkpoint's directory when the run branches into another) and the run.json of
+        the run with this resume appended."""
+        if not self.env.master_process:
+            return
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            remove_stale_temporaries(self.dir, r"model_\d+\.pt|log\.txt|run\.json")
+            run = dict(run_info, resumes=[])
+            lines = []
+            if checkpoint is not None:
+                step = checkpoint["step"]
+                own_dir = os.path.dirname(os.path.abspath(checkpoint["path"]))
+                lines = read_log(os.path.join(own_dir, "log.txt"))
+                kept = [line for line in lines if int(line.split()[0]) < step]
+                if len(kept) < len(lines):
+                    self.env.print0(
+                        f"log.txt: {len(lines) - len(kept)} lines of step {step} and later "
+                        "dropped: this run redoes those steps"
+                    )
+                lines = kept
+                run = self.read_run(own_dir) or dict(run_info, resumes=[])
+                run["resumes"].append(
+                    dict(
+                        step=step,
+                        time=time.strftime("%Y-%m-%d %H:%M:%S"),
+                        checkpoint=checkpoint["path"],
+                        git_commit=run_info["git_commit"],
+                        world_size=run_info["world_size"],
+                        device=run_info["device"],
+                        config=run_info["config"],
+                    )
+                )
+            with atomic_open(self.path, "w") as f:
+                f.writelines(line + "\n" for line in lines)
+            with atomic_open(os.path.join(self.dir, "run.json"), "w") as f:
+                json.dump(run, f, indent=2)
+        except OSError as e:
+            raise SystemExit(f"cannot write to --log_dir {self.dir}: {e.strerror or e}") from None
+
+    @staticmethod
+    def read_run(directory):
+        """The run.json in directory, or None if there is none we can read."""
+        try:
+            with open(os.path.join(directory, "run.json")) as f:
+                run = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(run, dict) or not isinstance(run.setdefault("resumes", []), list):
+            return None
+        return run
+
+    def write(self, step, kind, value):
+        if self.env.master_process:
+            try:
+                with open(self.path, "a") as f:
+                    f.write(f"{step} {kind} {value}\n")
+            except OSError as e:
+                raise SystemExit(f"cannot write {self.path}: {e.strerror or e}") from None
+
+
 # -----------------------------------------------------------------------------
 # Training configuration and main()
 
@@ -828,8 +1718,9 @@ class TrainConfig:
     appendix B, as in the lecture). EMBEDDED_DEFAULTS replaces some of them for the bundled corpus.
     """
 
-    data_dir: str = setting("edu_fineweb10B", "directory of token shards made by fineweb.py")
+    data_dir: str = setting("edu_fineweb10B", "token shards made by fineweb.py, or 'bundled'")
     log_dir: str = setting("log", "where log.txt, run.json and checkpoints go")
+    recipe: str = setting("gpt2", "gpt2: the lecture's; speedrun: the modern one (README)")
     n_layer: int = setting(12, "transformer blocks")
     n_head: int = setting(12, "attention heads")
     n_embd: int = setting(768, "embedding width")
@@ -838,17 +1729,23 @@ class TrainConfig:
     init_from: str = setting(
         "", "start from gpt2[-medium|-large|-xl], a HF dir or a .pt checkpoint"
     )
-    B: int = setting(64, "micro-batch size, sequences per process")
+    B: int | str = setting("auto", "micro-batch size; auto: the largest that fits on CUDA, else 64")
     T: int = setting(1024, "sequence length of a training sample")
     total_batch_size: int = setting(524288, "tokens per optimizer step: 2**19, about 0.5M")
     batch_ramp_tokens: int = setting(0, "GPT-3 batch ramp: tokens over which the batch grows")
     batch_ramp_start: int = setting(32768, "GPT-3 batch ramp: tokens in the first batch")
     max_lr: float = setting(6e-4, "peak learning rate")
-    min_lr_ratio: float = setting(0.1, "final learning rate as a fraction of max_lr")
+    min_lr_ratio: float = setting(0.1, "final learning rate as a fraction of the peak")
     warmup_steps: int = setting(715, "linear warmup: 375M tokens (GPT-3) / 2**19")
     max_steps: int = setting(19073, "optimizer steps: 10B tokens / 2**19 is one epoch")
     weight_decay: float = setting(0.1, "AdamW weight decay on matmul weights and embeddings")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this")
+    muon_lr: float = setting(0.05, "speedrun: Muon's learning rate (the blocks' matrices)")
+    muon_wd: float = setting(0.0, "speedrun: Muon's decoupled weight decay")
+    embed_lr: float = setting(0.6, "speedrun: AdamW learning rate of the token embedding")
+    head_lr: float = setting(0.008, "speedrun: AdamW learning rate of the lm_head")
+    cooldown_frac: float = setting(0.6, "speedrun: final fraction of steps of linear lr decay")
+    fused_loss: int = setting(0, "lm_head and loss in chunks: no full logits tensor (memory)")
     max_skipped_steps: int = setting(5, "stop after this many non-finite steps in a row")
     eval_interval: int = setting(250, "steps between val loss, HellaSwag and samples")
     val_loss_steps: int = setting(20, "val loss over val_loss_steps * total_batch_size tokens")
@@ -858,6 +1755,7 @@ class TrainConfig:
     max_length: int = setting(32, "tokens per sample, prompt included")
     checkpoint_interval: int = setting(5000, "steps between checkpoints (and the last step)")
     resume: str = setting("", "checkpoint to continue from: a path, or 'latest' in log_dir")
+    resume_allow_new_data: int = setting(0, "resume onto other shards, from their beginning")
     device: str = setting("", "cuda, cuda:1, mps or cpu (default: the best available)")
     dtype: str = setting("auto", "autocast dtype: auto, float32, bfloat16 or float16")
     compile: int | None = setting(None, "torch.compile the model (default: on CUDA)")
@@ -887,32 +1785,55 @@ EMBEDDED_DEFAULTS = dict(
     num_return_sequences=2,
 )
 
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "recipe")
+FLAG_CHOICES = {
+    "compile": (0, 1),
+    "hellaswag": (0, 1),
+    "shuffle": (0, 1),
+    "fused_loss": (0, 1),
+    "resume_allow_new_data": (0, 1),
+    "recipe": RECIPES,
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors in one line, as every other error of these scripts."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (--help lists the flags)\n")
+
+
+def micro_batch_size(value):
+    """--B: 'auto' or a number."""
+    return value if value == "auto" else int(value)
 
 
 def parse_args(argv=None):
     """Command-line flags, one per TrainConfig field; returns only the settings given."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Train GPT-2. " + TrainConfig.__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in dataclasses.fields(TrainConfig):
         kind = typing.get_args(f.type)[0] if typing.get_args(f.type) else f.type  # int | None
-        kwargs = {"choices": (0, 1)} if f.name in ("compile", "hellaswag", "shuffle") else {}
+        if f.name == "B":
+            kind = micro_batch_size
         parser.add_argument(
             f"--{f.name}",
             type=kind,
             default=None,
+            choices=FLAG_CHOICES.get(f.name),
             help=f"{f.metadata['help']} (default: {f.default})",
-            **kwargs,
         )
     return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
 
 
 def resolve_config(overrides):
-    """The run's settings: flags given > resumed checkpoint's > embedded-corpus or 124M defaults.
+    """The run's settings: flags given > resumed checkpoint's > bundled-corpus or 124M defaults.
 
-    Returns (config, checkpoint or None, whether the embedded corpus is used).
+    Returns (config, checkpoint or None). Refuses, before anything is written, a log dir of
+    another run and a resume that would go back on what a checkpoint already holds.
     """
     checkpoint = None
     base = TrainConfig()
@@ -920,10 +1841,13 @@ def resolve_config(overrides):
         checkpoint = load_checkpoint(overrides["resume"], overrides.get("log_dir", base.log_dir))
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         base = TrainConfig(**{k: v for k, v in checkpoint["train_config"].items() if k in known})
+        if os.path.abspath(base.data_dir) == EMBEDDED_DATA_DIR:  # saved before 'bundled' existed
+            base = dataclasses.replace(base, data_dir=BUNDLED)
+        model_config = dataclasses.asdict(model_config_of(checkpoint))
         for k in MODEL_FIELDS:
-            if k in overrides and overrides[k] != checkpoint["model_config"][k]:
+            if k in overrides and overrides[k] != model_config[k]:
                 raise SystemExit(
-                    f"checkpoint {checkpoint['path']} has {k}={checkpoint['model_config'][k]}, "
+                    f"checkpoint {checkpoint['path']} has {k}={model_config[k]}, "
                     f"but {k}={overrides[k]} was requested"
                 )
     else:
@@ -933,33 +1857,67 @@ def resolve_config(overrides):
                 + ", ".join(f"--{k}" for k in MODEL_FIELDS if k in overrides)
             )
         if "data_dir" not in overrides and not list_shards(base.data_dir, "train"):
-            base = dataclasses.replace(base, data_dir=EMBEDDED_DATA_DIR, **EMBEDDED_DEFAULTS)
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # a cluster run without its data would otherwise train the tiny model and exit 0
+                raise SystemExit(
+                    f"no FineWeb shards in {base.data_dir}/: make them with `python fineweb.py`, "
+                    "or pass --data_dir (--data_dir bundled: the small bundled-corpus run)"
+                )
+            base = dataclasses.replace(base, data_dir=BUNDLED)
+        if overrides.get("data_dir", base.data_dir) == BUNDLED:
+            base = dataclasses.replace(base, **EMBEDDED_DEFAULTS)
     cfg = dataclasses.replace(base, **overrides)
-    earlier = latest_checkpoint(cfg.log_dir)
-    if checkpoint is None and earlier is not None:  # never overwrite another run's checkpoints
+    if checkpoint is not None and cfg.max_steps < checkpoint["step"]:
         raise SystemExit(
-            f"{cfg.log_dir} holds checkpoints of an earlier run ({earlier}): continue "
-            "it with --resume latest, or start afresh in another --log_dir"
+            f"--max_steps {cfg.max_steps} is below the step of the checkpoint to resume "
+            f"({checkpoint['step']})"
         )
-    embedded = os.path.abspath(cfg.data_dir) == EMBEDDED_DATA_DIR
-    return cfg, checkpoint, embedded
+    check_log_dir(cfg.log_dir, checkpoint)
+    return cfg, checkpoint
 
 
 def check_config(cfg, world_size):
-    micro = cfg.B * cfg.T * world_size
+    positive = (
+        "n_layer n_head n_embd block_size vocab_size T total_batch_size max_steps eval_interval "
+        "val_loss_steps checkpoint_interval max_skipped_steps max_length"
+    ).split()
+    bad = [f"--{k} {getattr(cfg, k)}" for k in positive if getattr(cfg, k) < 1]
+    if cfg.B != "auto" and cfg.B < 1:
+        bad.append(f"--B {cfg.B}")
+    if bad:
+        raise SystemExit(f"{', '.join(bad)}: must be positive")
+    rates = ("max_lr", "muon_lr", "embed_lr", "head_lr", "grad_clip")
+    negative = [f"--{k} {getattr(cfg, k)}" for k in rates if getattr(cfg, k) <= 0]
+    negative += [
+        f"--{k} {getattr(cfg, k)}"
+        for k in ("warmup_steps", "weight_decay", "muon_wd", "num_return_sequences")
+        if getattr(cfg, k) < 0
+    ]
+    if negative:
+        raise SystemExit(f"{', '.join(negative)}: out of range")
+    for k in ("min_lr_ratio", "cooldown_frac"):
+        if not 0 <= getattr(cfg, k) <= 1:
+            raise SystemExit(f"--{k} {getattr(cfg, k)}: must be between 0 and 1")
+    if cfg.vocab_size < GPT2_VOCAB_SIZE:
+        raise SystemExit(
+            f"--vocab_size {cfg.vocab_size} is smaller than the tokenizer's {GPT2_VOCAB_SIZE}"
+        )
     if cfg.T > cfg.block_size:
         raise SystemExit(f"T={cfg.T} is longer than the model's block_size={cfg.block_size}")
+    if cfg.max_length > cfg.block_size:
+        raise SystemExit(f"--max_length {cfg.max_length} is longer than block_size")
     if cfg.n_embd % cfg.n_head:
         raise SystemExit(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
-    if cfg.total_batch_size % micro:
+    if cfg.recipe == "speedrun" and (cfg.n_embd // cfg.n_head) % 2:
+        raise SystemExit("the speedrun recipe's rotary embeddings need an even head size")
+    if cfg.batch_ramp_tokens > 0 and cfg.batch_ramp_start < 1:
+        raise SystemExit("--batch_ramp_start must be positive")
+    if cfg.B != "auto" and cfg.total_batch_size % (cfg.B * cfg.T * world_size):
+        micro = cfg.B * cfg.T * world_size
         raise SystemExit(
             f"total_batch_size={cfg.total_batch_size} is not divisible by B * T * world_size = "
             f"{cfg.B} * {cfg.T} * {world_size} = {micro}"
         )
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise SystemExit(f"--dtype {cfg.dtype}: expected auto, float32, bfloat16 or float16")
-    if min(cfg.B, cfg.T, cfg.max_steps, cfg.eval_interval, cfg.checkpoint_interval) < 1:
-        raise SystemExit("B, T, max_steps, eval_interval and checkpoint_interval must be positive")
 
 
 def git_commit():
@@ -972,35 +1930,87 @@ def git_commit():
         return None
 
 
-class StopSignal:
-    """While active, remembers SIGTERM / SIGINT so the loop can finish its step and checkpoint
-    before exiting (preemption, Ctrl-C). A second Ctrl-C stops at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __enter__(self):
-        self.signum = 0
-        self.previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _handler(self, signum, frame):
-        self.signum = signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+def build_model(cfg, checkpoint):
+    """The model to train: resumed, started from pretrained weights, or fresh with its init."""
+    if checkpoint is not None:
+        model = model_from_checkpoint(checkpoint)
+    elif cfg.init_from.endswith(".pt"):
+        model, _ = load_model_from_checkpoint(cfg.init_from, cfg.log_dir)
+    elif cfg.init_from:
+        model = GPT.from_pretrained(cfg.init_from)
+    else:
+        model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_FIELDS}))
+    model.fused_loss = bool(cfg.fused_loss)
+    return model
 
 
-def train_step(model, optimizer, loader, grad_accum_steps, env, autocast, scaler, grad_clip):
+def make_optimizer(model, cfg, env, dtype):
+    if cfg.recipe == "speedrun":
+        # Newton-Schulz in bf16 (its purpose needs no more), in float32 when training in float32
+        ns_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
+        return model.configure_speedrun_optimizer(cfg, ns_dtype, env.print0)
+    return model.configure_optimizers(cfg.weight_decay, cfg.max_lr, env.device_type, env.print0)
+
+
+def largest_micro_batch(fits, total_batch_size, T, world_size, largest=64):
+    """The largest power-of-two B, at most `largest`, that cuts a step's tokens into whole
+    micro-batches of every rank and for which fits(B) holds, tried from the top down."""
+    B = largest
+    while B >= 1:
+        if total_batch_size % (B * T * world_size) == 0 and fits(B):
+            return B
+        B //= 2
+    raise SystemExit(
+        f"no micro-batch B <= {largest} of T={T} tokens both fits in memory and divides "
+        f"total_batch_size={total_batch_size} over {world_size} ranks"
+    )
+
+
+def micro_batch_fits(model, cfg, env, autocast):
+    """fits(B) for largest_micro_batch on CUDA: one eager forward and backward of B random
+    sequences, whose peak memory plus the optimizer state to come must fit the GPU."""
+    total = torch.cuda.get_device_properties(env.device).total_memory
+    params = sum(p.numel() for p in model.parameters())
+    optimizer_state = 8 * params  # two float32 moments per parameter (AdamW), at most
+
+    def fits(B):
+        x = torch.randint(0, GPT2_VOCAB_SIZE, (B, cfg.T), device=env.device)
+        torch.cuda.reset_peak_memory_stats(env.device)
+        try:
+            with autocast:
+                _, loss = model(x, x)
+            loss.backward()
+            peak = torch.cuda.max_memory_allocated(env.device)
+            return peak + optimizer_state < 0.95 * total
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            model.zero_grad(set_to_none=True)
+            loss = None
+            torch.cuda.empty_cache()
+
+    return fits
+
+
+def train_step(
+    model, optimizer, loader, grad_accum_steps, env, autocast, scaler, grad_clip, should_stop=None
+):
     """One optimizer step over grad_accum_steps micro-batches.
 
-    Returns (loss, grad norm, updated). A non-finite loss or gradient norm skips the update, so
-    the weights and the optimizer state stay as they were.
+    Returns (loss, grad norm, updated), with one host synchronization. A non-finite loss or
+    gradient norm, or inf gradients that the fp16 loss scaler skips, leave the weights and the
+    optimizer state as they were (updated is False). If should_stop() says so between two
+    micro-batches, the step is undone (the loader rewound, the gradients dropped) and None is
+    returned: the state is the last completed step's.
     """
+    start = loader.state_dict()
     optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=env.device)
     for micro_step in range(grad_accum_steps):
+        if micro_step > 0 and should_stop is not None and should_stop():
+            optimizer.zero_grad(set_to_none=True)
+            loader.load_state_dict(start)
+            return None
         x, y = loader.next_batch()
         x, y = to_device(x, env.device), to_device(y, env.device)
         # DDP all-reduces gradients during backward; only the last micro-step needs that
@@ -1017,212 +2027,192 @@ def train_step(model, optimizer, loader, grad_accum_steps, env, autocast, scaler
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     # the loss is reduced over ranks and the gradients synchronized, so every rank agrees here
-    finite = bool(torch.isfinite(loss_accum)) and (
-        scaler.is_enabled() or bool(torch.isfinite(norm))
-    )
-    if finite:
+    loss, norm = torch.stack([loss_accum, norm.float()]).tolist()
+    if math.isfinite(loss) and (scaler.is_enabled() or math.isfinite(norm)):
+        scale = scaler.get_scale() if scaler.is_enabled() else None
         scaler.step(optimizer)  # with fp16 loss scaling, this itself skips steps with inf gradients
+        scaler.update()
+        # the scaler lowers its scale exactly when it skipped the step
+        updated = scale is None or scaler.get_scale() >= scale
     else:
         optimizer.zero_grad(set_to_none=True)
-    scaler.update()
-    return loss_accum.item(), norm.item(), finite
+        scaler.update()
+        updated = False
+    return loss, norm, updated
 
 
-def trim_log(log_file, step):
-    """On resume, drop the log lines of the steps the resumed run will redo (step and later)."""
-    if not os.path.exists(log_file):
-        return
-    with open(log_file) as f:
-        keep = [line for line in f if line.split() and int(line.split()[0]) < step]
-    with atomic_open(log_file, "w") as f:
-        f.writelines(keep)
+def step_line(step, loss, lr, norm, dt, tokens, rate_mfu):
+    """The line printed after every step."""
+    mfu_text = f" | mfu {100 * rate_mfu:.2f}%" if rate_mfu is not None else ""
+    return (
+        f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
+        f"dt {1000 * dt:.2f}ms | tok/sec {tokens / dt:.2f}{mfu_text}"
+    )
 
 
-def build_model(cfg, checkpoint):
-    """The model to train: resumed, started from pretrained weights, or fresh with GPT-2's init."""
-    if checkpoint is not None:
-        model = GPT(GPTConfig(**checkpoint["model_config"]))
-        model.load_state_dict(checkpoint["model"])
-    elif cfg.init_from.endswith(".pt"):
-        init = load_checkpoint(cfg.init_from, cfg.log_dir)
-        model = GPT(GPTConfig(**init["model_config"]))
-        model.load_state_dict(init["model"])
-    elif cfg.init_from:
-        model = GPT.from_pretrained(cfg.init_from)
-    else:
-        model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_FIELDS}))
-    return model
+def prepare_data(cfg, env):
+    """The shard directory of the run: for --data_dir bundled, the bundled corpus tokenized once
+    (by local rank 0 of each node, agreed by all)."""
+    if cfg.data_dir != BUNDLED:
+        return cfg.data_dir
+    env.print0(f"training a small model on the bundled corpus ({CORPUS_DIR})")
+    agree(env, lambda: prepare_embedded_corpus(EMBEDDED_DATA_DIR) if env.local_rank == 0 else 0)
+    return EMBEDDED_DATA_DIR
+
+
+def make_loaders(cfg, env, data_dir):
+    """The train and val loaders. Every rank checks its share of the shards' token ids, and all of
+    them must see the same shards: the ranks agree on both before training starts."""
+
+    def loaders():
+        common = dict(process_rank=env.rank, num_processes=env.world_size, data_dir=data_dir)
+        train = DataLoaderLite(
+            cfg.B, cfg.T, split="train", shuffle=bool(cfg.shuffle), seed=cfg.seed, **common
+        )
+        val = DataLoaderLite(cfg.B, cfg.T, split="val", **common)
+        return train, val
+
+    train_loader, val_loader = agree(env, loaders)
+    if env.ddp:
+        seen = [None] * env.world_size
+        mine = (
+            len(train_loader.paths),
+            len(val_loader.paths),
+            train_loader.fingerprint,
+            val_loader.fingerprint,
+        )
+        dist.all_gather_object(seen, mine, group=env.cpu_group)
+        if len(set(seen)) > 1:
+            counts = ", ".join(f"rank {r}: {s[0]} + {s[1]} shards" for r, s in enumerate(seen))
+            message = f"the ranks see different shards in {data_dir} ({counts}): every node needs"
+            raise SystemExit(f"{message} the same files" if env.local_rank == 0 else 1)
+    return train_loader, val_loader
 
 
 def load_hellaswag(cfg, env, embedded):
-    """The HellaSwag val examples, or None when HellaSwag is off for this run.
+    """The HellaSwag val examples packed for scoring, or None when HellaSwag is off for this run.
 
     By default it runs with FineWeb data only, and a missing file that cannot be downloaded
-    turns it off with a message; asked for explicitly (--hellaswag 1), that is an error.
+    turns it off with a message; asked for explicitly (--hellaswag 1), that is an error. Local
+    rank 0 of each node downloads, and every rank agrees on the outcome before going on.
     """
     if not (cfg.hellaswag if cfg.hellaswag is not None else not embedded):
         return None
     import hellaswag  # it imports this file: import it only when it is needed
 
     path = cfg.hellaswag_path or os.path.join(hellaswag.DATA_CACHE_DIR, "hellaswag_val.jsonl")
-    try:
+
+    def download():
         if env.local_rank == 0 and not cfg.hellaswag_path:
-            hellaswag.download("val")  # once per node
-        if env.ddp:
-            dist.barrier()
-        examples = list(hellaswag.iterate_examples("val", path))
+            hellaswag.download("val")
+
+    def pack():
+        examples = hellaswag.iterate_examples("val", path)
+        batch_tokens = hellaswag.batch_tokens_for(env.device)
+        packed = hellaswag.pack_examples(examples, batch_tokens, max_width=cfg.block_size)
+        if not len(packed):
+            raise SystemExit(f"HellaSwag file {path} holds no examples")
+        return packed
+
+    try:
+        agree(env, download)
+        return agree(env, pack)
     except SystemExit as e:
         if cfg.hellaswag == 1:
             raise
         env.print0(f"HellaSwag is off for this run: {e}")
         return None
-    longest = max(hellaswag.render_example(ex)[1].size(1) for ex in examples)
-    if longest > cfg.block_size:
-        message = f"HellaSwag needs block_size >= {longest}, the model has {cfg.block_size}"
-        if cfg.hellaswag == 1:
-            raise SystemExit(message)
-        env.print0(f"HellaSwag is off for this run: {message}")
-        return None
-    return examples
+
+
+def once_per_node(action):
+    """action(), whose errors every process of a torchrun node would print alike (the flags, the
+    files are the same): printed by local rank 0 only, the others exit with 1."""
+    try:
+        return action()
+    except SystemExit as e:
+        if e.code not in (0, None) and os.environ.get("LOCAL_RANK", "0") != "0":
+            raise SystemExit(1) from None
+        raise
 
 
 def main(argv=None):
     start_time = time.time()
-    overrides = parse_args(argv)
-    cfg, checkpoint, embedded = resolve_config(overrides)
-    env = setup_distributed(cfg.device)
-    if env.device_type == "cpu":
-        keep_freed_cpu_memory()
     try:
-        with StopSignal() as stop:
-            signum = train(cfg, env, checkpoint, embedded, stop, start_time)
-        if env.ddp:
-            # the ranks leave together: gloo aborts a process whose peers tear down the group
-            # while it still works (rank 0 saving the last checkpoint, say)
-            dist.barrier()
-    finally:
-        if env.ddp:
-            dist.destroy_process_group()
+        cfg, checkpoint = once_per_node(lambda: resolve_config(parse_args(argv)))
+        env = setup_distributed(cfg.device)
+        if env.device_type == "cpu":
+            keep_freed_cpu_memory()
+        try:
+            with StopSignal(env) as stop:
+                signum = train(cfg, env, checkpoint, stop, start_time)
+            if env.ddp:
+                # the ranks leave together: gloo aborts a process whose peers tear down the group
+                # while it still works (rank 0 saving the last checkpoint, say)
+                dist.barrier()
+        finally:
+            if env.ddp:
+                dist.destroy_process_group()
+    except StopNow as e:
+        print(e, file=sys.stderr, flush=True)
+        raise SystemExit(128 + e.signum) from None
+    except KeyboardInterrupt:  # Ctrl-C before the handlers are in place
+        print("interrupted (Ctrl-C) during start-up: nothing to save", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGINT) from None
     if signum:
         raise SystemExit(128 + signum)
 
 
-def train(cfg, env, checkpoint, embedded, stop, start_time):
+def train(cfg, env, checkpoint, stop, start_time):
     """The training run; returns 0 when done, or the number of the signal that stopped it."""
-    check_config(cfg, env.world_size)  # before anything slow
     print0 = env.print0
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    check_config(cfg, env.world_size)  # before anything slow
+    seed_everything(cfg.seed)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
-    if embedded:
-        print0(
-            f"no FineWeb shards in ./{TrainConfig.data_dir}: training a small model on the "
-            f"bundled corpus ({CORPUS_DIR})"
-        )
-        if env.local_rank == 0:
-            prepare_embedded_corpus(cfg.data_dir)
-        if env.ddp:
-            dist.barrier()  # the other ranks read the shards just written
-    enc = get_tokenizer()
+    data_dir = prepare_data(cfg, env)
 
     # model
-    raw_model = build_model(cfg, checkpoint)  # evaluation, sampling, checkpoints use this module
-    model_config = raw_model.config
-    cfg = dataclasses.replace(cfg, **dataclasses.asdict(model_config))  # --init_from sets these
-    check_config(cfg, env.world_size)  # again, for the shape --init_from brought
-    raw_model.to(env.device)
-    model = raw_model
+    raw_model = build_model(cfg, checkpoint).to(env.device)  # evaluation, sampling, checkpoints
+    cfg = dataclasses.replace(cfg, **dataclasses.asdict(raw_model.config))  # --init_from sets these
     use_compile = cfg.compile if cfg.compile is not None else env.device_type == "cuda"
-    if use_compile:
-        model = torch.compile(model)
-    if env.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[env.local_rank] if env.device_type == "cuda" else None)
     dtype = autocast_dtype(cfg.dtype, env.device_type)
     autocast = autocast_context(dtype, env.device_type)
+    if cfg.B == "auto":
+        on_gpu = env.device_type == "cuda"
+        fits = micro_batch_fits(raw_model, cfg, env, autocast) if on_gpu else lambda B: True
+        B = largest_micro_batch(fits, cfg.total_batch_size, cfg.T, env.world_size)
+        cfg = dataclasses.replace(cfg, B=B)
+        print0(f"micro-batch B={B}" + (" (the largest that fits in memory)" if on_gpu else ""))
+    check_config(cfg, env.world_size)  # again, for the shape --init_from brought and B
+    compiled = torch.compile(raw_model) if use_compile else raw_model
+    model = compiled
+    if env.ddp:
+        model = DDP(compiled, device_ids=[env.local_rank] if env.device_type == "cuda" else None)
     # fp16 needs loss scaling so that small gradients do not underflow; bf16 has fp32's range
     scaler = torch.amp.GradScaler(env.device_type, enabled=dtype == torch.float16)
-    optimizer = raw_model.configure_optimizers(
-        cfg.weight_decay, cfg.max_lr, env.device_type, print0
-    )
+    optimizer = make_optimizer(raw_model, cfg, env, dtype)
 
-    # data
-    train_loader = DataLoaderLite(
-        cfg.B,
-        cfg.T,
-        env.rank,
-        env.world_size,
-        "train",
-        cfg.data_dir,
-        shuffle=bool(cfg.shuffle),
-        seed=cfg.seed,
-        vocab_size=enc.n_vocab,
-    )
-    val_loader = DataLoaderLite(
-        cfg.B, cfg.T, env.rank, env.world_size, "val", cfg.data_dir, vocab_size=enc.n_vocab
-    )
-    # a fixed number of val tokens, whatever the world size and B; fewer if the split is smaller
-    val_steps = cfg.val_loss_steps * cfg.total_batch_size // (cfg.B * cfg.T * env.world_size)
-    val_steps = max(1, min(val_steps, sum(val_loader.num_sequences) // (cfg.B * env.world_size)))
-    hella_examples = load_hellaswag(cfg, env, embedded)
-
-    start_step, tokens_seen, val_loss = 0, 0, None
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        train_loader.load_state_dict(checkpoint["loader"])
-        set_rng_state(checkpoint["rng"])
-        start_step, tokens_seen = checkpoint["step"], checkpoint["tokens_seen"]
-        val_loss = checkpoint["val_loss"]
+    # data, evaluation and the state a checkpoint holds
+    train_loader, val_loader = make_loaders(cfg, env, data_dir)
+    hella = load_hellaswag(cfg, env, embedded=cfg.data_dir == BUNDLED)
+    state = TrainingState(raw_model, optimizer, scaler, train_loader, cfg)
+    start_step = state.load_state_dict(checkpoint, print0) if checkpoint else 0
+    if checkpoint:
         print0(f"resumed from {checkpoint['path']} at step {start_step}")
-
-    # logging: log.txt holds only the train / val / hella lines; run.json describes the run
-    os.makedirs(cfg.log_dir, exist_ok=True)
-    log_file = os.path.join(cfg.log_dir, "log.txt")
-    if env.master_process:
-        if checkpoint is None:
-            open(log_file, "w").close()
-        else:
-            trim_log(log_file, start_step)
-        run_info = dict(
-            config=dataclasses.asdict(cfg),
-            git_commit=git_commit(),
-            torch=torch.__version__,
-            device=env.device,
-            world_size=env.world_size,
-            dtype=str(dtype),
-            compile=bool(use_compile),
-            resumed_from=checkpoint["path"] if checkpoint else None,
-        )
-        with open(os.path.join(cfg.log_dir, "run.json"), "w") as f:
-            json.dump(run_info, f, indent=2)
-
-    def log(line):
-        if env.master_process:
-            with open(log_file, "a") as f:
-                f.write(line + "\n")
-
-    def save(step):
-        if env.master_process:
-            path = checkpoint_path(cfg.log_dir, step)
-            save_checkpoint(
-                path,
-                {
-                    "model": raw_model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "model_config": dataclasses.asdict(model_config),
-                    "train_config": dataclasses.asdict(cfg),
-                    "step": step,
-                    "tokens_seen": tokens_seen,
-                    "val_loss": val_loss,
-                    "loader": train_loader.state_dict(),
-                    "rng": rng_state(),
-                },
-            )
-            print0(f"saved {path}")
+    run_log = RunLog(cfg.log_dir, env)
+    run_info = dict(
+        config=dataclasses.asdict(cfg),
+        git_commit=git_commit(),
+        torch=torch.__version__,
+        device=env.device,
+        world_size=env.world_size,
+        dtype=str(dtype),
+        compile=bool(use_compile),
+        started=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    agree(env, lambda: run_log.start(run_info, checkpoint))
+    evaluator = Evaluator(cfg, env, compiled, state, val_loader, hella, autocast, stop, run_log)
+    if use_compile:
+        evaluator.warm_up()
 
     peak = peak_flops(env.device)
     skipped_in_a_row = 0
@@ -1233,61 +2223,42 @@ def train(cfg, env, checkpoint, embedded, stop, start_time):
     for step in range(start_step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps
         if step % cfg.eval_interval == 0 or last_step:
-            val_loss = evaluate_val_loss(raw_model, val_loader, val_steps, env, autocast)
-            print0(f"validation loss: {val_loss:.4f}")
-            log(f"{step} val {val_loss:.4f}")
-            if hella_examples is not None:
-                import hellaswag
-
-                _, correct_norm, total = hellaswag.evaluate(
-                    lambda tokens: raw_model(tokens)[0],
-                    hella_examples,
-                    env.device,
-                    autocast,
-                    env.rank,
-                    env.world_size,
-                )
-                print0(f"HellaSwag accuracy: {correct_norm}/{total}={correct_norm / total:.4f}")
-                log(f"{step} hella {correct_norm / total:.4f}")
-            if step > 0 and env.master_process:
-                for text in sample(
-                    raw_model,
-                    enc,
-                    "Hello, I'm a language model,",
-                    cfg.num_return_sequences,
-                    cfg.max_length,
-                    env.device,
-                    cfg.seed + env.rank,
-                    autocast,
-                ):
-                    print0(f"sample: {text}")
+            evaluator.run(step)  # val loss, HellaSwag, samples
+        if stop.requested():
+            return stop_run(state, step, start_step, stop, env)
         if step > start_step and (step % cfg.checkpoint_interval == 0 or last_step):
-            save(step)
+            state.save(step, env)
         if last_step:
             break
 
         t0 = time.time()
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        grad_accum_steps = grad_accum_steps_at(tokens_seen, cfg, env.world_size)
-        loss, norm, updated = train_step(
-            model, optimizer, train_loader, grad_accum_steps, env, autocast, scaler, cfg.grad_clip
+        lr = set_learning_rate(optimizer, step, cfg)
+        grad_accum_steps = grad_accum_steps_at(state.tokens_seen, cfg, env.world_size)
+        result = train_step(
+            model,
+            optimizer,
+            train_loader,
+            grad_accum_steps,
+            env,
+            autocast,
+            scaler,
+            cfg.grad_clip,
+            stop.requested,
         )
-        if env.device_type == "cuda":
-            torch.cuda.synchronize()
+        if result is None:  # a stop request between micro-steps: the step was undone
+            return stop_run(state, step, start_step, stop, env)
+        synchronize(env.device)
         dt = time.time() - t0
+        stop.defer()  # a step is done: from now on a stop saves it first
+        loss, norm, updated = result
         tokens = grad_accum_steps * cfg.B * cfg.T * env.world_size
-        tokens_seen += tokens
+        state.tokens_seen += tokens
         if updated:
             skipped_in_a_row = 0
             rate = tokens / dt / env.world_size  # per device
-            mfu_text = f" | mfu {100 * mfu(model_config, cfg.T, rate, peak):.2f}%" if peak else ""
-            print0(
-                f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-                f"dt {1000 * dt:.2f}ms | tok/sec {tokens / dt:.2f}{mfu_text}"
-            )
-            log(f"{step} train {loss:.6f}")
+            util = mfu(raw_model.config, cfg.T, rate, peak) if peak else None
+            print0(step_line(step, loss, lr, norm, dt, tokens, util))
+            run_log.write(step, "train", f"{loss:.6f}")
         else:
             skipped_in_a_row += 1
             print0(
@@ -1299,30 +2270,32 @@ def train(cfg, env, checkpoint, embedded, stop, start_time):
                     f"stopping: {skipped_in_a_row} non-finite steps in a row at step "
                     f"{step}; lower --max_lr or resume from an earlier checkpoint"
                 )
-        signum = stop.signum
-        if env.ddp:  # a signal may reach the ranks at different steps: all stop at the first
-            signum_t = torch.tensor(signum, device=env.device)
-            dist.all_reduce(signum_t, op=dist.ReduceOp.MAX)
-            signum = int(signum_t.item())
-        if signum:
-            save(step + 1)
-            print0(
-                f"stopped by {signal.Signals(signum).name} after step {step}; continue with: "
-                f"python train_gpt2.py --resume latest --log_dir {cfg.log_dir}"
-            )
-            return signum
 
     print0(
         f"done: {cfg.max_steps} steps in {time.time() - start_time:.0f}s, final val loss "
-        f"{val_loss:.4f}; log in {log_file}"
+        f"{state.val_loss:.4f}; log in {run_log.path}"
     )
-    if embedded:
+    if cfg.data_dir == BUNDLED:
         print0(
             "This was a small model on the bundled corpus. For the real GPT-2 (124M) run, get "
             "FineWeb-Edu 10B (about 20GB of token shards) with `python fineweb.py`, then run "
             "`torchrun --standalone --nproc_per_node=8 train_gpt2.py`."
         )
     return 0
+
+
+def stop_run(state, step, start_step, stop, env):
+    """Save the state after `step` steps (unless this run has done none) and say how to resume;
+    returns the signal's number."""
+    signum = stop.requested()
+    name = signal.Signals(signum).name
+    if step > start_step:
+        state.save(step, env)
+        how = f"python train_gpt2.py --resume latest --log_dir {state.cfg.log_dir}"
+        env.print0(f"stopped by {name} after step {step - 1}; continue with: {how}")
+    else:
+        env.print0(f"stopped by {name} before this run's first step: nothing new to save")
+    return signum
 
 
 if __name__ == "__main__":

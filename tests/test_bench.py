@@ -50,12 +50,13 @@ def test_plan_is_the_lectures_sequence():
         "+ flash attention",
         "+ vocab 50304",
         "+ fused AdamW",
+        "+ fused loss",  # beyond the lecture
     ]
     plan = bench.plan_rows(bench.parse_args(["--compile", "0", "--rows", "final"]), torch.float16)
     assert plan == [
         (
-            "tf32 + fp16 + flash attention + vocab 50304 + fused AdamW",
-            ["tf32", "autocast", "flash", "vocab_pad", "fused"],
+            "tf32 + fp16 + flash attention + vocab 50304 + fused AdamW + fused loss",
+            ["tf32", "autocast", "flash", "vocab_pad", "fused", "fused_loss"],
             None,
         )
     ]
@@ -86,9 +87,11 @@ def test_failed_row_is_skipped_and_left_out_below(tmp_path, monkeypatch, capsys)
     compile_row = rows[3]
     assert compile_row["skipped"] == "RuntimeError: no C++ compiler"
     assert not any(v.compile for v in seen[4:]) and not last.compile
-    assert last == bench.Variant(tf32=True, autocast=True, flash=True, vocab_pad=True, fused=True)
-    # speed-up against the first row: it took 1/2 s a step, the last (the 7th call) 1/8 s
-    assert rows[0]["speedup"] == 1 and rows[-1]["speedup"] == pytest.approx(4.0)
+    assert last == bench.Variant(
+        tf32=True, autocast=True, flash=True, vocab_pad=True, fused=True, fused_loss=True
+    )
+    # speed-up against the first row: it took 1/2 s a step, the last (the 8th call) 1/9 s
+    assert rows[0]["speedup"] == 1 and rows[-1]["speedup"] == pytest.approx(4.5)
     assert "+ compile          skipped: RuntimeError: no C++ compiler" in capsys.readouterr().out
 
 
@@ -111,6 +114,7 @@ def test_bench_script_prints_every_column(tmp_path):
         assert column in header
     figures = json.loads(out_json.read_text())
     names = ["fp32", "+ tf32", "+ bf16", "+ flash attention", "+ vocab 50304", "+ fused AdamW"]
+    names += ["+ fused loss"]
     assert [row["variant"] for row in figures["rows"]] == names
     for row in figures["rows"]:
         line = next(line for line in lines if line.startswith(row["variant"] + " "))

@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -241,3 +242,54 @@ def test_embedded_corpus(tmp_path):
         f.write("\nThe End.\n")
     tg.prepare_embedded_corpus(str(out), str(corpus))
     assert enc.decode(np.load(out / "corpus_val_000000.npy").tolist()).count("The End.") == 1
+
+
+def test_the_split_is_a_whole_field_of_the_name(tmp_path):
+    # "retrieval" contains "val": such a name must not make a train shard a val shard
+    names = ["retrieval_val_000000.npy", "retrieval_train_000001.npy", "fineweb_train_000002.bin"]
+    names += ["tiny_shakespeare_val.bin", "interval_train_000003.npy", "notes.txt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    val = [os.path.basename(p) for p in tg.list_shards(str(tmp_path), "val")]
+    train = [os.path.basename(p) for p in tg.list_shards(str(tmp_path), "train")]
+    assert val == ["retrieval_val_000000.npy", "tiny_shakespeare_val.bin"]
+    assert train == [
+        "fineweb_train_000002.bin",
+        "interval_train_000003.npy",
+        "retrieval_train_000001.npy",
+    ]
+
+
+def test_token_ids_are_checked_up_front_each_rank_a_share(tmp_path):
+    make_shards(tmp_path, [100, 2000, 2000, 2000])
+    bad = np.load(tmp_path / "test_train_000002.npy")
+    bad[-1] = 50300
+    np.save(tmp_path / "test_train_000002.npy", bad)
+    # train shards 1, 2, 3 are the loader's 0, 1, 2: rank 1 of 2 scans the middle one
+    DataLoaderLite(2, 8, 0, 2, "train", str(tmp_path))
+    with pytest.raises(SystemExit, match="test_train_000002.npy: token id 50300 is outside"):
+        DataLoaderLite(2, 8, 1, 2, "train", str(tmp_path))
+    # fineweb.py's manifest records every shard's largest id: a shard it vouches for is not read
+    names = sorted(os.listdir(tmp_path))
+    shards = [{"name": n, "bytes": os.path.getsize(tmp_path / n), "max_token": 100} for n in names]
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": shards}))
+    DataLoaderLite(2, 8, 1, 2, "train", str(tmp_path))
+    assert shards[2]["name"] == "test_train_000003.npy"  # sorted: train shards, then val
+    shards[2]["max_token"] = 50257
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": shards}))
+    with pytest.raises(SystemExit, match="token id 50257 is outside"):
+        DataLoaderLite(2, 8, 0, 1, "train", str(tmp_path))
+
+
+def test_the_loader_state_names_its_data(tmp_path):
+    make_shards(tmp_path / "a", [100, 2000, 2000])
+    make_shards(tmp_path / "b", [100, 2000, 2000], seed=1)  # the same names and sizes
+    a = DataLoaderLite(2, 8, 0, 1, "train", str(tmp_path / "a"))
+    b = DataLoaderLite(2, 8, 0, 1, "train", str(tmp_path / "b"))
+    a.next_batch()
+    assert a.state_dict()["data"] != b.state_dict()["data"]
+    with pytest.raises(SystemExit, match="the shards differ from those the checkpoint"):
+        b.load_state_dict(a.state_dict())
+    again = DataLoaderLite(2, 8, 0, 1, "train", str(tmp_path / "a"))
+    again.load_state_dict(a.state_dict())
+    assert all(torch.equal(u, v) for u, v in zip(again.next_batch(), a.next_batch()))

@@ -2,9 +2,9 @@
 gradient accumulation (same data per step, same averaged gradients)."""
 
 import os
-import signal
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -12,6 +12,7 @@ import train_gpt2 as tg
 from conftest import HELLASWAG_SLICE, ROOT, TINY, make_shards
 
 SCRIPT = os.path.join(ROOT, "train_gpt2.py")
+FAULTS = os.path.join(ROOT, "tests", "faults.py")
 
 
 def run(args, nproc, cwd):
@@ -87,81 +88,114 @@ def test_two_processes_equal_one_with_twice_the_accumulation(tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
-def test_torchrun_on_the_embedded_corpus(tmp_path):
-    # no edu_fineweb10B in the working directory: the bundled corpus, prepared once for all ranks
-    out = run(
-        [
-            "--max_steps",
-            "2",
-            "--n_layer",
-            "1",
-            "--n_head",
-            "2",
-            "--n_embd",
-            "32",
-            "--B",
-            "2",
-            "--T",
-            "64",
-            "--total_batch_size",
-            "256",
-            "--val_loss_steps",
-            "1",
-            "--device",
-            "cpu",
-        ],
-        2,
-        tmp_path,
+def torchrun(args, cwd, fault="", timeout=120):
+    """2 CPU processes under torchrun, optionally with a fault of tests/faults.py:
+    (exit code, output, seconds)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, FAULT=fault)
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        launcher + [FAULTS] + args,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
+    return out.returncode, out.stdout + out.stderr, time.perf_counter() - t0
+
+
+def no_traceback_of_ours(output):
+    # torchrun prints a traceback of its own when a worker fails; ours must not appear
+    return 'train_gpt2.py", line' not in output and 'faults.py", line' not in output
+
+
+SMALL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--B", "2", "--T", "64"]
+SMALL += ["--total_batch_size", "256", "--val_loss_steps", "1", "--device", "cpu"]
+
+
+def test_torchrun_without_data_says_so_and_bundled_trains(tmp_path):
+    # no edu_fineweb10B in the working directory: a cluster run must not fall back silently
+    code, out, seconds = torchrun(["--max_steps", "2"] + SMALL, tmp_path)
+    assert code != 0 and no_traceback_of_ours(out)
+    message = "no FineWeb shards in edu_fineweb10B/: make them with `python fineweb.py`"
+    assert out.count(message) == 1
+    code, out, _ = torchrun(["--max_steps", "2", "--data_dir", "bundled"] + SMALL, tmp_path)
+    assert code == 0, out
     assert "bundled corpus" in out and "done: 2 steps" in out
     assert len(log_lines(tmp_path / "log", "train")) == 2
 
 
-def worker_pids(agent_pid):
-    """{LOCAL_RANK: pid} of the workers torchrun started, read from /proc."""
-    workers = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = open(f"/proc/{pid}/stat").read()
-            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == agent_pid:
-            rank = [e for e in environ if e.startswith(b"LOCAL_RANK=")]
-            if rank:
-                workers[int(rank[0].split(b"=")[1])] = int(pid)
-    return workers
+def test_a_failure_on_one_rank_stops_every_rank_in_one_line(tmp_path):
+    data = tmp_path / "data"
+    make_shards(data, [6000, 30000, 3000])
+    args = ["--max_steps", "2", "--data_dir", str(data)] + SMALL
+    # the bundled corpus cannot be written on local rank 0 (a read-only checkout, a full disk)
+    code, out, seconds = torchrun(
+        ["--max_steps", "2", "--data_dir", "bundled"] + SMALL, tmp_path, "disk_full_writing_shards:"
+    )
+    assert code != 0 and seconds < 60 and no_traceback_of_ours(out)
+    assert out.count("cannot write the bundled corpus's token shards") == 1
+    # rank 1 sees one train shard fewer (a node whose copy of the data is incomplete)
+    code, out, seconds = torchrun(args, tmp_path, "fewer_shards::1")
+    assert code != 0 and seconds < 60 and no_traceback_of_ours(out)
+    assert out.count("the ranks see different shards in") == 1
+    assert "rank 0: 2 + 1 shards, rank 1: 1 + 1 shards" in out
+
+
+def test_hellaswag_unavailable_on_rank_0_only_is_off_on_every_rank(tmp_path):
+    # HellaSwag is on by default for shard data; the download fails on rank 0's node only
+    data = tmp_path / "data"
+    make_shards(data, [6000, 30000])
+    args = ["--max_steps", "2", "--data_dir", str(data), "--eval_interval", "1"] + SMALL
+    code, out, seconds = torchrun(
+        args + ["--log_dir", str(tmp_path / "log")], tmp_path, "hellaswag_offline::0"
+    )
+    assert code == 0, out
+    assert out.count("HellaSwag is off for this run: could not download") == 1
+    assert [s for s, _ in log_lines(tmp_path / "log", "val")] == [0, 1, 2]
+    assert log_lines(tmp_path / "log", "hella") == []
 
 
 def test_sigterm_to_one_rank_stops_all_at_the_same_step_and_resumes(tmp_path):
     data = tmp_path / "data"
     make_shards(data, [6000, 30000])
-    args = TINY + ["--data_dir", str(data), "--total_batch_size", "256", "--max_steps", "30"]
-    args += ["--eval_interval", "10", "--val_loss_steps", "1", "--checkpoint_interval", "30"]
+    # 2 micro-steps of 2 x 32 tokens on each rank
+    args = TINY + ["--data_dir", str(data), "--total_batch_size", "256", "--max_steps", "12"]
+    args += ["--eval_interval", "5", "--val_loss_steps", "1", "--checkpoint_interval", "12"]
     args += ["--num_return_sequences", "1"]
     run(args + ["--log_dir", str(tmp_path / "full")], 2, tmp_path)
     expected = open(tmp_path / "full" / "log.txt").read()
-
+    # a preemption of rank 1 alone, as its step 6 begins: the ranks agree between micro-steps
     log_dir = tmp_path / "stopped"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    proc = subprocess.Popen(
-        launcher + ["--nproc_per_node=2", SCRIPT] + args + ["--log_dir", str(log_dir)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONUNBUFFERED="1"),
-    )
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step     3 |"):
-            os.kill(worker_pids(proc.pid)[1], signal.SIGTERM)  # rank 1 only, as a preemption
-            break
-    out = "".join(lines) + proc.stdout.read()
-    assert proc.wait(timeout=120) != 0
-    assert out.count("stopped by SIGTERM") == 1 and "--resume latest" in out
-    step = torch.load(tg.latest_checkpoint(str(log_dir)), weights_only=True)["step"]
-    assert 4 <= step < 30
+    code, out, _ = torchrun(args + ["--log_dir", str(log_dir)], tmp_path, "signal_at_step:6:1")
+    assert code != 0 and no_traceback_of_ours(out)
+    assert out.count("stopped by SIGTERM after step 5") == 1 and "--resume latest" in out
+    assert tg.checkpoint_steps(str(log_dir)) == [6]
     run(["--resume", "latest", "--log_dir", str(log_dir)], 2, tmp_path)
     assert open(log_dir / "log.txt").read() == expected
+
+
+def test_speedrun_two_processes_equal_one_with_twice_the_accumulation(tmp_path):
+    data = tmp_path / "data"
+    make_shards(data, [6000, 30000])
+    args = TINY + ["--recipe", "speedrun", "--data_dir", str(data), "--total_batch_size", "512"]
+    args += ["--max_steps", "4", "--eval_interval", "2", "--val_loss_steps", "1"]
+    args += ["--num_return_sequences", "0", "--checkpoint_interval", "4"]
+    run(args + ["--log_dir", str(tmp_path / "one")], 1, tmp_path)
+    run(args + ["--log_dir", str(tmp_path / "two")], 2, tmp_path)
+    for kind in ("train", "val"):
+        one, two = log_lines(tmp_path / "one", kind), log_lines(tmp_path / "two", kind)
+        assert [s for s, _ in one] == [s for s, _ in two]
+        assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(one, two)), (kind, one, two)
+    # The weights agree to float32 rounding, amplified: Muon orthogonalizes each gradient and
+    # AdamW (eps 1e-10) divides by its size, so that the rounding differences of the two ways of
+    # summing tiny early gradients (the blocks' outputs and the head start at zero) become
+    # differences of about 1e-4 of the weights' norm.
+    a = torch.load(tmp_path / "one" / "model_00004.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "model_00004.pt", weights_only=True)
+    pairs = [(a["model"][k], b["model"][k]) for k in a["model"]]
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()  # Muon's momentum and AdamW's moments, on both
+    pairs += [(sa[i][k], sb[i][k]) for i in sa for k in sa[i] if k != "step"]
+    assert max(((u - v).norm() / u.norm()).item() for u, v in pairs) < 1e-3

@@ -69,9 +69,8 @@ def padded_model():
 
 def test_scoring_matches_a_plain_loop():
     model = padded_model().double()  # float64: any difference is a scoring error, not rounding
-    scores = list(
-        hellaswag.score_examples(lambda t: model(t)[0], EXAMPLES[:12], "cpu", batch_examples=5)
-    )
+    # batches of 128 tokens: 2 to 4 rows each, the rows of an example in different batches
+    scores = hellaswag.score_examples(lambda t: model(t)[0], EXAMPLES[:12], "cpu", batch_tokens=128)
     assert len(scores) == 12
     preds = set()
     for example, score in zip(EXAMPLES[:12], scores):
@@ -82,7 +81,9 @@ def test_scoring_matches_a_plain_loop():
         assert score.pred_norm == min(range(4), key=means.__getitem__)
         preds.add((score.pred, score.pred_norm))
     assert len(preds) > 1  # the model is not degenerate: the test could catch a mix-up
-    correct, correct_norm, total = hellaswag.evaluate(lambda t: model(t)[0], EXAMPLES[:12], "cpu")
+    packed = hellaswag.pack_examples(EXAMPLES[:12])
+    scorer = hellaswag.make_scorer(lambda t: model(t)[0])
+    correct, correct_norm, total = hellaswag.evaluate(scorer, packed, "cpu")
     assert total == 12
     assert correct == sum(s.pred == s.label for s in scores)
     assert correct_norm == sum(s.pred_norm == s.label for s in scores)

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_gpt2 as tg
 from train_gpt2 import GPT, GPTConfig
@@ -88,36 +89,51 @@ def test_causal():
     assert not torch.allclose(a[0, 8:], b[0, 8:])
 
 
-class PaddedLogits(torch.nn.Module):
-    """Stands in for a model whose padded vocabulary entries have the largest logits."""
-
-    def __init__(self):
-        super().__init__()
-        self.config = GPTConfig(vocab_size=50304)
-
-    def forward(self, idx):
-        logits = torch.zeros(idx.size(0), idx.size(1), 50304)
-        logits[..., 50257:] = 100.0
-        logits[..., 0:50] = 1.0
-        return logits, None
-
-
-def test_sampling_never_returns_padded_ids(monkeypatch):
-    enc = tg.get_tokenizer()
-    decoded = []
-    monkeypatch.setattr(enc, "decode", lambda ids: decoded.append(ids) or "")
-    tg.sample(PaddedLogits(), enc, "Hello", 3, 20, "cpu", 0, torch.autocast("cpu", enabled=False))
-    assert len(decoded) == 3
-    for ids in decoded:
-        assert len(ids) == 20 and max(ids[1:]) < 50257
-
-
-def test_sampling_leaves_global_rng_alone():
+def test_fused_loss_matches_the_plain_loss_and_gradients():
+    # F.cross_entropy(lm_head(x)) is the reference; chunks of 7 rows leave a partial last chunk
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=16, block_size=32, vocab_size=50304))
-    enc = tg.get_tokenizer()
-    state = torch.get_rng_state()
-    first = tg.sample(model, enc, "Hello", 2, 10, "cpu", 42, torch.autocast("cpu", enabled=False))
-    assert torch.equal(torch.get_rng_state(), state)
-    again = tg.sample(model, enc, "Hello", 2, 10, "cpu", 42, torch.autocast("cpu", enabled=False))
-    assert first == again
+    x = torch.randn(2, 25, 32, dtype=torch.float64, requires_grad=True)
+    weight = (0.3 * torch.randn(500, 32, dtype=torch.float64)).requires_grad_()
+    targets = torch.randint(0, 500, (2, 25))
+    for softcap in (None, 15.0):
+        logits = x @ weight.t()
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        want = torch.autograd.grad(expected, (x, weight))
+        loss = tg.linear_cross_entropy(x, weight, targets, softcap, chunk_rows=7)
+        got = torch.autograd.grad(3.0 * loss, (x, weight))  # an upstream gradient is applied
+        assert abs(loss.item() - expected.item()) < 1e-12
+        for a, b in zip(got, want):
+            assert (a - 3.0 * b).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
+def test_fused_loss_in_the_model(recipe):
+    torch.manual_seed(0)
+    config = GPTConfig(
+        n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50304, recipe=recipe
+    )
+    model = GPT(config)
+    with torch.no_grad():  # the speedrun's zero-initialized head would make every gradient 0
+        model.lm_head.weight.normal_(0, 0.02)
+    idx, targets = torch.randint(0, 50257, (2, 2, 32)).unbind(0)
+    results = []
+    for fused in (False, True):
+        model.fused_loss = fused
+        model.zero_grad()
+        logits, loss = model(idx, targets)
+        loss.backward()
+        assert (logits is None) == fused
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (plain, plain_grads), (fused, fused_grads) = results
+    assert abs(fused - plain) / plain < 1e-5  # float32
+    for a, b in zip(fused_grads, plain_grads):
+        assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item() + 1e-9
+    # under bf16 autocast the two agree to bf16 rounding of the logits
+    with torch.autocast("cpu", torch.bfloat16):
+        model.fused_loss = True
+        _, fused_bf16 = model(idx, targets)
+        model.fused_loss = False
+        _, plain_bf16 = model(idx, targets)
+    assert abs(fused_bf16.item() - plain_bf16.item()) < 1e-2

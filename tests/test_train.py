@@ -156,8 +156,8 @@ def test_training_run_writes_log_and_checkpoint(tmp_path, capsys):
 
 def test_default_run_uses_the_embedded_corpus(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no edu_fineweb10B here
-    cfg, checkpoint, embedded = tg.resolve_config({})
-    assert embedded and checkpoint is None and cfg.data_dir == tg.EMBEDDED_DATA_DIR
+    cfg, checkpoint = tg.resolve_config({})
+    assert checkpoint is None and cfg.data_dir == tg.BUNDLED
     assert cfg.n_layer == tg.EMBEDDED_DEFAULTS["n_layer"]
     tg.main(
         [
@@ -193,8 +193,8 @@ def test_default_run_uses_the_embedded_corpus(tmp_path, monkeypatch, capsys):
 def test_fineweb_shards_select_the_124m_reproduction(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_shards(tmp_path / "edu_fineweb10B", [100, 100])
-    cfg, _, embedded = tg.resolve_config({})
-    assert not embedded and cfg == TrainConfig()
+    cfg, _ = tg.resolve_config({})
+    assert cfg == TrainConfig()
     assert (cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.total_batch_size) == (
         12,
         768,
@@ -244,3 +244,89 @@ def test_help_is_light(tmp_path):
         env=dict(os.environ, PYTHONPATH=ROOT),
     )
     assert "--total_batch_size" in out.stdout and out.stdout.strip().endswith("False False")
+
+
+def test_the_gpt2_recipe_logs_what_it_logged_before_the_speedrun_existed(tmp_path):
+    # tests/data/gpt2_recipe_log.txt was written by this run at commit 65adb50, before the
+    # recipes, the new HellaSwag scorer and the generation cache; one thread, so that the
+    # reductions are summed in the same order on every machine
+    make_shards(tmp_path / "data", [3000, 20000])
+    hella = tmp_path / "h8.jsonl"
+    hella.write_text("".join(open(HELLASWAG_SLICE).readlines()[:8]))
+    args = TINY + ["--data_dir", str(tmp_path / "data"), "--log_dir", str(tmp_path / "log")]
+    args += ["--max_steps", "8", "--total_batch_size", "128", "--eval_interval", "4"]
+    args += ["--val_loss_steps", "2", "--checkpoint_interval", "8", "--block_size", "128"]
+    args += ["--hellaswag", "1", "--hellaswag_path", str(hella), "--warmup_steps", "3"]
+    args += ["--max_lr", "1e-2", "--num_return_sequences", "1"]
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train_gpt2.py")] + args,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"),
+    )
+    assert out.returncode == 0, out.stderr
+    expected = open(os.path.join(ROOT, "tests", "data", "gpt2_recipe_log.txt")).read()
+    assert open(tmp_path / "log" / "log.txt").read() == expected
+
+
+def test_micro_batch_auto():
+    # on a CPU: the 124M run's 64, or the largest power of two that divides the step
+    assert tg.largest_micro_batch(lambda B: True, 2**19, 1024, 1) == 64
+    assert tg.largest_micro_batch(lambda B: True, 4096, 256, 2) == 8
+    # on a GPU that holds 20 sequences of activations: the largest power of two under that
+    tried = []
+
+    def fits(B):
+        tried.append(B)
+        return B <= 20
+
+    assert tg.largest_micro_batch(fits, 2**19, 1024, 8) == 16 and tried == [64, 32, 16]
+    with pytest.raises(SystemExit, match="no micro-batch B <= 64 of T=1024 tokens both fits"):
+        tg.largest_micro_batch(lambda B: False, 2**19, 1024, 1)
+
+
+def test_micro_batch_auto_in_a_cpu_run(tmp_path, capsys):
+    make_shards(tmp_path / "data", [3000, 9000])
+    args = TINY + ["--data_dir", str(tmp_path / "data"), "--log_dir", str(tmp_path / "log")]
+    args[args.index("--B") + 1] = "auto"
+    tg.main(args + ["--max_steps", "1", "--total_batch_size", "256", "--eval_interval", "5"])
+    assert "micro-batch B=8\n" in capsys.readouterr().out  # 256 tokens = 8 x 32
+    ckpt = torch.load(tmp_path / "log" / "model_00001.pt", weights_only=True)
+    assert ckpt["train_config"]["B"] == 8
+
+
+def test_a_step_the_fp16_loss_scaler_skips_is_reported_as_skipped(tmp_path):
+    make_shards(tmp_path, [200, 4000])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50304))
+    optimizer = model.configure_optimizers(0.1, 1e-3, "cpu", log=lambda *a: None)
+    loader = DataLoaderLite(2, 16, 0, 1, "train", str(tmp_path))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    step = lambda: tg.train_step(
+        model, optimizer, loader, 2, SINGLE, contextlib.nullcontext(), scaler, 1.0
+    )
+    assert step()[2]
+    before = copy.deepcopy(model.state_dict())
+    hook = model.transformer.h[0].mlp.c_fc.weight.register_hook(lambda g: g * float("inf"))
+    loss, norm, updated = step()  # a finite loss, infinite gradients: the scaler skips it
+    assert math.isfinite(loss) and not updated and scaler.get_scale() == 2.0**9
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    hook.remove()
+    assert step()[2]
+
+
+def test_step_times_wait_for_the_device(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("cuda"))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))
+    for device in ("cuda:1", "mps", "cpu"):
+        tg.synchronize(device)
+    assert calls == ["cuda", "mps"]
+    # and the training loop waits once per step, before it reads the clock
+    waited = []
+    monkeypatch.setattr(tg, "synchronize", waited.append)
+    make_shards(tmp_path / "data", [3000, 9000])
+    args = TINY + ["--data_dir", str(tmp_path / "data"), "--log_dir", str(tmp_path / "log")]
+    tg.main(args + ["--max_steps", "3", "--total_batch_size", "64", "--eval_interval", "5"])
+    assert waited == ["cpu"] * 3

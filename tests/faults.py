@@ -1,0 +1,122 @@
+"""Run train_gpt2.py with one fault injected, for the tests that need a fault inside a process
+they cannot monkeypatch: torchrun's workers, or a run that must receive a signal at an exact
+point. The FAULT environment variable names the fault and where it strikes, NAME:ARG[:RANK]
+(RANK: the only rank it strikes; every rank if absent); the arguments are train_gpt2.py's.
+
+    FAULT=signal_at_step:4 python tests/faults.py --max_steps 12 ...
+
+Faults:
+    signal_at_step:STEP     SIGTERM to this process as training step STEP begins
+    sigint_at_step:STEP     the same with SIGINT (Ctrl-C)
+    two_sigints_at_step:STEP  two Ctrl-C in a row
+    signal_in_hellaswag:N   SIGTERM during the N-th HellaSwag batch scored; from then on each
+                            batch takes 3 s, as in a long evaluation pass
+    signal_in_val:N         the same with the N-th val micro-batch
+    hellaswag_offline       the HellaSwag download fails
+    disk_full_writing_shards  tokenizing the bundled corpus anew, writing its shards fails (ENOSPC)
+    disk_full_at_save       writing a checkpoint fails with ENOSPC
+    fewer_shards            list_shards misses the last train shard
+    slow_start:SECONDS      start-up (making the data loaders) takes this long
+"""
+
+import errno
+import os
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hellaswag  # noqa: E402
+import train_gpt2 as tg  # noqa: E402
+
+
+def kill_self(signum):
+    """Send a signal to this process, saying so first (tests time the stop from this line)."""
+    print(f"fault: sent {signal.Signals(signum).name}", flush=True)
+    os.kill(os.getpid(), signum)
+
+
+def at_step(step, action):
+    """Run action() as training step `step` begins (the loop sets its learning rate first)."""
+    set_learning_rate = tg.set_learning_rate
+
+    def patched(optimizer, s, cfg):
+        if s == step:
+            action()
+        return set_learning_rate(optimizer, s, cfg)
+
+    tg.set_learning_rate = patched
+
+
+def slowed(fn, n, seconds=3.0):
+    """fn, sending SIGTERM on its n-th call, and from then on slow: each call takes `seconds`."""
+    calls = []
+
+    def patched(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            kill_self(signal.SIGTERM)
+        if len(calls) >= n:
+            time.sleep(seconds)
+        return fn(*args, **kwargs)
+
+    return patched
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def inject(name, arg):
+    if name == "signal_at_step":
+        at_step(int(arg), lambda: kill_self(signal.SIGTERM))
+    elif name == "sigint_at_step":
+        at_step(int(arg), lambda: kill_self(signal.SIGINT))
+    elif name == "two_sigints_at_step":
+        at_step(int(arg), lambda: (kill_self(signal.SIGINT), kill_self(signal.SIGINT)))
+    elif name == "signal_in_hellaswag":
+        hellaswag.ending_losses = slowed(hellaswag.ending_losses, int(arg))
+    elif name == "signal_in_val":
+        evaluate = tg.evaluate_val_loss
+
+        def patched(model, loader, *args):
+            if "next_batch" not in vars(loader):  # the val loader, slowed once for good
+                loader.next_batch = slowed(loader.next_batch, int(arg))
+            return evaluate(model, loader, *args)
+
+        tg.evaluate_val_loss = patched
+    elif name == "hellaswag_offline":
+
+        def offline(split, cache_dir=None):
+            raise SystemExit("could not download hellaswag_val.jsonl (ConnectionError)")
+
+        hellaswag.download = offline
+    elif name == "disk_full_writing_shards":  # of the bundled corpus, into a new directory
+        tg.EMBEDDED_DATA_DIR = os.path.abspath("corpus_shards")
+        tg.write_shard = disk_full
+    elif name == "disk_full_at_save":
+        tg.torch.save = disk_full
+    elif name == "fewer_shards":
+        list_shards = tg.list_shards
+        tg.list_shards = lambda data_dir, split: list_shards(data_dir, split)[
+            : -1 if split == "train" else None
+        ]
+    elif name == "slow_start":
+        loaders = tg.make_loaders
+
+        def slow(*args):
+            time.sleep(float(arg))
+            return loaders(*args)
+
+        tg.make_loaders = slow
+    else:
+        raise SystemExit(f"unknown FAULT {name}")
+
+
+if __name__ == "__main__":
+    name, _, rest = os.environ.get("FAULT", "").partition(":")
+    arg, _, rank = rest.partition(":")
+    if name and (not rank or int(rank) == int(os.environ.get("RANK", "0"))):
+        inject(name, arg)
+    tg.main(sys.argv[1:])

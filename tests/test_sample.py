@@ -1,0 +1,186 @@
+"""Generation: GPT.generate with its key/value cache against a full recompute of every step,
+batches of prompts of different lengths, top-k / top-p filtering, and sample.py's command line."""
+
+import contextlib
+
+import pytest
+import torch
+
+import train_gpt2 as tg
+from train_gpt2 import GPT, GPTConfig
+
+TINY_SHAPE = dict(n_layer=2, n_head=4, n_embd=64, block_size=256, vocab_size=2048)
+GPT2_124M_SHAPE = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
+
+
+def random_model(recipe="gpt2", dtype=torch.float32, shape=TINY_SHAPE):
+    """A model with large random weights everywhere: with its init (zeros in the speedrun's, small
+    values in GPT-2's) every continuation would be the same token."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(recipe=recipe, **shape))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or "ln_f" in name:
+                p.normal_(1, 0.1)
+            else:
+                p.normal_(0, 0.5 if p.size(0) == shape["vocab_size"] else 0.05)
+    return model.to(dtype).eval()
+
+
+def logits_by_recompute(model, tokens, start):
+    """The reference: the last position's logits of every prefix tokens[:i], i >= start, each
+    prefix run through the whole model again, no cache."""
+    with torch.no_grad():
+        return [
+            model(torch.tensor([tokens[:i]]))[0][0, -1, :50257] for i in range(start, len(tokens))
+        ]
+
+
+def logits_with_cache(model, tokens, start):
+    """The same through a KVCache: tokens[:start] at once, then one token per forward pass."""
+    cache = tg.KVCache(pad=torch.zeros(1, dtype=torch.long), max_len=len(tokens))
+    with torch.no_grad():
+        logits = [model(torch.tensor([tokens[:start]]), cache=cache)[0][0, -1, :50257]]
+        for token in tokens[start:-1]:
+            logits.append(model(torch.tensor([[token]]), cache=cache)[0][0, -1, :50257])
+    return logits
+
+
+def greedy_by_recompute(model, prompt, n):
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            tokens.append(int(model(torch.tensor([tokens]))[0][0, -1, :50257].argmax()))
+    return tokens
+
+
+@pytest.mark.parametrize(
+    "recipe, shape, n",
+    [("gpt2", TINY_SHAPE, 200), ("speedrun", TINY_SHAPE, 200), ("gpt2", GPT2_124M_SHAPE, 24)],
+)
+def test_cached_generation_equals_recomputing_every_step(recipe, shape, n):
+    model = random_model(recipe, shape=shape)
+    prompt = [464, 1101, 257, 11, 314, 1200, 2000, 11]
+    # the logits at every step, along a sequence of varied tokens
+    g = torch.Generator().manual_seed(0)
+    tokens = prompt + torch.randint(0, 2048, (n,), generator=g).tolist()
+    want = logits_by_recompute(model, tokens, len(prompt))
+    got = logits_with_cache(model, tokens, len(prompt))
+    assert len(got) == len(want) == n
+    for step, (a, b) in enumerate(zip(got, want)):  # float32 rounding of logits up to ~30
+        assert (a - b).abs().max().item() < 1e-5 * b.abs().max().item(), step
+    # and greedy generation, as generate() does it
+    short = min(n, 20)
+    assert model.generate([prompt], short, temperature=0)[0] == greedy_by_recompute(
+        model, prompt, short
+    )
+
+
+@pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
+def test_a_batch_of_prompts_of_different_lengths_equals_each_alone(recipe):
+    model = random_model(recipe, torch.float64)  # float64: padding must change nothing at all
+    prompts = [
+        [464],
+        [745, 240, 257, 640, 11, 287, 257, 1956, 1290, 1497, 11],
+        [16, 362],
+        [44, 45, 46, 47, 48],
+    ]
+    assert len({len(p) for p in prompts}) == 4
+    together = model.generate(prompts, 30, temperature=0)
+    for prompt, row in zip(prompts, together):
+        assert row == model.generate([prompt], 30, temperature=0)[0]
+    # sampled rows are the batch's own: each row draws from its own distribution
+    g = torch.Generator().manual_seed(0)
+    sampled = model.generate(prompts, 20, top_k=50, generator=g)
+    assert all(row[: len(p)] == p and len(row) == len(p) + 20 for p, row in zip(prompts, sampled))
+
+
+def test_generation_stops_at_the_stop_token():
+    model = random_model()
+    prompt = [464]
+    free = model.generate([prompt], 40, temperature=0)[0]
+    stop = free[5]  # the token greedy decoding produces at its 5th step
+    first = free.index(stop, 1)
+    assert model.generate([prompt], 40, temperature=0, stop_token=stop)[0] == free[: first + 1]
+
+
+def allowed_tokens(logits, top_k, top_p):
+    """By hand: the top_k likeliest ids, then the smallest prefix of them reaching top_p."""
+    order = torch.argsort(logits, descending=True).tolist()[:top_k]
+    probs = torch.softmax(logits[order], dim=0).tolist()
+    kept, mass = [], 0.0
+    for token, p in zip(order, probs):
+        kept.append(token)
+        mass += p
+        if mass >= top_p:
+            break
+    return set(kept)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(10, 1.0), (None, 0.6), (25, 0.9), (1, 0.5)])
+def test_top_k_and_top_p_never_draw_outside_the_allowed_set(top_k, top_p):
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(16, 1000, generator=g)
+    allowed = [allowed_tokens(row, top_k or 1000, top_p) for row in logits]
+    drawn = [set() for _ in range(16)]
+    for _ in range(300):
+        tokens = tg.sample_next(logits, 0.8 if top_k == 25 else 1.0, top_k, top_p, g)
+        for row, token in enumerate(tokens.tolist()):
+            drawn[row].add(token)
+    for row in range(16):
+        assert drawn[row] <= allowed[row]
+        if len(allowed[row]) > 3:
+            assert len(drawn[row]) > 1  # it samples, it does not pick the top one
+
+
+def test_temperature_zero_is_greedy():
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(tg.sample_next(logits, temperature=0), logits.argmax(dim=-1))
+
+
+class PaddedLogits(torch.nn.Module):
+    """Stands in for a model whose padded vocabulary entries have the largest logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = GPTConfig(vocab_size=50304)
+        self.lm_head = torch.nn.Linear(1, 1)  # where generate finds the device
+
+    def forward(self, idx, targets=None, cache=None):
+        cache.length += idx.size(1)
+        logits = torch.zeros(idx.size(0), 1, 50304)
+        logits[..., 50257:] = 100.0
+        logits[..., 0:50] = 1.0
+        return logits, None
+
+    generate = GPT.generate
+    stream = GPT.stream
+
+
+def test_sampling_never_returns_padded_ids():
+    rows = PaddedLogits().generate([[15496]] * 3, 20, generator=torch.Generator().manual_seed(0))
+    for row in rows:
+        assert len(row) == 21 and max(row[1:]) < 50257
+
+
+def test_in_loop_samples_leave_the_global_rng_alone(capsys):
+    model = random_model(shape=dict(TINY_SHAPE, vocab_size=50304))  # the prompt's ids need it
+    cfg = tg.TrainConfig(num_return_sequences=2, max_length=20)
+    env = tg.DistEnv(False, 0, 0, 1, "cpu", True)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    tg.print_samples(model, cfg, env, contextlib.nullcontext())
+    assert torch.equal(torch.get_rng_state(), state)
+    first = capsys.readouterr().out
+    tg.print_samples(model, cfg, env, contextlib.nullcontext())
+    assert capsys.readouterr().out == first  # their own generator, seeded from cfg.seed
+    assert first.count("sample: Hello, I'm a language model,") == 2
+
+
+def test_samples_of_a_diverged_model_are_skipped_in_one_line(capsys):
+    model = random_model(shape=dict(TINY_SHAPE, vocab_size=50304))
+    with torch.no_grad():
+        model.lm_head.weight[7] = float("inf")
+    cfg = tg.TrainConfig(num_return_sequences=2, max_length=20)
+    tg.print_samples(model, cfg, tg.DistEnv(False, 0, 0, 1, "cpu", True), contextlib.nullcontext())
+    assert capsys.readouterr().out == "samples skipped: the model's logits are not finite\n"
