@@ -14,6 +14,11 @@ peak measured here, so that a CPU has one too), peak memory and the speed-up ove
     python bench.py --B 64 --T 1024 --rows final       # one row, every optimization at once
     python bench.py --compile 0 --json bench.json      # any optimization off; figures as JSON too
     python bench.py --rows final --profile trace.json  # where the time goes (torch.profiler)
+    python bench.py --rows none --preset gpt2 --generate 1   # generation: cache against none
+
+It also measures the data loader, HellaSwag evaluation and, with --generate 1, generation:
+tokens/s of GPT.generate with its key/value cache (one stream, and a batch of streams) against
+the loop that runs the whole sequence again for every new token.
 """
 
 import argparse
@@ -48,6 +53,7 @@ from train_gpt2 import (
     keep_freed_cpu_memory,
     mfu,
     peak_flops,
+    sample_next,
     setting,
     synchronize,
     train_step,
@@ -294,6 +300,49 @@ def hellaswag_rate(config, variant, device, dtype, path, limit):
 
 
 # -----------------------------------------------------------------------------
+# Generation
+
+
+@torch.no_grad()
+def generate_by_recompute(model, prompt, new_tokens, generator):
+    """The lecture's sampling loop: the whole sequence through the model for every new token."""
+    idx = torch.tensor([prompt], device=model.lm_head.weight.device)
+    for _ in range(new_tokens):
+        logits = model(idx)[0][:, -1, :GPT2_VOCAB]
+        next_token = sample_next(logits, top_k=50, generator=generator)
+        idx = torch.cat((idx, next_token.unsqueeze(1)), dim=1)
+    return idx
+
+
+def generation_rates(config, device, dtype, prompt_len, new_tokens, batch):
+    """tokens/s of generation from a random model in dtype (its weights cast, as sample.py does):
+    GPT.generate for one stream and for `batch` streams, and the loop without a cache."""
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(config, vocab_size=PADDED_VOCAB))
+    model.to(device=device, dtype=dtype).eval()
+    generator = torch.Generator(device=device).manual_seed(0)
+    prompt = torch.randint(0, GPT2_VOCAB, (prompt_len,), generator=torch.Generator()).tolist()
+    options = dict(top_k=50, generator=generator)
+
+    def rate(fn, tokens):
+        fn(min(4, new_tokens))  # warm-up: kernels chosen, memory allocated
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn(new_tokens)
+        synchronize(device)
+        return tokens / (time.perf_counter() - t0)
+
+    recompute = lambda n: generate_by_recompute(model, prompt, n, generator)
+    return {
+        "cache_1": rate(lambda n: model.generate([prompt], n, **options), new_tokens),
+        "no_cache_1": rate(recompute, new_tokens),
+        f"cache_{batch}": rate(
+            lambda n: model.generate([prompt] * batch, n, **options), batch * new_tokens
+        ),
+    }
+
+
+# -----------------------------------------------------------------------------
 # Table and command line
 
 COLUMNS = ("variant", "tokens/s", "ms/step", "MFU (spec)", "MFU (matmul)", "peak mem", "speed-up")
@@ -325,6 +374,8 @@ def plan_rows(cfg, dtype):
     names = dict(OPTIMIZATIONS, autocast={torch.float16: "fp16"}.get(dtype, "bf16"))
     enabled = [k for k in OPTIMIZATIONS if getattr(cfg, k)]
     no_autocast = "--dtype auto found no fast bf16 or fp16 here (--dtype bfloat16 forces it)"
+    if cfg.rows == "none":
+        return []
     if cfg.rows == "final":
         if dtype == torch.float32:
             enabled = [k for k in enabled if k != "autocast"]
@@ -350,7 +401,7 @@ class BenchConfig:
     dtype: str = setting("auto", "autocast dtype: auto, bfloat16 or float16")
     warmup: int = setting(3, "untimed steps per row before the timed ones")
     steps: int = setting(10, "timed optimizer steps per row")
-    rows: str = setting("sequence", "sequence: a row per optimization; final: only the last row")
+    rows: str = setting("sequence", "sequence: a row per optimization; final: the last; none")
     tf32: int = setting(1, "rows with TF32 matmuls (0: in no row)")
     autocast: int = setting(1, "rows with bf16 autocast, fp16 on GPUs without bf16 (0: in no row)")
     compile: int = setting(1, "rows with torch.compile (0: in no row)")
@@ -364,14 +415,18 @@ class BenchConfig:
     hellaswag: int = setting(1, "measure HellaSwag evaluation")
     hellaswag_path: str = setting(HELLASWAG_SLICE, "HellaSwag jsonl file")
     hellaswag_examples: int = setting(64, "HellaSwag examples timed")
+    generate: int = setting(0, "measure generation (sample.py's): with the cache and without")
+    gen_prompt: int = setting(16, "generation: prompt tokens")
+    gen_tokens: int = setting(256, "generation: new tokens per stream")
+    gen_batch: int = setting(64, "generation: streams of the batched measurement")
     json: str = setting("", "also write the figures to this file")
     profile: str = setting("", "profile the last row that ran and write its trace to this file")
 
 
 CHOICES = {
     "dtype": ("auto", "bfloat16", "float16"),
-    "rows": ("sequence", "final"),
-    **{k: (0, 1) for k in (*OPTIMIZATIONS, "hellaswag")},
+    "rows": ("sequence", "final", "none"),
+    **{k: (0, 1) for k in (*OPTIMIZATIONS, "hellaswag", "generate")},
 }
 
 
@@ -491,16 +546,19 @@ def main(argv=None):
         sequences = cfg.B * max(cfg.loader_batches, (cfg.warmup + cfg.steps) * cfg.grad_accum)
         data_dir = cfg.data_dir or synthetic_shards(tmp, sequences * T + 1)
         loader = DataLoaderLite(cfg.B, T, 0, 1, "train", data_dir, shuffle=True)
-        results, last = measure_rows(
-            plan, config, T, loader, env, dtype, cfg, peak_spec, peak_matmul
-        )
-        memory = (
-            "the most memory held by tensors (torch.cuda.max_memory_allocated)"
-            if env.device_type == "cuda"
-            else "growth of the process's resident memory (VmHWM), the allocator's cache included"
-        )
-        print(f"peak mem: {memory}; speed-up: tokens/s over the first row's")
-        if cfg.profile:
+        results, last = [], Variant()
+        if plan:
+            results, last = measure_rows(
+                plan, config, T, loader, env, dtype, cfg, peak_spec, peak_matmul
+            )
+            memory = (
+                "the most memory held by tensors (torch.cuda.max_memory_allocated)"
+                if env.device_type == "cuda"
+                else "growth of the process's resident memory (VmHWM), the allocator's cache "
+                "included"
+            )
+            print(f"peak mem: {memory}; speed-up: tokens/s over the first row's")
+        if cfg.profile and plan:
             torch._dynamo.reset()
             step = make_step(last, config, loader, env, dtype, cfg.grad_accum)
             time_steps(step, cfg.warmup, 0)
@@ -531,6 +589,20 @@ def main(argv=None):
                 "scored as the training loop does)"
             )
 
+    generation = None
+    if cfg.generate:
+        generation = generation_rates(
+            config, device, dtype, cfg.gen_prompt, cfg.gen_tokens, cfg.gen_batch
+        )
+        cached, uncached = generation["cache_1"], generation["no_cache_1"]
+        print(
+            f"generation ({str(dtype).removeprefix('torch.')} weights, top-k 50), a "
+            f"{cfg.gen_prompt}-token prompt and {cfg.gen_tokens} new tokens: {cached:,.1f} "
+            f"tokens/s with the cache, {uncached:,.1f} without ({cached / uncached:.1f}x); "
+            f"{generation[f'cache_{cfg.gen_batch}']:,.0f} tokens/s summed over {cfg.gen_batch} "
+            "streams"
+        )
+
     if cfg.json:
         figures = {
             "device": name,
@@ -546,6 +618,7 @@ def main(argv=None):
             "rows": results,
             "data_loader": {"batches_per_sec": batches_per_sec, "fastest_row_needs": needed},
             "hellaswag": hella,
+            "generation": generation,
         }
         with open(cfg.json, "w") as f:
             json.dump(figures, f, indent=2)

@@ -16,7 +16,6 @@ after every shard, where the next one starts in the document stream, so complete
 kept as they are and the others come out byte for byte as in an uninterrupted run.
 """
 
-import argparse
 import contextlib
 import functools
 import hashlib
@@ -32,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hellaswag import download, iterate_examples
-from train_gpt2 import EOT, atomic_open, get_tokenizer, open_shard, write_shard
+from train_gpt2 import EOT, ArgumentParser, atomic_open, get_tokenizer, open_shard, write_shard
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_REMOTE_NAME = "sample-10BT"
@@ -505,6 +504,8 @@ class ShardWriter:
                 "name": name,
                 "tokens": self.fill,
                 "bytes": os.path.getsize(path),
+                # the largest token id, so that train_gpt2.py need not scan the shard for it
+                "max_token": int(self.buffer[: self.fill].max()),
                 "next_document": next_document,
                 "next_offset": next_offset,
                 "dropped_documents": self.dropped_documents,
@@ -537,7 +538,7 @@ def report(out, manifest):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Tokenize FineWeb-Edu (or local files) into GPT-2 token shards."
     )
     parser.add_argument(
@@ -592,7 +593,18 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    try:
+        build_shards(parse_args(argv))
+    except OSError as e:  # a full disk, an unwritable directory: the complete shards stay
+        where = e.filename or "the output directory"
+        raise SystemExit(
+            f"cannot write {where}: {e.strerror or e}; the shards already complete are kept, "
+            "and the same command continues from them"
+        ) from None
+
+
+def build_shards(args):
+    """Tokenize the documents into the shards of args.output_dir, continuing an earlier run."""
     if args.shard_size < 1 or args.num_proc < 1:
         raise SystemExit("--shard_size and --num_proc must be positive")
     if args.format == "bin" and args.shard_size >= 2**31:
@@ -623,6 +635,8 @@ def main(argv=None):
         "decontaminate": decontaminate,
     }
     out = args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--output_dir {out} is a file, not a directory")
     shards, complete = completed_shards(out, settings)
     manifest = dict(settings, shards=shards, complete=False)
     if complete:

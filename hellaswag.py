@@ -363,10 +363,10 @@ def main(argv=None):
     dtype = autocast_dtype("auto", device_type) if device_type == "cuda" else torch.float32
     autocast = autocast_context(dtype, device_type)
     torch.set_float32_matmul_precision("high")
-    logits_fn, name = load_model(args.model_type, args.checkpoint, device)
     examples = list(iterate_examples(args.split, args.input))[: args.limit or None]
     if not examples:
         raise SystemExit("no examples to score")
+    logits_fn, name = load_model(args.model_type, args.checkpoint, device)
     packed = pack_examples(examples, args.batch_tokens or batch_tokens_for(device))
     result = evaluate(make_scorer(logits_fn, bool(args.compile)), packed, device, autocast)
     correct, correct_norm, total = result

@@ -504,3 +504,39 @@ def test_bad_flags(tmp_path):
         argv(None, out, hellaswag_path=HELLASWAG_SLICE), tmp_path, "for --decontaminate hellaswag"
     )
     assert not out.exists()
+
+
+def test_output_that_cannot_be_written(tmp_path, monkeypatch):
+    inputs = write_inputs(tmp_path / "in", corpus_docs(), "jsonl")
+    (tmp_path / "a_file").write_text("mine")
+    fails(argv(inputs, tmp_path / "a_file"), tmp_path, "is a file, not a directory")
+    assert (tmp_path / "a_file").read_text() == "mine"
+    # the disk fills up while the third shard is written: two complete shards stay, and the same
+    # command later continues from them to the shards of an uninterrupted run
+    run(inputs, tmp_path / "whole", shard_size=3000, num_proc=1)
+    write_shard = fineweb.write_shard
+    written = []
+
+    def fills_up(path, tokens):
+        if len(written) == 2:
+            raise OSError(28, "No space left on device", path)
+        written.append(path)
+        write_shard(path, tokens)
+
+    monkeypatch.setattr(fineweb, "write_shard", fills_up)
+    with pytest.raises(SystemExit, match=r"edufineweb_train_000002.npy: No space left on device; "):
+        run(inputs, tmp_path / "full", shard_size=3000, num_proc=1)
+    assert len(read_shards(tmp_path / "full")) == 2
+    monkeypatch.setattr(fineweb, "write_shard", write_shard)
+    run(inputs, tmp_path / "full", shard_size=3000, num_proc=1)
+    whole, full = snapshot(tmp_path / "whole"), snapshot(tmp_path / "full")
+    assert {n: v[0] for n, v in full.items()} == {n: v[0] for n, v in whole.items()}
+
+
+def test_the_manifest_records_each_shards_largest_token(tmp_path):
+    inputs = write_inputs(tmp_path / "in", corpus_docs(), "jsonl")
+    run(inputs, tmp_path / "out", shard_size=3000, num_proc=1)
+    manifest = json.load(open(tmp_path / "out" / "manifest.json"))
+    for record in manifest["shards"]:
+        tokens = np.load(tmp_path / "out" / record["name"])
+        assert record["max_token"] == int(tokens.max())

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 import export_hf
 import hellaswag
 import train_gpt2 as tg
-from conftest import HELLASWAG_SLICE, ROOT, TINY, make_shards
+from conftest import HELLASWAG_SLICE, ROOT, TINY, fails_in_one_line, make_shards
 from train_gpt2 import GPT, GPTConfig
 
 EXAMPLES = [json.loads(line) for line in open(HELLASWAG_SLICE)]
+HELLASWAG_200 = os.path.join(ROOT, "tests", "data", "hellaswag_val_head200.jsonl")
 
 
 def hf_tokenizer():
@@ -202,3 +203,63 @@ def test_compiled_training_logs_hellaswag(tmp_path):
     tg.main(args)
     log = open(tmp_path / "log" / "log.txt").read()
     assert re.search(r"^2 hella \d\.\d{4}$", log, re.M) and "1 train" in log
+
+
+def test_packed_scoring_makes_the_plain_loops_choices_on_200_examples():
+    # float32, batches of the CPU's size: rounding differs from the unbatched loop, the choices not
+    examples = [json.loads(line) for line in open(HELLASWAG_200)]
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=50304))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    model.eval()
+    scores = hellaswag.score_examples(lambda t: model(t)[0], examples, "cpu")
+    for example, score in zip(examples, scores):
+        sums, means = reference_losses(model, example)
+        assert score.pred == min(range(4), key=sums.__getitem__)
+        assert score.pred_norm == min(range(4), key=means.__getitem__)
+    assert 40 < sum(s.pred_norm == s.label for s in scores) < 80  # not a degenerate model
+
+
+def test_packing_keeps_the_shapes_few_and_every_row_once():
+    examples = [json.loads(line) for line in open(HELLASWAG_200)]
+    packed = hellaswag.pack_examples(examples, batch_tokens=2048)
+    shapes = {tuple(b.tokens.shape) for b in packed.batches}
+    assert len(shapes) <= 4 and all(w % 32 == 0 and r == 2048 // w for r, w in shapes)
+    rows = torch.cat([b.rows for b in packed.batches])
+    assert sorted(rows[rows < 800].tolist()) == list(range(800))  # padding rows point past
+    padding = sum(int((b.tokens == 0).sum()) for b in packed.batches)
+    assert padding < 0.5 * sum(b.tokens.numel() for b in packed.batches)
+    with pytest.raises(SystemExit, match="HellaSwag needs block_size >= 93, the model has 64"):
+        hellaswag.pack_examples(examples, max_width=64)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--limit", "-1"], "--limit -1: expected 0 (all examples) or a positive count"),
+        (["--batch_tokens", "0"], "--batch_tokens 0: expected a positive count"),
+        (["--input", "missing.jsonl"], "HellaSwag file missing.jsonl does not exist"),
+        (["--input", "bad.jsonl"], "bad.jsonl line 2 is not JSON"),
+        (
+            ["--checkpoint", "nope.pt", "--input", HELLASWAG_SLICE],
+            "checkpoint nope.pt does not exist",
+        ),
+    ],
+)
+def test_command_line_errors(tmp_path, flags, expected):
+    (tmp_path / "bad.jsonl").write_text(open(HELLASWAG_SLICE).readline() + "{oops\n")
+    fails_in_one_line("hellaswag.py", ["--device", "cpu"] + flags, tmp_path, expected)
+
+
+def test_export_refuses_to_write_over_files(trained, tmp_path):
+    checkpoint, _ = trained
+    target = tmp_path / "existing"
+    target.write_text("keep me")
+    fails_in_one_line("export_hf.py", [checkpoint, str(target)], tmp_path, "is a file")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    fails_in_one_line("export_hf.py", [checkpoint, str(tmp_path / "full")], tmp_path, "not empty")
+    assert target.read_text() == "keep me" and os.listdir(tmp_path / "full") == ["notes.txt"]

@@ -2,11 +2,15 @@
 batches of prompts of different lengths, top-k / top-p filtering, and sample.py's command line."""
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import train_gpt2 as tg
+from conftest import ROOT, TINY, fails_in_one_line, make_shards
 from train_gpt2 import GPT, GPTConfig
 
 TINY_SHAPE = dict(n_layer=2, n_head=4, n_embd=64, block_size=256, vocab_size=2048)
@@ -184,3 +188,85 @@ def test_samples_of_a_diverged_model_are_skipped_in_one_line(capsys):
     cfg = tg.TrainConfig(num_return_sequences=2, max_length=20)
     tg.print_samples(model, cfg, tg.DistEnv(False, 0, 0, 1, "cpu", True), contextlib.nullcontext())
     assert capsys.readouterr().out == "samples skipped: the model's logits are not finite\n"
+
+
+# ----------------------------------------------------------------------------- sample.py
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint of a short real run, whose model has GPT-2's vocabulary."""
+    root = tmp_path_factory.mktemp("sample")
+    make_shards(root / "data", [3000, 9000])
+    args = TINY + ["--data_dir", str(root / "data"), "--log_dir", str(root / "log")]
+    tg.main(args + ["--max_steps", "2", "--total_batch_size", "64", "--eval_interval", "5"])
+    return root / "log" / "model_00002.pt"
+
+
+def sample(args, cwd, stdin=None):
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "sample.py"), "--device", "cpu"] + args,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout, out.stderr
+
+
+def test_sample_py_is_reproducible_and_greedy_at_temperature_zero(checkpoint, tmp_path):
+    args = ["--checkpoint", str(checkpoint), "--num_samples", "2", "--max_new_tokens", "20"]
+    first, err = sample(args + ["--seed", "7"], tmp_path)
+    again, _ = sample(args + ["--seed", "7"], tmp_path)
+    other, _ = sample(args + ["--seed", "8"], tmp_path)
+    assert first == again and first != other
+    assert first.count("--- sample") == 2 and first.count("Hello, I'm a language model,") == 2
+    assert "model_00002.pt (step 2, gpt2)" in err and "40 tokens in" in err and "tokens/s" in err
+    # greedy: what GPT.generate gives, streamed or all at once in a batch
+    model, _ = tg.load_model_from_checkpoint(str(checkpoint))
+    prompt = tg.get_tokenizer().encode("Once upon a time")
+    want = tg.get_tokenizer().decode(model.generate([prompt], 20, temperature=0)[0])
+    greedy = args + ["--temperature", "0", "--prompt", "Once upon a time", "--dtype", "float32"]
+    streamed, _ = sample(greedy + ["--num_samples", "1"], tmp_path)
+    batched, _ = sample(greedy + ["--num_samples", "3", "--stream", "0"], tmp_path)
+    assert streamed == want + "\n"
+    assert batched == "".join(f"--- sample {i} of 3\n{want}\n" for i in (1, 2, 3))
+
+
+def test_sample_py_prompt_from_a_file_latest_and_interactive(checkpoint, tmp_path):
+    (tmp_path / "prompt.txt").write_text("The Queen said", encoding="utf-8")
+    log_dir = str(checkpoint.parent)
+    base = ["--max_new_tokens", "5", "--temperature", "0", "--dtype", "float32"]
+    out, err = sample(
+        base + ["--checkpoint", "latest", "--log_dir", log_dir, "--prompt", "@prompt.txt"], tmp_path
+    )
+    assert out.startswith("The Queen said") and "(step 2, gpt2)" in err
+    # two prompts typed in the terminal, then Ctrl-D
+    out, err = sample(
+        base + ["--checkpoint", str(checkpoint), "--interactive", "1"], tmp_path, "Hi\nAlice\n"
+    )
+    lines = out.splitlines()
+    assert lines[0].startswith("> Hi") and lines[1].startswith("> Alice") and len(lines) == 3
+
+
+def test_sample_py_from_a_hugging_face_dir(tiny_hf_dir, tmp_path):
+    out, err = sample(["--init_from", tiny_hf_dir, "--max_new_tokens", "8"], tmp_path)
+    assert out.startswith("Hello, I'm a language model,") and tiny_hf_dir in err
+
+
+def test_sample_py_errors(checkpoint, tmp_path):
+    def fails(args, expected):
+        fails_in_one_line("sample.py", ["--device", "cpu"] + args, tmp_path, expected)
+
+    fails(["--checkpoint", "missing.pt"], "checkpoint missing.pt does not exist")
+    fails(["--log_dir", "empty"], "no checkpoint (model_*.pt) in empty: train first")
+    fails(["--checkpoint", str(checkpoint), "--prompt", "@nope.txt"], "cannot read the prompt file")
+    (tmp_path / "long.txt").write_text("word " * 80)  # the tiny model's context is 64 tokens
+    fails(["--checkpoint", str(checkpoint), "--prompt", "@long.txt"], "the prompt has 81 tokens")
+    fails(["--checkpoint", str(checkpoint), "--top_p", "0"], "--top_p in (0, 1]")
+    fails(["--checkpoint", str(checkpoint), "--num_samples", "0"], "must be positive")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    fails(["--checkpoint", "junk.pt"], "is corrupt or not a checkpoint of ours")

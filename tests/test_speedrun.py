@@ -1,0 +1,195 @@
+"""--recipe speedrun: its model (rotary positions, QK-norm, ReLU^2, zero-initialized projections
+and head, soft-capped logits), Muon, its schedule, and its checkpoints in the other scripts."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import hellaswag
+import train_gpt2 as tg
+from conftest import HELLASWAG_SLICE, TINY, fails_in_one_line, make_shards
+from train_gpt2 import GPT, GPTConfig
+
+SPEEDRUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50304, recipe="speedrun")
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def test_speedrun_model_parameters_and_init():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SPEEDRUN))
+    names = set(dict(model.named_parameters()))
+    # no learned positions, no norm gains, no biases: only matrices, and an untied head
+    assert names == {"transformer.wte.weight", "lm_head.weight"} | {
+        f"transformer.h.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    zero = [n for n, p in model.named_parameters() if not p.any()]
+    assert sorted(zero) == sorted(
+        ["lm_head.weight"]
+        + [f"transformer.h.{i}.{m}.c_proj.weight" for i in range(2) for m in ("attn", "mlp")]
+    )
+    # at init every block is the identity and the prediction uniform: loss = ln(vocab)
+    idx = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        _, loss = model(idx, idx)
+    assert abs(loss.item() - math.log(50304)) < 1e-5
+
+
+def test_speedrun_logits_are_soft_capped():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SPEEDRUN))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 3.0)  # huge weights: uncapped logits would be in the hundreds
+        logits, _ = model(torch.randint(0, 50257, (2, 16)))
+    assert logits.abs().max().item() <= 15.0 and logits.abs().max().item() > 14.0
+
+
+def test_rotary_attention_depends_on_the_distance_only():
+    torch.manual_seed(0)
+    rotary = tg.Rotary(head_size=16, max_len=64)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(i, j):  # q at position i against k at position j
+        qi = tg.apply_rotary(q, rotary(torch.tensor([i])))
+        kj = tg.apply_rotary(k, rotary(torch.tensor([j])))
+        return (qi * kj).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(40, 37), abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
+    # a rotation: lengths are kept
+    rotated = tg.apply_rotary(q, rotary(torch.tensor([17])))
+    assert rotated.norm().item() == pytest.approx(q.norm().item(), rel=1e-6)
+
+
+def test_speedrun_flops_per_token():
+    # no biases or gains; the untied lm_head is multiplied, the embedding only looked up
+    config = GPTConfig(**dict(SPEEDRUN, n_layer=12, n_head=12, n_embd=768, block_size=1024))
+    n = 50304 * 768 + 12 * 12 * 768 * 768
+    assert tg.flops_per_token(config, 1024) == 6 * n + 12 * 12 * 768 * 1024
+
+
+# ----------------------------------------------------------------------------- Muon
+
+
+@pytest.mark.parametrize("shape", [(2304, 768), (768, 768), (3072, 768), (768, 3072)])
+def test_newton_schulz_makes_the_singular_values_about_one(shape):
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    X = tg.newton_schulz(G)
+    assert X.shape == G.shape
+    # numpy's LAPACK: torch's CPU build takes over 10 s for an SVD of these shapes
+    after = np.linalg.svd(X.double().numpy(), compute_uv=False)
+    inside = float(((after > 0.5) & (after < 1.5)).mean())
+    # every direction is brought to about 1; a square random matrix also has a few directions
+    # (2-3%) so much weaker than the others (under 1/50) that five steps lift them only part way
+    assert inside == 1.0 if shape[0] != shape[1] else inside > 0.97
+    # and it keeps the singular vectors: X is near U V^T (its singular values spread 0.7-1.2)
+    u, _, vh = np.linalg.svd(G.double().numpy(), full_matrices=False)
+    polar = u @ vh
+    assert np.linalg.norm(X.double().numpy() - polar) / np.linalg.norm(polar) < 0.25
+    # in bf16, as on a GPU (slow on a CPU: a smaller matrix), the same
+    small = tg.newton_schulz(G[:96, :288].bfloat16())
+    assert small.dtype == torch.bfloat16
+    assert 0.5 < np.linalg.svd(small.double().numpy(), compute_uv=False).min() < 1.0
+
+
+def muon_reference(p, grads, lr, momentum, weight_decay):
+    """Muon by hand in float64, through the SVD: the quintic acts on each singular value."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    buf = torch.zeros_like(p)
+    for grad in grads:
+        buf = momentum * buf + grad
+        direction = grad + momentum * buf
+        u, s, vh = torch.linalg.svd(direction / (direction.norm() + 1e-7), full_matrices=False)
+        for _ in range(5):
+            s = a * s + b * s**3 + c * s**5
+        update = (u * s) @ vh * max(1.0, p.size(0) / p.size(1)) ** 0.5
+        p = p * (1 - lr * weight_decay) - lr * update
+    return p
+
+
+def test_muon_steps_equal_a_float64_reference():
+    torch.manual_seed(0)
+    tall = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    wide = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    embedding = torch.randn(20, 5, dtype=torch.float64, requires_grad=True)
+    start = [t.detach().clone() for t in (tall, wide, embedding)]
+    groups = [
+        dict(params=[tall, wide], use_muon=True, lr=0.05, weight_decay=0.1),
+        dict(params=[embedding], lr=0.3, weight_decay=0.01),
+    ]
+    optimizer = tg.Muon(groups, ns_dtype=torch.float64)
+    reference = torch.optim.AdamW(
+        [start[2].clone().requires_grad_()], lr=0.3, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.01
+    )
+    grads = [[torch.randn_like(t) for t in start] for _ in range(3)]
+    for step_grads in grads:
+        for t, g in zip((tall, wide, embedding), step_grads):
+            t.grad = g.clone()
+        optimizer.step()
+        reference.param_groups[0]["params"][0].grad = step_grads[2].clone()
+        reference.step()
+    for t, p0, i in ((tall, start[0], 0), (wide, start[1], 1)):
+        want = muon_reference(p0, [g[i] for g in grads], 0.05, 0.95, 0.1)
+        assert (t.detach() - want).abs().max().item() < 1e-10
+    # the other groups are AdamW: torch's own, with the speedrun's betas and eps
+    adamw = reference.param_groups[0]["params"][0].detach()
+    assert (embedding.detach() - adamw).abs().max().item() < 1e-12
+
+
+def test_speedrun_schedule():
+    cfg = tg.TrainConfig(recipe="speedrun", max_steps=100, cooldown_frac=0.6, min_lr_ratio=0.1)
+    factors = [tg.speedrun_lr_factor(s, cfg) for s in (0, 39, 40, 70, 100, 150)]
+    # no warmup; constant to step 40, then linear to 0.1 at step 100
+    assert factors == pytest.approx([1.0, 1.0, 1.0, 0.55, 0.1, 0.1])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SPEEDRUN))
+    optimizer = model.configure_speedrun_optimizer(cfg, torch.float32, log=lambda *a: None)
+    assert tg.set_learning_rate(optimizer, 70, cfg) == pytest.approx(cfg.muon_lr * 0.55)
+    rates = [g["lr"] for g in optimizer.param_groups]
+    assert rates == pytest.approx([r * 0.55 for r in (cfg.muon_lr, cfg.embed_lr, cfg.head_lr)])
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def speedrun_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("speedrun")
+    make_shards(root / "data", [3000, 9000, 7000])
+    args = TINY + ["--recipe", "speedrun", "--data_dir", str(root / "data")]
+    args += ["--max_steps", "8", "--total_batch_size", "128", "--eval_interval", "3"]
+    args += ["--val_loss_steps", "1", "--checkpoint_interval", "3", "--num_return_sequences", "1"]
+    args += ["--block_size", "128"]
+    tg.main(args + ["--log_dir", str(root / "full")])
+    return root, args
+
+
+def test_speedrun_resumes_exactly(speedrun_run, tmp_path):
+    root, args = speedrun_run
+    expected = open(root / "full" / "log.txt").read()
+    tg.main(["--resume", str(root / "full" / "model_00003.pt"), "--log_dir", str(tmp_path / "r")])
+    assert open(tmp_path / "r" / "log.txt").read() == expected
+    a = torch.load(root / "full" / "model_00008.pt", weights_only=True)
+    b = torch.load(tmp_path / "r" / "model_00008.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["optimizer"]["param_groups"][0]["use_muon"]
+
+
+def test_speedrun_checkpoints_in_hellaswag_and_export(speedrun_run, tmp_path, capsys):
+    root, _ = speedrun_run
+    checkpoint = str(root / "full" / "model_00008.pt")
+    hellaswag.main(["--checkpoint", checkpoint, "--input", HELLASWAG_SLICE, "--device", "cpu"])
+    assert "on HellaSwag val, 64 examples: acc" in capsys.readouterr().out
+    out_dir = tmp_path / "hf"
+    fails_in_one_line(
+        "export_hf.py", [checkpoint, str(out_dir)], tmp_path, "not a GPT-2 architecture"
+    )
+    assert not os.path.exists(out_dir)
