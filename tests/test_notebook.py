@@ -79,7 +79,10 @@ def check_best(stdout, streams, label, kind, pick):
 
 def check_png(outputs, log_file, panels):
     """loss.png beside the log: a real PNG of a sensible size with one or two panels drawn."""
-    png = log_file.parent / "loss.png"
+    check_png_at(outputs, log_file.parent / "loss.png", panels)
+
+
+def check_png_at(outputs, png, panels):
     with Image.open(png) as image:
         image.verify()
     with Image.open(png) as image:
@@ -158,3 +161,22 @@ def test_committed_notebook_has_no_outputs():
         assert cell["outputs"] == [] and cell["execution_count"] is None, cell["source"][:1]
         assert "execution" not in cell["metadata"]  # no timings left by Jupyter either
     assert raw["metadata"]["kernelspec"]["name"] == "python3"
+
+
+def test_two_logs_on_the_same_axes(loss_log, hella_log, tmp_path):
+    # two runs, named after their directories: "log" twice here, so copies under other names
+    runs = {}
+    for name, log_file in (("first", loss_log), ("second", hella_log)):
+        (tmp_path / name).mkdir()
+        runs[name] = tmp_path / name / "log.txt"
+        runs[name].write_text(open(log_file).read())
+    outputs, stdout = execute(f"{runs['first']},{runs['second']}")
+    blocks = stdout.split(f"second ({runs['second']}):\n")
+    assert blocks[0].startswith(f"first ({runs['first']}):\n") and len(blocks) == 2
+    for block, log_file in zip(blocks, (loss_log, hella_log)):
+        streams = read_streams(log_file)
+        check_best(block, streams, "min val loss", "val", min)
+    check_best(blocks[1], read_streams(hella_log), "max HellaSwag", "hella", max)
+    assert "HellaSwag was not run" in blocks[0]
+    check_png_at(outputs, tmp_path / "first" / "compare.png", panels=2)
+    assert not (tmp_path / "first" / "loss.png").exists()
