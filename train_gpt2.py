@@ -1640,12 +1640,21 @@ class RunLog:
         self.dir, self.env = log_dir, env
         self.path = os.path.join(log_dir, "log.txt")
 
-    def start(self, run_info, checkpoint):
+    def start(self, cfg, settings, checkpoint):
         """A new log.txt and run.json; on resume, the log up to the resumed step (carried over
         from the checkpoint's directory when the run branches into another) and the run.json of
         the run with this resume appended."""
         if not self.env.master_process:
             return
+        run_info = dict(
+            config=dataclasses.asdict(cfg),
+            git_commit=git_commit(),
+            torch=torch.__version__,
+            device=self.env.device,
+            world_size=self.env.world_size,
+            **settings,
+            started=time.strftime("%Y-%m-%d %H:%M:%S"),
+        )
         try:
             os.makedirs(self.dir, exist_ok=True)
             remove_stale_temporaries(self.dir, r"model_\d+\.pt|log\.txt|run\.json")
@@ -1954,6 +1963,18 @@ def make_optimizer(model, cfg, env, dtype):
     return model.configure_optimizers(cfg.weight_decay, cfg.max_lr, env.device_type, env.print0)
 
 
+def resolve_micro_batch(cfg, env, model, autocast):
+    """cfg with --B auto made a number: on CUDA the largest that fits (one trial step each, from
+    64 down), elsewhere the largest power of two up to 64 that divides the step."""
+    if cfg.B != "auto":
+        return cfg
+    on_gpu = env.device_type == "cuda"
+    fits = micro_batch_fits(model, cfg, env, autocast) if on_gpu else lambda B: True
+    B = largest_micro_batch(fits, cfg.total_batch_size, cfg.T, env.world_size)
+    env.print0(f"micro-batch B={B}" + (" (the largest that fits in memory)" if on_gpu else ""))
+    return dataclasses.replace(cfg, B=B)
+
+
 def largest_micro_batch(fits, total_batch_size, T, world_size, largest=64):
     """The largest power-of-two B, at most `largest`, that cuts a step's tokens into whole
     micro-batches of every rank and for which fits(B) holds, tried from the top down."""
@@ -2178,12 +2199,7 @@ def train(cfg, env, checkpoint, stop, start_time):
     use_compile = cfg.compile if cfg.compile is not None else env.device_type == "cuda"
     dtype = autocast_dtype(cfg.dtype, env.device_type)
     autocast = autocast_context(dtype, env.device_type)
-    if cfg.B == "auto":
-        on_gpu = env.device_type == "cuda"
-        fits = micro_batch_fits(raw_model, cfg, env, autocast) if on_gpu else lambda B: True
-        B = largest_micro_batch(fits, cfg.total_batch_size, cfg.T, env.world_size)
-        cfg = dataclasses.replace(cfg, B=B)
-        print0(f"micro-batch B={B}" + (" (the largest that fits in memory)" if on_gpu else ""))
+    cfg = resolve_micro_batch(cfg, env, raw_model, autocast)
     check_config(cfg, env.world_size)  # again, for the shape --init_from brought and B
     compiled = torch.compile(raw_model) if use_compile else raw_model
     model = compiled
@@ -2201,17 +2217,8 @@ def train(cfg, env, checkpoint, stop, start_time):
     if checkpoint:
         print0(f"resumed from {checkpoint['path']} at step {start_step}")
     run_log = RunLog(cfg.log_dir, env)
-    run_info = dict(
-        config=dataclasses.asdict(cfg),
-        git_commit=git_commit(),
-        torch=torch.__version__,
-        device=env.device,
-        world_size=env.world_size,
-        dtype=str(dtype),
-        compile=bool(use_compile),
-        started=time.strftime("%Y-%m-%d %H:%M:%S"),
-    )
-    agree(env, lambda: run_log.start(run_info, checkpoint))
+    run_info = dict(dtype=str(dtype), compile=bool(use_compile))
+    agree(env, lambda: run_log.start(cfg, run_info, checkpoint))
     evaluator = Evaluator(cfg, env, compiled, state, val_loader, hella, autocast, stop, run_log)
     if use_compile:
         evaluator.warm_up()
@@ -2263,27 +2270,35 @@ def train(cfg, env, checkpoint, stop, start_time):
             run_log.write(step, "train", f"{loss:.6f}")
         else:
             skipped_in_a_row += 1
-            print0(
-                f"step {step:5d} | non-finite loss {loss} or grad norm {norm}: update skipped "
-                f"({skipped_in_a_row} in a row)"
-            )
-            if skipped_in_a_row >= cfg.max_skipped_steps:
-                raise SystemExit(
-                    f"stopping: {skipped_in_a_row} non-finite steps in a row at step "
-                    f"{step}; lower --max_lr or resume from an earlier checkpoint"
-                )
+            report_skipped_step(step, loss, norm, skipped_in_a_row, cfg, env)
 
     print0(
         f"done: {cfg.max_steps} steps in {time.time() - start_time:.0f}s, final val loss "
         f"{state.val_loss:.4f}; log in {run_log.path}"
     )
     if cfg.data_dir == BUNDLED:
-        print0(
-            "This was a small model on the bundled corpus. For the real GPT-2 (124M) run, get "
-            "FineWeb-Edu 10B (about 20GB of token shards) with `python fineweb.py`, then run "
-            "`torchrun --standalone --nproc_per_node=8 train_gpt2.py`."
-        )
+        print0(NEXT_STEPS)
     return 0
+
+
+NEXT_STEPS = (
+    "This was a small model on the bundled corpus. For the real GPT-2 (124M) run, get "
+    "FineWeb-Edu 10B (about 20GB of token shards) with `python fineweb.py`, then run "
+    "`torchrun --standalone --nproc_per_node=8 train_gpt2.py`."
+)
+
+
+def report_skipped_step(step, loss, norm, in_a_row, cfg, env):
+    """Say that a step was skipped; stop the run after max_skipped_steps of them in a row."""
+    env.print0(
+        f"step {step:5d} | non-finite loss {loss} or grad norm {norm}: update skipped "
+        f"({in_a_row} in a row)"
+    )
+    if in_a_row >= cfg.max_skipped_steps:
+        raise SystemExit(
+            f"stopping: {in_a_row} non-finite steps in a row at step {step}; lower --max_lr "
+            "or resume from an earlier checkpoint"
+        )
 
 
 def stop_run(state, step, start_step, stop, env):
