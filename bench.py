@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import hellaswag
 from train_gpt2 import (
     EMBEDDED_DEFAULTS,
     GPT,
@@ -50,6 +51,7 @@ from train_gpt2 import (
     autocast_dtype,
     default_device,
     flops_per_token,
+    get_tokenizer,
     keep_freed_cpu_memory,
     mfu,
     peak_flops,
@@ -279,14 +281,14 @@ def hellaswag_rate(config, variant, device, dtype, path, limit):
     """(examples per second, examples) of hellaswag.evaluate as the training loop runs it: the
     examples packed once, the scorer compiled when the variant compiles, the autocast of
     training; the first pass (which compiles) is not timed. (None, reason) where it cannot run."""
-    import hellaswag  # it imports train_gpt2: only this measurement needs it
-
     examples = list(itertools.islice(hellaswag.iterate_examples("val", path), limit))
     if not examples:
         return None, f"no examples in {path}"
     try:
         batch_tokens = hellaswag.batch_tokens_for(device)
-        packed = hellaswag.pack_examples(examples, batch_tokens, max_width=config.block_size)
+        packed = hellaswag.pack_examples(
+            examples, get_tokenizer(), batch_tokens, max_width=config.block_size
+        )
     except SystemExit as e:
         return None, str(e)
     model = build_model(config, variant, device)

@@ -12,6 +12,9 @@ completion-style scoring of the lecture, not the multiple-choice format of the p
 Reference figures (val, 10042 examples): OpenAI gpt2 (124M) acc 0.2859, acc_norm 0.2955;
 gpt2-xl (1558M) acc_norm about 0.4893.
 
+Scoring needs only a tokenizer and a function from tokens to logits, so this file does not import
+train_gpt2.py (train_gpt2.py imports it); its command line loads models through train_gpt2.py.
+
 The scoring keeps a GPU busy: the examples are rendered once, their 4 rows are sorted by length
 and packed into batches of about --batch_tokens tokens whose widths are rounded up to a multiple
 of 32 (so that a compiled scorer sees a handful of shapes), and the losses stay on the device
@@ -27,22 +30,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from train_gpt2 import (
-    GPT2_VOCAB_SIZE,
-    ArgumentParser,
-    atomic_open,
-    autocast_context,
-    autocast_dtype,
-    default_device,
-    get_tokenizer,
-    load_hf_gpt2,
-    load_model_from_checkpoint,
-)
-
 DATA_CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 SPLITS = ("train", "val", "test")
 ENDINGS = 4
+GPT2_TOKENS = 50257  # models may pad their output past GPT-2's vocabulary (50304): not scored
 # rows x width per forward pass: 16k tokens keep an H100 busy; on a CPU, whose logits are float32
 # (200KB per token), 2k tokens are as fast per token and need 8 times less memory
 GPU_BATCH_TOKENS = 2**14
@@ -67,12 +59,14 @@ def download(split, cache_dir=DATA_CACHE_DIR):
         with requests.get(url, stream=True, timeout=30) as response:
             response.raise_for_status()
             total = int(response.headers.get("content-length", 0)) or None
+            partial = path + ".part"  # only a complete download gets the final name
             with (
-                atomic_open(path) as f,  # only a complete download gets the final name
+                open(partial, "wb") as f,
                 tqdm(total=total, unit="iB", unit_scale=True, desc=path) as bar,
             ):
                 for chunk in response.iter_content(chunk_size=1 << 16):
                     bar.update(f.write(chunk))
+            os.replace(partial, path)
     except requests.RequestException as e:
         raise SystemExit(
             f"could not download {url} ({type(e).__name__}); offline, put the file at {path} "
@@ -120,13 +114,12 @@ def parse_example(line, path, lineno):
     return example
 
 
-def render_example(example):
-    """Tokenize an example into 4 rows of context + " " + ending.
+def render_example(example, enc):
+    """Tokenize an example with GPT-2's tokenizer enc into 4 rows of context + " " + ending.
 
     Returns (data, tokens, mask, label): tokens and mask are (4, longest row) long tensors,
     right-padded with 0; the mask is 1 over the ending's tokens, where the model is scored.
     """
-    enc = get_tokenizer()
     ctx_tokens = enc.encode(example["ctx"])
     # the space goes with the ending: GPT-2's tokens carry their leading space
     ending_tokens = [enc.encode(" " + ending) for ending in example["endings"]]
@@ -170,8 +163,8 @@ def batch_tokens_for(device):
     return GPU_BATCH_TOKENS if str(device).startswith("cuda") else CPU_BATCH_TOKENS
 
 
-def pack_examples(examples, batch_tokens=CPU_BATCH_TOKENS, max_width=None):
-    """Render every example and pack the rows, longest first, into batches of
+def pack_examples(examples, enc, batch_tokens=CPU_BATCH_TOKENS, max_width=None):
+    """Render every example with the tokenizer enc and pack the rows, longest first, into batches of
     batch_tokens // width rows each. A batch's width is its longest row rounded up to a multiple
     of WIDTH_MULTIPLE (at most max_width), and every batch of one width has the same number of
     rows (the last is padded with empty rows), so a compiled scorer meets few shapes."""
@@ -179,7 +172,7 @@ def pack_examples(examples, batch_tokens=CPU_BATCH_TOKENS, max_width=None):
         raise SystemExit(f"the HellaSwag batch must hold at least one token, not {batch_tokens}")
     rows, labels = [], []
     for example in examples:
-        data, _, _, label = render_example(example)
+        data, _, _, label = render_example(example, enc)
         labels.append(label)
         for ending in data["ending_tokens"]:
             rows.append((data["ctx_tokens"] + ending, len(data["ctx_tokens"])))
@@ -224,7 +217,7 @@ def ending_losses(logits, tokens, mask):
     (padding) are ignored. The float32 upcast is fused into the reductions when compiled, so no
     float32 copy of the whole logits tensor is made on a GPU.
     """
-    logits = logits[:, :-1, :GPT2_VOCAB_SIZE]
+    logits = logits[:, :-1, :GPT2_TOKENS]
     if logits.element_size() < 4:  # bf16 / fp16 under autocast
         logits = logits.float()
     targets = tokens[:, 1:].unsqueeze(-1)
@@ -284,10 +277,10 @@ def predictions(sums, packed):
     return sums, means, sums.argmin(dim=1), means.argmin(dim=1)
 
 
-def score_examples(logits_fn, examples, device, autocast=None, batch_tokens=CPU_BATCH_TOKENS):
+def score_examples(logits_fn, examples, enc, device, autocast=None, batch_tokens=CPU_BATCH_TOKENS):
     """A Score per example, in order. logits_fn maps a (rows, T) token tensor to
-    (rows, T, vocab) logits."""
-    packed = pack_examples(examples, batch_tokens)
+    (rows, T, vocab) logits; enc is GPT-2's tokenizer."""
+    packed = pack_examples(examples, enc, batch_tokens)
     sums = row_losses(make_scorer(logits_fn), packed, device, autocast)
     sums, means, pred, pred_norm = predictions(sums, packed)
     return [
@@ -314,16 +307,20 @@ def evaluate(scorer, packed, device, autocast=None, rank=0, world_size=1, should
 
 def load_model(model_type, checkpoint, device):
     """(logits_fn, description) for a transformers model or one of our checkpoints."""
+    import train_gpt2
+
     if checkpoint:
-        model, ckpt = load_model_from_checkpoint(checkpoint)
+        model, ckpt = train_gpt2.load_model_from_checkpoint(checkpoint)
         model.to(device).eval()
         return (lambda tokens: model(tokens)[0]), f"{ckpt['path']} (step {ckpt['step']})"
-    model = load_hf_gpt2(model_type)
+    model = train_gpt2.load_hf_gpt2(model_type)
     model.to(device).eval()
     return (lambda tokens: model(tokens).logits), model_type
 
 
 def parse_args(argv=None):
+    from train_gpt2 import ArgumentParser  # errors in one line, as in every script here
+
     parser = ArgumentParser(description="Score a model on HellaSwag.")
     parser.add_argument(
         "-m", "--model_type", default="gpt2", help="transformers model: hub name or local dir"
@@ -356,6 +353,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    from train_gpt2 import autocast_context, autocast_dtype, default_device, get_tokenizer
+
     args = parse_args(argv)
     device = args.device or default_device()
     device_type = device.split(":")[0]
@@ -367,7 +366,7 @@ def main(argv=None):
     if not examples:
         raise SystemExit("no examples to score")
     logits_fn, name = load_model(args.model_type, args.checkpoint, device)
-    packed = pack_examples(examples, args.batch_tokens or batch_tokens_for(device))
+    packed = pack_examples(examples, get_tokenizer(), args.batch_tokens or batch_tokens_for(device))
     result = evaluate(make_scorer(logits_fn, bool(args.compile)), packed, device, autocast)
     correct, correct_norm, total = result
     print(

@@ -42,6 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import hellaswag
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
 EOT = 50256  # <|endoftext|>: separates (and begins) every document
@@ -1335,11 +1337,20 @@ class Evaluator:
         steps = cfg.val_loss_steps * cfg.total_batch_size // (cfg.B * cfg.T * env.world_size)
         available = sum(val_loader.num_sequences) // (cfg.B * env.world_size)
         self.val_steps = max(1, min(steps, available))
-        self.scorer = None
+        self.scorer = self.hellaswag = None
         if hella is not None:
-            import hellaswag  # it imports this file: import it only when it is needed
-
             self.scorer = hellaswag.make_scorer(lambda t: raw_model(t)[0], model is not raw_model)
+            # () -> (correct, correct_norm, total), or None when a stop request cut it short
+            self.hellaswag = functools.partial(
+                hellaswag.evaluate,
+                self.scorer,
+                hella,
+                env.device,
+                autocast,
+                rank=env.rank,
+                world_size=env.world_size,
+                should_stop=stop.requested,
+            )
 
     def warm_up(self):
         """Compile the evaluation graphs now, at start-up, where a stop loses nothing, rather than
@@ -1362,18 +1373,8 @@ class Evaluator:
         self.state.val_loss = val_loss
         env.print0(f"validation loss: {val_loss:.4f}")
         self.log.write(step, "val", f"{val_loss:.4f}")
-        if self.hella is not None:
-            import hellaswag
-
-            result = hellaswag.evaluate(
-                self.scorer,
-                self.hella,
-                env.device,
-                self.autocast,
-                env.rank,
-                env.world_size,
-                requested,
-            )
+        if self.hellaswag is not None:
+            result = self.hellaswag()
             if result is None:
                 return
             _, correct_norm, total = result
@@ -2121,8 +2122,6 @@ def load_hellaswag(cfg, env, embedded):
     """
     if not (cfg.hellaswag if cfg.hellaswag is not None else not embedded):
         return None
-    import hellaswag  # it imports this file: import it only when it is needed
-
     path = cfg.hellaswag_path or os.path.join(hellaswag.DATA_CACHE_DIR, "hellaswag_val.jsonl")
 
     def download():
@@ -2132,7 +2131,9 @@ def load_hellaswag(cfg, env, embedded):
     def pack():
         examples = hellaswag.iterate_examples("val", path)
         batch_tokens = hellaswag.batch_tokens_for(env.device)
-        packed = hellaswag.pack_examples(examples, batch_tokens, max_width=cfg.block_size)
+        packed = hellaswag.pack_examples(
+            examples, get_tokenizer(), batch_tokens, max_width=cfg.block_size
+        )
         if not len(packed):
             raise SystemExit(f"HellaSwag file {path} holds no examples")
         return packed

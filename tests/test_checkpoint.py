@@ -139,7 +139,11 @@ def test_sigterm_during_evaluation_stops_within_seconds(tmp_path, data, where):
     # takes 3 s: finishing that evaluation would take 10 s or more
     examples = hellaswag.iterate_examples("val", str(tmp_path / "hella.jsonl"))
     per_pass = {
-        "hellaswag": len(hellaswag.pack_examples(examples, hellaswag.CPU_BATCH_TOKENS).batches),
+        "hellaswag": len(
+            hellaswag.pack_examples(
+                examples, tg.get_tokenizer(), hellaswag.CPU_BATCH_TOKENS
+            ).batches
+        ),
         "val": 3 * 128 // (2 * 32),  # val_loss_steps * total_batch_size / (B * T)
     }[where]
     assert per_pass >= 5
