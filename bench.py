@@ -5,7 +5,8 @@ The training step (train_step, imported from train_gpt2.py: forward, backward, g
 and the AdamW step, over --grad_accum micro-batches) is timed after warm-up steps, first in the
 lecture's fp32 baseline, then with its optimizations added one row at a time: TF32, bf16
 autocast, torch.compile, flash attention, the vocabulary padded to 50304, fused AdamW; then the
-ones this project adds: the chunked lm_head + cross-entropy (train_gpt2.py --fused_loss). Each row
+ones this project adds: the chunked lm_head + cross-entropy (train_gpt2.py --fused_loss), and
+last the speedrun recipe's model and Muon optimizer (--recipe speedrun). Each row
 prints tokens/s, ms/step, MFU (PaLM FLOPs, against the GPU's datasheet peak and against the matmul
 peak measured here, so that a CPU has one too), peak memory and the speed-up over the first row.
 
@@ -54,6 +55,7 @@ from train_gpt2 import (
     get_tokenizer,
     keep_freed_cpu_memory,
     mfu,
+    newton_schulz_dtype,
     peak_flops,
     sample_next,
     setting,
@@ -86,6 +88,7 @@ class Variant:
     vocab_pad: bool = False
     fused: bool = False
     fused_loss: bool = False
+    speedrun: bool = False
 
 
 # The optimizations in the lecture's order, each with a short name for the table. The autocast
@@ -98,6 +101,7 @@ OPTIMIZATIONS = {
     "vocab_pad": f"vocab {PADDED_VOCAB}",
     "fused": "fused AdamW",
     "fused_loss": "fused loss",  # beyond the lecture
+    "speedrun": "speedrun recipe",  # its model and Muon: against the row above, the recipe's cost
 }
 BASELINE = "fp32"
 PROFILE_STEPS = 3  # enough to see the steady state; a trace of each kernel launch grows fast
@@ -109,19 +113,26 @@ class ManualAttention(CausalSelfAttention):
 
     def attend(self, q, k, v):
         T = q.size(-2)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = (q @ k.transpose(-2, -1)) * (self.scale or 1.0 / math.sqrt(k.size(-1)))
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         att = F.softmax(att.masked_fill(~causal, float("-inf")), dim=-1)
         return att @ v
 
 
-def build_model(config, variant, device):
-    """A freshly initialized GPT in the variant's vocabulary and attention, on the device."""
-    config = dataclasses.replace(
-        config, vocab_size=PADDED_VOCAB if variant.vocab_pad else GPT2_VOCAB
+def variant_config(config, variant):
+    """The model a row trains: the variant's vocabulary and recipe."""
+    return dataclasses.replace(
+        config,
+        vocab_size=PADDED_VOCAB if variant.vocab_pad else GPT2_VOCAB,
+        recipe="speedrun" if variant.speedrun else "gpt2",
     )
+
+
+def build_model(config, variant, device):
+    """A freshly initialized GPT in the variant's vocabulary, recipe and attention, on the
+    device."""
     torch.manual_seed(0)
-    model = GPT(config)
+    model = GPT(variant_config(config, variant))
     model.fused_loss = variant.fused_loss
     if not variant.flash:
         for block in model.transformer.h:
@@ -136,14 +147,18 @@ def make_step(variant, config, loader, env, dtype, grad_accum):
     raw_model = build_model(config, variant, env.device)
     model = torch.compile(raw_model) if variant.compile else raw_model
     train = TrainConfig()  # the 124M run's optimizer settings
-    optimizer = raw_model.configure_optimizers(
-        weight_decay=train.weight_decay,
-        learning_rate=train.max_lr,
-        device_type=env.device_type,
-        log=lambda *a: None,
-        fused=variant.fused,
-    )
     dtype = dtype if variant.autocast else torch.float32
+    if variant.speedrun:
+        ns_dtype = newton_schulz_dtype(env.device_type, dtype)
+        optimizer = raw_model.configure_speedrun_optimizer(train, ns_dtype, log=lambda *a: None)
+    else:
+        optimizer = raw_model.configure_optimizers(
+            weight_decay=train.weight_decay,
+            learning_rate=train.max_lr,
+            device_type=env.device_type,
+            log=lambda *a: None,
+            fused=variant.fused,
+        )
     autocast = autocast_context(dtype, env.device_type)
     # fp16 needs loss scaling, as in train_gpt2.py
     scaler = torch.amp.GradScaler(env.device_type, enabled=dtype == torch.float16)
@@ -411,6 +426,7 @@ class BenchConfig:
     vocab_pad: int = setting(1, f"rows with the vocabulary padded to {PADDED_VOCAB} (0: in no row)")
     fused: int = setting(1, "rows with fused AdamW, else the unfused one (0: in no row)")
     fused_loss: int = setting(1, "rows with the chunked lm_head + loss (0: in no row)")
+    speedrun: int = setting(1, "rows with --recipe speedrun's model and Muon (0: in no row)")
     matmul_size: int = setting(0, "n of the n^3 peak matmul (0: 8192 on CUDA, else 2048)")
     data_dir: str = setting("", "train shards to read ('': random ones in a temporary directory)")
     loader_batches: int = setting(100, "batches timed from the data loader")
@@ -493,12 +509,10 @@ def measure_rows(plan, config, T, loader, env, dtype, cfg, peak_spec, peak_matmu
                 first_line = (str(e).strip() or "no message").splitlines()[0][:160]
                 row["skipped"] = f"{type(e).__name__}: {first_line}"
             else:
-                row_config = dataclasses.replace(
-                    config, vocab_size=PADDED_VOCAB if variant.vocab_pad else GPT2_VOCAB
-                )
+                model_config = variant_config(config, variant)
                 row.update(
                     step_figures(
-                        row_config, cfg.B, T, cfg.grad_accum, times, peak_spec, peak_matmul
+                        model_config, cfg.B, T, cfg.grad_accum, times, peak_spec, peak_matmul
                     )
                 )
                 row["peak_memory_bytes"] = peak_memory(env.device, start)

@@ -1954,12 +1954,15 @@ def build_model(cfg, checkpoint):
     return model
 
 
+def newton_schulz_dtype(device_type, dtype):
+    """Muon's Newton-Schulz in bf16 on GPUs that train in bf16 (its purpose needs no more
+    precision); else float32: a CPU multiplies these shapes in bf16 up to 50 times slower."""
+    return torch.bfloat16 if device_type == "cuda" and dtype == torch.bfloat16 else torch.float32
+
+
 def make_optimizer(model, cfg, env, dtype):
     if cfg.recipe == "speedrun":
-        # Newton-Schulz in bf16 on GPUs that train in bf16 (its purpose needs no more precision);
-        # else float32: a CPU multiplies these shapes in bf16 up to 50 times slower
-        bf16_gpu = env.device_type == "cuda" and dtype == torch.bfloat16
-        ns_dtype = torch.bfloat16 if bf16_gpu else torch.float32
+        ns_dtype = newton_schulz_dtype(env.device_type, dtype)
         return model.configure_speedrun_optimizer(cfg, ns_dtype, env.print0)
     return model.configure_optimizers(cfg.weight_decay, cfg.max_lr, env.device_type, env.print0)
 

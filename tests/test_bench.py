@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import bench
+import train_gpt2 as tg
 from conftest import ROOT
 from train_gpt2 import DataLoaderLite, DistEnv, GPTConfig
 
@@ -40,6 +42,29 @@ def test_manual_attention_matches_flash_attention():
         assert (manual(idx)[0] - flash(idx)[0]).abs().max().item() < 1e-5
 
 
+def test_speedrun_row_trains_the_speedrun_model_with_muon(tmp_path, monkeypatch):
+    config = GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64)
+    variant = bench.Variant(vocab_pad=True, speedrun=True)
+    manual = bench.build_model(config, variant, "cpu")
+    flash = bench.build_model(config, dataclasses.replace(variant, flash=True), "cpu")
+    assert manual.config.recipe == "speedrun" and manual.transformer.wpe is None
+    with torch.no_grad():  # nonzero projections and head, so the attention's scale matters
+        for a, b in zip(manual.parameters(), flash.parameters()):
+            a.normal_(0, 0.1)
+            b.copy_(a)
+    idx = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the manual attention uses the recipe's scale (0.12) too
+        assert (manual(idx)[0] - flash(idx)[0]).abs().max().item() < 1e-5
+    muon_steps = []
+    muon_step = tg.Muon.step
+    monkeypatch.setattr(tg.Muon, "step", lambda self: muon_steps.append(muon_step(self)))
+    bench.synthetic_shards(str(tmp_path), 1000)
+    loader = DataLoaderLite(2, 32, 0, 1, "train", str(tmp_path), shuffle=True)
+    env = DistEnv(False, 0, 0, 1, "cpu", True)
+    bench.make_step(variant, config, loader, env, torch.float32, 1)()
+    assert len(muon_steps) == 1
+
+
 def test_plan_is_the_lectures_sequence():
     plan = bench.plan_rows(bench.parse_args([]), torch.bfloat16)
     assert [name for name, _, _ in plan] == [
@@ -51,12 +76,14 @@ def test_plan_is_the_lectures_sequence():
         "+ vocab 50304",
         "+ fused AdamW",
         "+ fused loss",  # beyond the lecture
+        "+ speedrun recipe",
     ]
     plan = bench.plan_rows(bench.parse_args(["--compile", "0", "--rows", "final"]), torch.float16)
     assert plan == [
         (
-            "tf32 + fp16 + flash attention + vocab 50304 + fused AdamW + fused loss",
-            ["tf32", "autocast", "flash", "vocab_pad", "fused", "fused_loss"],
+            "tf32 + fp16 + flash attention + vocab 50304 + fused AdamW + fused loss + speedrun "
+            "recipe",
+            ["tf32", "autocast", "flash", "vocab_pad", "fused", "fused_loss", "speedrun"],
             None,
         )
     ]
@@ -88,10 +115,16 @@ def test_failed_row_is_skipped_and_left_out_below(tmp_path, monkeypatch, capsys)
     assert compile_row["skipped"] == "RuntimeError: no C++ compiler"
     assert not any(v.compile for v in seen[4:]) and not last.compile
     assert last == bench.Variant(
-        tf32=True, autocast=True, flash=True, vocab_pad=True, fused=True, fused_loss=True
+        tf32=True,
+        autocast=True,
+        flash=True,
+        vocab_pad=True,
+        fused=True,
+        fused_loss=True,
+        speedrun=True,
     )
-    # speed-up against the first row: it took 1/2 s a step, the last (the 8th call) 1/9 s
-    assert rows[0]["speedup"] == 1 and rows[-1]["speedup"] == pytest.approx(4.5)
+    # speed-up against the first row: it took 1/2 s a step, the last (the 9th call) 1/10 s
+    assert rows[0]["speedup"] == 1 and rows[-1]["speedup"] == pytest.approx(5)
     assert "+ compile          skipped: RuntimeError: no C++ compiler" in capsys.readouterr().out
 
 
@@ -114,7 +147,7 @@ def test_bench_script_prints_every_column(tmp_path):
         assert column in header
     figures = json.loads(out_json.read_text())
     names = ["fp32", "+ tf32", "+ bf16", "+ flash attention", "+ vocab 50304", "+ fused AdamW"]
-    names += ["+ fused loss"]
+    names += ["+ fused loss", "+ speedrun recipe"]
     assert [row["variant"] for row in figures["rows"]] == names
     for row in figures["rows"]:
         line = next(line for line in lines if line.startswith(row["variant"] + " "))
