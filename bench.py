@@ -22,7 +22,6 @@ tokens/s of GPT.generate with its key/value cache (one stream, and a batch of st
 the loop that runs the whole sequence again for every new token.
 """
 
-import argparse
 import ctypes
 import dataclasses
 import gc
@@ -43,6 +42,7 @@ from train_gpt2 import (
     EMBEDDED_DEFAULTS,
     GPT,
     GPT2_PRESETS,
+    ArgumentParser,
     CausalSelfAttention,
     DataLoaderLite,
     DistEnv,
@@ -309,7 +309,7 @@ def hellaswag_rate(config, variant, device, dtype, path, limit):
     model = build_model(config, variant, device)
     device_type = device.split(":")[0]
     autocast = autocast_context(dtype if variant.autocast else torch.float32, device_type)
-    scorer = hellaswag.make_scorer(lambda tokens: model(tokens)[0], variant.compile)
+    scorer = hellaswag.make_scorer(model.hidden, model.head, variant.compile)
     hellaswag.evaluate(scorer, packed, device, autocast)
     t0 = time.perf_counter()
     hellaswag.evaluate(scorer, packed, device, autocast)
@@ -450,7 +450,7 @@ CHOICES = {
 
 def parse_args(argv=None):
     """A BenchConfig from command-line flags, one per field."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
+    parser = ArgumentParser(description=__doc__.strip().split("\n")[0])
     for f in dataclasses.fields(BenchConfig):
         parser.add_argument(
             f"--{f.name}",

@@ -12,13 +12,14 @@ completion-style scoring of the lecture, not the multiple-choice format of the p
 Reference figures (val, 10042 examples): OpenAI gpt2 (124M) acc 0.2859, acc_norm 0.2955;
 gpt2-xl (1558M) acc_norm about 0.4893.
 
-Scoring needs only a tokenizer and a function from tokens to logits, so this file does not import
+Scoring needs only a tokenizer and a model's hidden states and head, so this file does not import
 train_gpt2.py (train_gpt2.py imports it); its command line loads models through train_gpt2.py.
 
 The scoring keeps a GPU busy: the examples are rendered once, their 4 rows are sorted by length
 and packed into batches of about --batch_tokens tokens whose widths are rounded up to a multiple
-of 32 (so that a compiled scorer sees a handful of shapes), and the losses stay on the device
-until the last batch: one host synchronization per pass.
+of 32 (so that a compiled scorer sees a handful of shapes); only the positions that predict an
+ending token (about a fifth) go through the lm_head; and the losses stay on the device until the
+last batch: one host synchronization per pass.
 """
 
 import contextlib
@@ -140,9 +141,13 @@ def render_example(example, enc):
 
 @dataclass
 class Batch:
-    rows: torch.Tensor  # (R,) which row of the set each batch row is; padding rows point past it
-    tokens: torch.Tensor  # (R, width) right-padded with 0
-    mask: torch.Tensor  # (R, width) bool, True over the ending's tokens
+    """R rows of `width` tokens, and the N ending tokens to score in them. Only the positions
+    that predict an ending token go through the lm_head: about a fifth of HellaSwag's tokens."""
+
+    tokens: torch.Tensor  # (R, width) right-padded with 0; padding rows are all 0
+    positions: torch.Tensor  # (N,) flat index (row * width + t) of each position t predicting t + 1
+    targets: torch.Tensor  # (N,) the ending token each of them predicts
+    rows: torch.Tensor  # (N,) the row of the set (4 * example + ending) each belongs to
 
 
 @dataclass
@@ -186,17 +191,22 @@ def pack_examples(examples, enc, batch_tokens=CPU_BATCH_TOKENS, max_width=None):
         width = min(width, max_width or width)
         size = max(1, batch_tokens // width)
         members = order[start : start + size]
-        batch = Batch(
-            rows=torch.full((size,), len(rows), dtype=torch.long),
-            tokens=torch.zeros((size, width), dtype=torch.long),
-            mask=torch.zeros((size, width), dtype=torch.bool),
-        )
+        grid = torch.zeros((size, width), dtype=torch.long)
+        positions, targets, row_ids = [], [], []
         for i, r in enumerate(members):
             tokens, ctx_len = rows[r]
-            batch.rows[i] = r
-            batch.tokens[i, : len(tokens)] = torch.tensor(tokens)
-            batch.mask[i, ctx_len : len(tokens)] = True
-        batches.append(batch)
+            grid[i, : len(tokens)] = torch.tensor(tokens)
+            positions += range(i * width + ctx_len - 1, i * width + len(tokens) - 1)
+            targets += tokens[ctx_len:]
+            row_ids += [r] * (len(tokens) - ctx_len)
+        batches.append(
+            Batch(
+                tokens=grid,
+                positions=torch.tensor(positions, dtype=torch.long),
+                targets=torch.tensor(targets, dtype=torch.long),
+                rows=torch.tensor(row_ids, dtype=torch.long),
+            )
+        )
         start += len(members)
     return PackedExamples(
         labels=torch.tensor(labels, dtype=torch.long),
@@ -210,26 +220,29 @@ def pack_examples(examples, enc, batch_tokens=CPU_BATCH_TOKENS, max_width=None):
 # Scoring
 
 
-def ending_losses(logits, tokens, mask):
-    """Summed cross-entropy of each row's ending tokens, from (rows, T, vocab) logits.
+def ending_losses(hidden, head_fn, positions, targets):
+    """Cross-entropy of each ending token, from the (rows, width, n_embd) hidden states: only the
+    positions that predict an ending token (flat indices) go through head_fn, the lm_head.
 
-    The logits at position t predict token t + 1. Vocabulary entries past GPT-2's 50257
-    (padding) are ignored. The float32 upcast is fused into the reductions when compiled, so no
-    float32 copy of the whole logits tensor is made on a GPU.
+    Vocabulary entries past GPT-2's 50257 (padding) are ignored. The float32 upcast of bf16
+    logits covers those positions only, not the whole (rows, width, vocab) tensor.
     """
-    logits = logits[:, :-1, :GPT2_TOKENS]
+    selected = hidden.flatten(0, 1).index_select(0, positions)
+    logits = head_fn(selected)[:, :GPT2_TOKENS]
     if logits.element_size() < 4:  # bf16 / fp16 under autocast
         logits = logits.float()
-    targets = tokens[:, 1:].unsqueeze(-1)
-    losses = torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets).squeeze(-1)
-    return torch.where(mask[:, 1:], losses, 0.0).sum(dim=1)
+    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def make_scorer(logits_fn, compile=False):
-    """(tokens, mask) -> summed ending losses per row; compiled with static shapes if asked
-    (one graph per batch shape: pack_examples keeps them few)."""
-    score = lambda tokens, mask: ending_losses(logits_fn(tokens), tokens, mask)
-    return torch.compile(score, dynamic=False) if compile else score
+def make_scorer(hidden_fn, head_fn, compile=False):
+    """(tokens, positions, targets) -> the loss of every ending token. hidden_fn maps (rows,
+    width) tokens to the final hidden states, head_fn those to logits. With compile, hidden_fn
+    is compiled with static shapes (one graph per batch shape: pack_examples keeps them few);
+    the head runs on a varying number of positions and stays eager."""
+    body = torch.compile(hidden_fn, dynamic=False) if compile else hidden_fn
+    return lambda tokens, positions, targets: ending_losses(
+        body(tokens), head_fn, positions, targets
+    )
 
 
 @torch.no_grad()
@@ -238,10 +251,9 @@ def row_losses(scorer, packed, device, autocast=None, rank=0, world_size=1, shou
     so between two batches. Rank r scores batches r, r + world_size, ...; the losses are summed
     over ranks, so every rank returns all of them."""
     autocast = autocast or contextlib.nullcontext()
-    n_rows = len(packed.ending_lengths)
     # float64 where the device has it: the sums stay as exact as the losses, even of a float64 model
     dtype = torch.float32 if str(device).startswith("mps") else torch.float64
-    sums = torch.zeros(n_rows + 1, dtype=dtype, device=device)  # the last slot: padding rows
+    sums = torch.zeros(len(packed.ending_lengths), dtype=dtype, device=device)
     rounds = math.ceil(len(packed.batches) / world_size)  # the same number on every rank
     for i in range(rounds):
         if should_stop is not None and should_stop():
@@ -250,12 +262,13 @@ def row_losses(scorer, packed, device, autocast=None, rank=0, world_size=1, shou
         if k >= len(packed.batches):
             continue
         batch = packed.batches[k]
-        tokens = batch.tokens.to(device, non_blocking=True)
-        mask = batch.mask.to(device, non_blocking=True)
+        tokens, positions, targets, rows = (
+            t.to(device, non_blocking=True)
+            for t in (batch.tokens, batch.positions, batch.targets, batch.rows)
+        )
         with autocast:
-            losses = scorer(tokens, mask)
-        sums.index_copy_(0, batch.rows.to(device, non_blocking=True), losses.to(dtype))
-    sums = sums[:n_rows]
+            losses = scorer(tokens, positions, targets)
+        sums.index_add_(0, rows, losses.to(dtype))
     if world_size > 1:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     return sums
@@ -277,11 +290,13 @@ def predictions(sums, packed):
     return sums, means, sums.argmin(dim=1), means.argmin(dim=1)
 
 
-def score_examples(logits_fn, examples, enc, device, autocast=None, batch_tokens=CPU_BATCH_TOKENS):
-    """A Score per example, in order. logits_fn maps a (rows, T) token tensor to
-    (rows, T, vocab) logits; enc is GPT-2's tokenizer."""
+def score_examples(
+    hidden_fn, head_fn, examples, enc, device, autocast=None, batch_tokens=CPU_BATCH_TOKENS
+):
+    """A Score per example, in order, for the model of make_scorer's hidden_fn and head_fn; enc is
+    GPT-2's tokenizer."""
     packed = pack_examples(examples, enc, batch_tokens)
-    sums = row_losses(make_scorer(logits_fn), packed, device, autocast)
+    sums = row_losses(make_scorer(hidden_fn, head_fn), packed, device, autocast)
     sums, means, pred, pred_norm = predictions(sums, packed)
     return [
         Score(int(packed.labels[i]), sums[i].tolist(), means[i].tolist(), int(p), int(q))
@@ -306,16 +321,16 @@ def evaluate(scorer, packed, device, autocast=None, rank=0, world_size=1, should
 
 
 def load_model(model_type, checkpoint, device):
-    """(logits_fn, description) for a transformers model or one of our checkpoints."""
+    """(hidden_fn, head_fn, description) for a transformers model or one of our checkpoints."""
     import train_gpt2
 
     if checkpoint:
         model, ckpt = train_gpt2.load_model_from_checkpoint(checkpoint)
         model.to(device).eval()
-        return (lambda tokens: model(tokens)[0]), f"{ckpt['path']} (step {ckpt['step']})"
+        return model.hidden, model.head, f"{ckpt['path']} (step {ckpt['step']})"
     model = train_gpt2.load_hf_gpt2(model_type)
     model.to(device).eval()
-    return (lambda tokens: model(tokens).logits), model_type
+    return (lambda tokens: model.transformer(tokens).last_hidden_state), model.lm_head, model_type
 
 
 def parse_args(argv=None):
@@ -365,9 +380,10 @@ def main(argv=None):
     examples = list(iterate_examples(args.split, args.input))[: args.limit or None]
     if not examples:
         raise SystemExit("no examples to score")
-    logits_fn, name = load_model(args.model_type, args.checkpoint, device)
+    hidden_fn, head_fn, name = load_model(args.model_type, args.checkpoint, device)
     packed = pack_examples(examples, get_tokenizer(), args.batch_tokens or batch_tokens_for(device))
-    result = evaluate(make_scorer(logits_fn, bool(args.compile)), packed, device, autocast)
+    scorer = make_scorer(hidden_fn, head_fn, bool(args.compile))
+    result = evaluate(scorer, packed, device, autocast)
     correct, correct_norm, total = result
     print(
         f"{name} on HellaSwag {args.split}, {total} examples: acc {correct / total:.4f}, "

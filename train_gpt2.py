@@ -276,6 +276,7 @@ class GPT(nn.Module):
         else:
             # weight tying (Press & Wolf 2017), as in GPT-2: the token embedding is the output layer
             self.transformer.wte.weight = self.lm_head.weight
+        self.softcap = SPEEDRUN_SOFTCAP if self.speedrun else None
         self.fused_loss = False  # train_gpt2.py --fused_loss: see linear_cross_entropy
         self.apply(self._init_weights)
         if self.speedrun:
@@ -302,6 +303,21 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, cache=None):
         """(logits, loss). With a KVCache, idx continues the cached rows and only the last
         position's logits are computed; with fused_loss and targets, logits are None."""
+        x = self.hidden(idx, cache)
+        if cache is not None:
+            x = x[:, -1:]  # generation needs the next token only
+        if targets is not None and self.fused_loss:
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.softcap)
+        logits = self.head(x)
+        loss = None
+        if targets is not None:
+            # over the whole padded vocabulary, as in the lecture: the model learns in a few
+            # steps to push the never-seen padded ids down, and losses match the reference's
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def hidden(self, idx, cache=None):
+        """The final (normalized) hidden state of every position: (B, T, n_embd)."""
         B, T = idx.size()
         start = 0 if cache is None else cache.length
         if start + T > self.config.block_size:
@@ -322,22 +338,16 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos)
         for block in self.transformer.h:
             x = block(x, rope, cache)
-        x = rms_norm(x) if self.speedrun else self.transformer.ln_f(x)
         if cache is not None:
             cache.length += T
-            x = x[:, -1:]  # generation needs the next token only
-        softcap = SPEEDRUN_SOFTCAP if self.speedrun else None
-        if targets is not None and self.fused_loss:
-            return None, linear_cross_entropy(x, self.lm_head.weight, targets, softcap)
+        return rms_norm(x) if self.speedrun else self.transformer.ln_f(x)
+
+    def head(self, x):
+        """Logits from hidden states (..., n_embd): the lm_head, soft-capped in the speedrun."""
         logits = self.lm_head(x)
-        if softcap:
-            logits = softcap * torch.tanh(logits / softcap)
-        loss = None
-        if targets is not None:
-            # over the whole padded vocabulary, as in the lecture: the model learns in a few
-            # steps to push the never-seen padded ids down, and losses match the reference's
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        if self.softcap:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
 
     @torch.no_grad()
     def generate(
@@ -1339,7 +1349,8 @@ class Evaluator:
         self.val_steps = max(1, min(steps, available))
         self.scorer = self.hellaswag = None
         if hella is not None:
-            self.scorer = hellaswag.make_scorer(lambda t: raw_model(t)[0], model is not raw_model)
+            compiled = model is not raw_model
+            self.scorer = hellaswag.make_scorer(raw_model.hidden, raw_model.head, compiled)
             # () -> (correct, correct_norm, total), or None when a stop request cut it short
             self.hellaswag = functools.partial(
                 hellaswag.evaluate,
@@ -1360,7 +1371,8 @@ class Evaluator:
             self.model(to_device(x, self.env.device), to_device(x, self.env.device))
             shapes = {tuple(b.tokens.shape): b for b in self.hella.batches} if self.hella else {}
             for batch in shapes.values():
-                self.scorer(batch.tokens.to(self.env.device), batch.mask.to(self.env.device))
+                device = self.env.device
+                self.scorer(*(t.to(device) for t in (batch.tokens, batch.positions, batch.targets)))
 
     def run(self, step):
         """Evaluate after `step` steps; returns early when a stop is requested."""

@@ -74,7 +74,7 @@ def test_scoring_matches_a_plain_loop():
     model = padded_model().double()  # float64: any difference is a scoring error, not rounding
     # batches of 128 tokens: 2 to 4 rows each, the rows of an example in different batches
     scores = hellaswag.score_examples(
-        lambda t: model(t)[0], EXAMPLES[:12], tg.get_tokenizer(), "cpu", batch_tokens=128
+        model.hidden, model.head, EXAMPLES[:12], tg.get_tokenizer(), "cpu", batch_tokens=128
     )
     assert len(scores) == 12
     preds = set()
@@ -87,7 +87,7 @@ def test_scoring_matches_a_plain_loop():
         preds.add((score.pred, score.pred_norm))
     assert len(preds) > 1  # the model is not degenerate: the test could catch a mix-up
     packed = hellaswag.pack_examples(EXAMPLES[:12], tg.get_tokenizer())
-    scorer = hellaswag.make_scorer(lambda t: model(t)[0])
+    scorer = hellaswag.make_scorer(model.hidden, model.head)
     correct, correct_norm, total = hellaswag.evaluate(scorer, packed, "cpu")
     assert total == 12
     assert correct == sum(s.pred == s.label for s in scores)
@@ -133,10 +133,10 @@ def test_export_round_trip(trained):
 
 def test_checkpoint_and_its_export_score_the_same(trained, capsys):
     checkpoint, hf_dir = trained
-    ours, _ = hellaswag.load_model("", checkpoint, "cpu")
-    theirs, _ = hellaswag.load_model(hf_dir, "", "cpu")
-    a = list(hellaswag.score_examples(ours, EXAMPLES, tg.get_tokenizer(), "cpu"))
-    b = list(hellaswag.score_examples(theirs, EXAMPLES, tg.get_tokenizer(), "cpu"))
+    *ours, _ = hellaswag.load_model("", checkpoint, "cpu")
+    *theirs, _ = hellaswag.load_model(hf_dir, "", "cpu")
+    a = list(hellaswag.score_examples(*ours, EXAMPLES, tg.get_tokenizer(), "cpu"))
+    b = list(hellaswag.score_examples(*theirs, EXAMPLES, tg.get_tokenizer(), "cpu"))
     assert [(s.pred, s.pred_norm) for s in a] == [(s.pred, s.pred_norm) for s in b]
     for s, t in zip(a, b):
         assert max(abs(x - y) for x, y in zip(s.mean_losses, t.mean_losses)) < 1e-4
@@ -220,7 +220,7 @@ def test_packed_scoring_makes_the_plain_loops_choices():
             if p.dim() == 2:
                 p.normal_(0, 0.1)
     model.eval()
-    scores = hellaswag.score_examples(lambda t: model(t)[0], examples, tg.get_tokenizer(), "cpu")
+    scores = hellaswag.score_examples(model.hidden, model.head, examples, tg.get_tokenizer(), "cpu")
     for example, score in zip(examples, scores):
         sums, means = reference_losses(model, example)
         assert score.pred == min(range(4), key=sums.__getitem__)
@@ -233,8 +233,14 @@ def test_packing_keeps_the_shapes_few_and_every_row_once():
     packed = hellaswag.pack_examples(examples, tg.get_tokenizer(), batch_tokens=2048)
     shapes = {tuple(b.tokens.shape) for b in packed.batches}
     assert len(shapes) <= 4 and all(w % 32 == 0 and r == 2048 // w for r, w in shapes)
+    # every ending token once, at the position before it: flat index p + 1 is its token
     rows = torch.cat([b.rows for b in packed.batches])
-    assert sorted(rows[rows < 800].tolist()) == list(range(800))  # padding rows point past
+    assert torch.equal(
+        rows.sort().values, torch.arange(800).repeat_interleave(packed.ending_lengths)
+    )
+    for b in packed.batches:
+        assert torch.equal(b.tokens.flatten()[b.positions + 1], b.targets)
+        assert (b.positions % b.tokens.size(1) < b.tokens.size(1) - 1).all()
     padding = sum(int((b.tokens == 0).sum()) for b in packed.batches)
     assert padding < 0.5 * sum(b.tokens.numel() for b in packed.batches)
     with pytest.raises(SystemExit, match="HellaSwag needs block_size >= 93, the model has 64"):
