@@ -17,9 +17,9 @@ peak measured here, so that a CPU has one too), peak memory and the speed-up ove
     python bench.py --rows final --profile trace.json  # where the time goes (torch.profiler)
     python bench.py --rows none --preset gpt2 --generate 1   # generation: cache against none
 
-It also measures the data loader, HellaSwag evaluation and, with --generate 1, generation:
-tokens/s of GPT.generate with its key/value cache (one stream, and a batch of streams) against
-the loop that runs the whole sequence again for every new token.
+It also measures the data loader, the val loss, HellaSwag evaluation and, with --generate 1,
+generation: tokens/s of GPT.generate with its key/value cache (one stream, and a batch of
+streams) against the loop that runs the whole sequence again for every new token.
 """
 
 import ctypes
@@ -51,6 +51,7 @@ from train_gpt2 import (
     autocast_context,
     autocast_dtype,
     default_device,
+    evaluate_val_loss,
     flops_per_token,
     get_tokenizer,
     keep_freed_cpu_memory,
@@ -316,6 +317,21 @@ def hellaswag_rate(config, variant, device, dtype, path, limit):
     return len(examples) / (time.perf_counter() - t0), len(examples)
 
 
+def val_loss_rate(config, variant, device, dtype, loader, steps):
+    """Tokens per second of evaluate_val_loss as the training loop runs it: the last row's model
+    (compiled when the variant compiles) in its autocast, forward only, one wait for the device
+    per pass; the first pass (which compiles) is not timed."""
+    model = build_model(config, variant, device)
+    model = torch.compile(model) if variant.compile else model
+    env = DistEnv(False, 0, 0, 1, device, True)
+    device_type = device.split(":")[0]
+    autocast = autocast_context(dtype if variant.autocast else torch.float32, device_type)
+    evaluate_val_loss(model, loader, 1, env, autocast)
+    t0 = time.perf_counter()
+    evaluate_val_loss(model, loader, steps, env, autocast)  # ends with .item(): synchronized
+    return steps * loader.B * loader.T / (time.perf_counter() - t0)
+
+
 # -----------------------------------------------------------------------------
 # Generation
 
@@ -433,6 +449,7 @@ class BenchConfig:
     hellaswag: int = setting(1, "measure HellaSwag evaluation")
     hellaswag_path: str = setting(HELLASWAG_SLICE, "HellaSwag jsonl file")
     hellaswag_examples: int = setting(64, "HellaSwag examples timed")
+    val_steps: int = setting(10, "micro-batches of the timed val loss (0: not measured)")
     generate: int = setting(0, "measure generation (sample.py's): with the cache and without")
     gen_prompt: int = setting(16, "generation: prompt tokens")
     gen_tokens: int = setting(256, "generation: new tokens per stream")
@@ -460,8 +477,13 @@ def parse_args(argv=None):
             help=f"{f.metadata['help']} (default: {f.default!r})",
         )
     cfg = BenchConfig(**vars(parser.parse_args(argv)))
-    if min(cfg.B, cfg.grad_accum, cfg.steps, cfg.loader_batches) < 1 or cfg.warmup < 0:
-        raise SystemExit("B, grad_accum, steps and loader_batches must be positive, warmup >= 0")
+    if (
+        min(cfg.B, cfg.grad_accum, cfg.steps, cfg.loader_batches) < 1
+        or min(cfg.warmup, cfg.val_steps) < 0
+    ):
+        raise SystemExit(
+            "B, grad_accum, steps and loader_batches must be positive, warmup and val_steps >= 0"
+        )
     return cfg
 
 
@@ -580,6 +602,9 @@ def main(argv=None):
             time_steps(step, cfg.warmup, 0)
             profile_steps(step, env.device_type, PROFILE_STEPS, cfg.profile)
         batches_per_sec = loader_rate(loader, cfg.loader_batches)
+        val_rate = None
+        if cfg.val_steps and plan:  # the loader's shards live in tmp
+            val_rate = val_loss_rate(config, last, device, dtype, loader, cfg.val_steps)
 
     # the fastest row's tokens/s in the loader's batches of B x T tokens
     best = max((r["tokens_per_sec"] for r in results if not r["skipped"]), default=None)
@@ -604,6 +629,16 @@ def main(argv=None):
                 f"{os.path.basename(cfg.hellaswag_path)}; the last row's model, packed and "
                 "scored as the training loop does)"
             )
+
+    val = None
+    if val_rate:
+        val = {"tokens_per_sec": val_rate, "steps": cfg.val_steps}
+        # the training loop's default: 20 steps of 2**19 tokens, whatever B and the GPUs
+        print(
+            f"val loss: {val_rate:,.0f} tokens/s ({cfg.val_steps} batches of {cfg.B} x {T}; the "
+            f"last row's model, as the training loop evaluates it): 20 x 2**19 tokens in "
+            f"{20 * 2**19 / val_rate:,.1f} s"
+        )
 
     generation = None
     if cfg.generate:
@@ -634,6 +669,7 @@ def main(argv=None):
             "rows": results,
             "data_loader": {"batches_per_sec": batches_per_sec, "fastest_row_needs": needed},
             "hellaswag": hella,
+            "val_loss": val,
             "generation": generation,
         }
         with open(cfg.json, "w") as f:

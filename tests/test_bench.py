@@ -161,4 +161,6 @@ def test_bench_script_prints_every_column(tmp_path):
     assert figures["data_loader"]["batches_per_sec"] > 0
     assert figures["hellaswag"]["examples"] == 8
     assert any(line.startswith("data loader: ") for line in lines)
+    assert figures["val_loss"]["tokens_per_sec"] > 0
+    assert any(line.startswith("val loss: ") and "20 x 2**19 tokens in" in line for line in lines)
     assert any(line.startswith("HellaSwag: ") and "examples/s" in line for line in lines)
