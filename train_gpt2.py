@@ -1366,12 +1366,12 @@ class Evaluator:
     def warm_up(self):
         """Compile the evaluation graphs now, at start-up, where a stop loses nothing, rather than
         at the first evaluation: one val batch, and one HellaSwag batch of every shape."""
+        device = self.env.device
         with torch.no_grad(), self.autocast:
             x, _ = self.val_loader.next_batch()
-            self.model(to_device(x, self.env.device), to_device(x, self.env.device))
+            self.model(to_device(x, device), to_device(x, device))
             shapes = {tuple(b.tokens.shape): b for b in self.hella.batches} if self.hella else {}
             for batch in shapes.values():
-                device = self.env.device
                 self.scorer(*(t.to(device) for t in (batch.tokens, batch.positions, batch.targets)))
 
     def run(self, step):
