@@ -5,8 +5,9 @@ The training step (train_step, imported from train_gpt2.py: forward, backward, g
 and the AdamW step, over --grad_accum micro-batches) is timed after warm-up steps, first in the
 lecture's fp32 baseline, then with its optimizations added one row at a time: TF32, bf16
 autocast, torch.compile, flash attention, the vocabulary padded to 50304, fused AdamW; then the
-ones this project adds: the chunked lm_head + cross-entropy (train_gpt2.py --fused_loss), and
-last the speedrun recipe's model and Muon optimizer (--recipe speedrun). Each row
+ones this project adds: the chunked lm_head + cross-entropy (train_gpt2.py --fused_loss), the
+blocks' matmuls in FP8 (--fp8, on GPUs that have FP8), and last the speedrun recipe's model and
+Muon optimizer (--recipe speedrun). Each row
 prints tokens/s, ms/step, MFU (PaLM FLOPs, against the GPU's datasheet peak and against the matmul
 peak measured here, so that a CPU has one too), peak memory and the speed-up over the first row.
 
@@ -53,6 +54,7 @@ from train_gpt2 import (
     default_device,
     evaluate_val_loss,
     flops_per_token,
+    fp8_hardware,
     get_tokenizer,
     keep_freed_cpu_memory,
     mfu,
@@ -62,6 +64,7 @@ from train_gpt2 import (
     setting,
     synchronize,
     train_step,
+    use_fp8_matmuls,
     write_shard,
 )
 
@@ -89,6 +92,7 @@ class Variant:
     vocab_pad: bool = False
     fused: bool = False
     fused_loss: bool = False
+    fp8: bool = False
     speedrun: bool = False
 
 
@@ -102,6 +106,7 @@ OPTIMIZATIONS = {
     "vocab_pad": f"vocab {PADDED_VOCAB}",
     "fused": "fused AdamW",
     "fused_loss": "fused loss",  # beyond the lecture
+    "fp8": "fp8",
     "speedrun": "speedrun recipe",  # its model and Muon: against the row above, the recipe's cost
 }
 BASELINE = "fp32"
@@ -135,6 +140,8 @@ def build_model(config, variant, device):
     torch.manual_seed(0)
     model = GPT(variant_config(config, variant))
     model.fused_loss = variant.fused_loss
+    if variant.fp8:
+        use_fp8_matmuls(model)
     if not variant.flash:
         for block in model.transformer.h:
             block.attn.__class__ = ManualAttention  # an attend() swap: the weights stay as they are
@@ -400,23 +407,25 @@ def format_row(row, width):
     return "  ".join([name] + [c.rjust(w) for c, w in zip(cells, WIDTHS)])
 
 
-def plan_rows(cfg, dtype):
+def plan_rows(cfg, dtype, has_fp8):
     """(name, optimizations added, reason to skip or None) of each row: the baseline, then one
     optimization more per row (the lecture's sequence), or one row with all of them. Optimizations
     switched off by flag appear in no row."""
     names = dict(OPTIMIZATIONS, autocast={torch.float16: "fp16"}.get(dtype, "bf16"))
     enabled = [k for k in OPTIMIZATIONS if getattr(cfg, k)]
-    no_autocast = "--dtype auto found no fast bf16 or fp16 here (--dtype bfloat16 forces it)"
+    missing = {}  # the optimizations this device has no fast kernels for, and why
+    if dtype == torch.float32:
+        missing["autocast"] = (
+            "--dtype auto found no fast bf16 or fp16 here (--dtype bfloat16 forces it)"
+        )
+    if not has_fp8:  # elsewhere torch emulates FP8 matmuls: slower than float32
+        missing["fp8"] = "no FP8 matmuls here (CUDA GPUs of compute capability 8.9+ have them)"
     if cfg.rows == "none":
         return []
     if cfg.rows == "final":
-        if dtype == torch.float32:
-            enabled = [k for k in enabled if k != "autocast"]
+        enabled = [k for k in enabled if missing.get(k) is None]
         return [(" + ".join([names[k] for k in enabled]) or BASELINE, enabled, None)]
-    return [(BASELINE, [], None)] + [
-        (f"+ {names[k]}", [k], no_autocast if k == "autocast" and dtype == torch.float32 else None)
-        for k in enabled
-    ]
+    return [(BASELINE, [], None)] + [(f"+ {names[k]}", [k], missing.get(k)) for k in enabled]
 
 
 @dataclass
@@ -442,6 +451,7 @@ class BenchConfig:
     vocab_pad: int = setting(1, f"rows with the vocabulary padded to {PADDED_VOCAB} (0: in no row)")
     fused: int = setting(1, "rows with fused AdamW, else the unfused one (0: in no row)")
     fused_loss: int = setting(1, "rows with the chunked lm_head + loss (0: in no row)")
+    fp8: int = setting(1, "rows with the blocks' matmuls in FP8, where the GPU has them (0: none)")
     speedrun: int = setting(1, "rows with --recipe speedrun's model and Muon (0: in no row)")
     matmul_size: int = setting(0, "n of the n^3 peak matmul (0: 8192 on CUDA, else 2048)")
     data_dir: str = setting("", "train shards to read ('': random ones in a temporary directory)")
@@ -554,7 +564,7 @@ def main(argv=None):
         keep_freed_cpu_memory()
     config, preset, T = resolve_model(cfg, env.device_type)
     dtype = autocast_dtype(cfg.dtype, env.device_type)
-    plan = plan_rows(cfg, dtype)
+    plan = plan_rows(cfg, dtype, fp8_hardware(device))
 
     # every row's MFU is against one peak: the fastest matmul in a precision some row uses (fp16
     # or bf16 need not be faster than fp32: most CPUs have no fast fp16)

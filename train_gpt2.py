@@ -534,6 +534,91 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_x * grad_loss, grad_weight * grad_loss, None, None, None
 
 
+# FP8 matmuls (--fp8): the blocks' four linear layers multiply in 8-bit floats while training.
+# An H100 multiplies fp8 at twice its bf16 rate. Weights and activations are rounded to e4m3
+# (more mantissa), gradients to e5m2 (more range), as in "FP8 Formats for Deep Learning"
+# (Micikevicius et al. 2022); each tensor is scaled by its own largest magnitude first, so that
+# it uses the format's whole range. The weights stay in float32; only the products are fp8.
+FP8_WEIGHTS = torch.float8_e4m3fn
+FP8_GRADIENTS = torch.float8_e5m2
+
+
+def to_fp8(x, dtype):
+    """(x / scale in fp8, scale): scale maps x's largest magnitude onto the format's largest."""
+    top = torch.finfo(dtype).max
+    scale = x.detach().abs().amax().float().clamp(min=1e-12) / top
+    return (x.float() / scale).clamp(-top, top).to(dtype), scale
+
+
+def fp8_matmul(a, b, scale_a, scale_b, out_dtype):
+    """(a * scale_a) @ (b * scale_b) in fp32 sums. cuBLAS multiplies fp8 only with a row-major
+    and b column-major, both of sizes that are multiples of 16."""
+    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+
+
+class FP8Matmul(torch.autograd.Function):
+    """x @ weight.T with the forward's operands in e4m3 and the gradient in e5m2; backward
+    reuses the forward's fp8 copies, which are all it keeps (a quarter of float32's memory)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, out_dtype):
+        x8, x_scale = to_fp8(x.reshape(-1, x.size(-1)), FP8_WEIGHTS)
+        w8, w_scale = to_fp8(weight, FP8_WEIGHTS)
+        out = fp8_matmul(x8, w8.t(), x_scale, w_scale, out_dtype)
+        ctx.save_for_backward(x8, x_scale, w8, w_scale)
+        ctx.x_dtype, ctx.x_shape, ctx.weight_dtype = x.dtype, x.shape, weight.dtype
+        return out.view(*x.shape[:-1], weight.size(0))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x8, x_scale, w8, w_scale = ctx.saved_tensors
+        g8, g_scale = to_fp8(grad.reshape(-1, grad.size(-1)), FP8_GRADIENTS)
+        # .t().contiguous().t(): the same matrix laid out column-major
+        grad_x = fp8_matmul(g8, w8.t().contiguous().t(), g_scale, w_scale, ctx.x_dtype)
+        grad_weight = fp8_matmul(
+            g8.t().contiguous(), x8.t().contiguous().t(), g_scale, x_scale, torch.float32
+        )
+        return grad_x.view(ctx.x_shape), grad_weight.to(ctx.weight_dtype), None
+
+
+class FP8Linear(nn.Linear):
+    """nn.Linear whose matmul is FP8Matmul where gradients are computed (training); under
+    no_grad (validation, HellaSwag, sampling) it is the plain layer, in the autocast dtype."""
+
+    def forward(self, x):
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        device = x.device.type
+        on = torch.is_autocast_enabled(device)
+        y = FP8Matmul.apply(x, self.weight, torch.get_autocast_dtype(device) if on else x.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def use_fp8_matmuls(model):
+    """Make the linear layers of every block FP8Linear (the embedding and lm_head stay as they
+    are): the same parameters, so checkpoints do not change."""
+    for block in model.transformer.h:
+        for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+            layer.__class__ = FP8Linear
+
+
+def fp8_hardware(device):
+    """Whether the device multiplies FP8 natively: CUDA GPUs of compute capability 8.9 and
+    newer (Ada, Hopper, Blackwell)."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def check_fp8_device(device):
+    """--fp8 runs on FP8 hardware, and on the CPU, where torch emulates FP8 matmuls (slower than
+    float32: for tests)."""
+    if torch.device(device).type != "cpu" and not fp8_hardware(device):
+        raise SystemExit(
+            f"--fp8: {device} has no FP8 matmuls (CUDA GPUs of compute capability 8.9+ have: "
+            "H100, H200, L4, RTX 40xx)"
+        )
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """The next token of every row from its (B, vocab) logits: the most likely one at
     temperature 0, else one drawn from softmax(logits / temperature) restricted to the top_k
@@ -1768,6 +1853,7 @@ class TrainConfig:
     head_lr: float = setting(0.008, "speedrun: AdamW learning rate of the lm_head")
     cooldown_frac: float = setting(0.6, "speedrun: final fraction of steps of linear lr decay")
     fused_loss: int = setting(0, "lm_head and loss in chunks: no full logits tensor (memory)")
+    fp8: int = setting(0, "the blocks' matmuls in FP8 while training (GPUs of compute cap. 8.9+)")
     max_skipped_steps: int = setting(5, "stop after this many non-finite steps in a row")
     eval_interval: int = setting(250, "steps between val loss, HellaSwag and samples")
     val_loss_steps: int = setting(20, "val loss over val_loss_steps * total_batch_size tokens")
@@ -1813,6 +1899,7 @@ FLAG_CHOICES = {
     "hellaswag": (0, 1),
     "shuffle": (0, 1),
     "fused_loss": (0, 1),
+    "fp8": (0, 1),
     "resume_allow_new_data": (0, 1),
     "recipe": RECIPES,
     "dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -1932,6 +2019,8 @@ def check_config(cfg, world_size):
         raise SystemExit(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
     if cfg.recipe == "speedrun" and (cfg.n_embd // cfg.n_head) % 2:
         raise SystemExit("the speedrun recipe's rotary embeddings need an even head size")
+    if cfg.fp8 and (cfg.n_embd % 16 or cfg.T % 16):
+        raise SystemExit(f"--fp8 needs n_embd and T divisible by 16, not {cfg.n_embd} and {cfg.T}")
     if cfg.batch_ramp_tokens > 0 and cfg.batch_ramp_start < 1:
         raise SystemExit("--batch_ramp_start must be positive")
     if cfg.B != "auto" and cfg.total_batch_size % (cfg.B * cfg.T * world_size):
@@ -1963,6 +2052,8 @@ def build_model(cfg, checkpoint):
     else:
         model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_FIELDS}))
     model.fused_loss = bool(cfg.fused_loss)
+    if cfg.fp8:
+        use_fp8_matmuls(model)
     return model
 
 
@@ -2205,6 +2296,8 @@ def train(cfg, env, checkpoint, stop, start_time):
     """The training run; returns 0 when done, or the number of the signal that stopped it."""
     print0 = env.print0
     check_config(cfg, env.world_size)  # before anything slow
+    if cfg.fp8:
+        check_fp8_device(env.device)
     seed_everything(cfg.seed)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     data_dir = prepare_data(cfg, env)

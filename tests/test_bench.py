@@ -66,7 +66,7 @@ def test_speedrun_row_trains_the_speedrun_model_with_muon(tmp_path, monkeypatch)
 
 
 def test_plan_is_the_lectures_sequence():
-    plan = bench.plan_rows(bench.parse_args([]), torch.bfloat16)
+    plan = bench.plan_rows(bench.parse_args([]), torch.bfloat16, has_fp8=True)
     assert [name for name, _, _ in plan] == [
         "fp32",
         "+ tf32",
@@ -76,20 +76,26 @@ def test_plan_is_the_lectures_sequence():
         "+ vocab 50304",
         "+ fused AdamW",
         "+ fused loss",  # beyond the lecture
+        "+ fp8",
         "+ speedrun recipe",
     ]
-    plan = bench.plan_rows(bench.parse_args(["--compile", "0", "--rows", "final"]), torch.float16)
-    assert plan == [
+    final = bench.parse_args(["--compile", "0", "--rows", "final"])
+    assert bench.plan_rows(final, torch.float16, has_fp8=True) == [
         (
-            "tf32 + fp16 + flash attention + vocab 50304 + fused AdamW + fused loss + speedrun "
-            "recipe",
-            ["tf32", "autocast", "flash", "vocab_pad", "fused", "fused_loss", "speedrun"],
+            "tf32 + fp16 + flash attention + vocab 50304 + fused AdamW + fused loss + fp8 + "
+            "speedrun recipe",
+            ["tf32", "autocast", "flash", "vocab_pad", "fused", "fused_loss", "fp8", "speedrun"],
             None,
         )
     ]
-    # where "auto" finds no fast low-precision matmuls, the autocast row says so
-    _, _, reason = bench.plan_rows(bench.parse_args([]), torch.float32)[2]
-    assert "no fast bf16" in reason
+    # where "auto" finds no fast low-precision matmuls, or the device has no FP8 matmuls, those
+    # rows say so, and the final row leaves them out
+    plan = bench.plan_rows(bench.parse_args([]), torch.float32, has_fp8=False)
+    assert "no fast bf16" in plan[2][2] and "no FP8 matmuls here" in plan[8][2]
+    [(name, _, _)] = bench.plan_rows(final, torch.float32, has_fp8=False)
+    assert (
+        name == "tf32 + flash attention + vocab 50304 + fused AdamW + fused loss + speedrun recipe"
+    )
 
 
 def test_failed_row_is_skipped_and_left_out_below(tmp_path, monkeypatch, capsys):
@@ -108,7 +114,7 @@ def test_failed_row_is_skipped_and_left_out_below(tmp_path, monkeypatch, capsys)
     bench.synthetic_shards(str(tmp_path), 1000)
     loader = DataLoaderLite(2, 32, 0, 1, "train", str(tmp_path), shuffle=True)
     env = DistEnv(False, 0, 0, 1, "cpu", True)
-    plan = bench.plan_rows(cfg, torch.bfloat16)
+    plan = bench.plan_rows(cfg, torch.bfloat16, has_fp8=True)
     config = GPTConfig(n_layer=2, n_head=2, n_embd=32)
     rows, last = bench.measure_rows(plan, config, 32, loader, env, torch.bfloat16, cfg, None, 1e12)
     compile_row = rows[3]
@@ -121,10 +127,11 @@ def test_failed_row_is_skipped_and_left_out_below(tmp_path, monkeypatch, capsys)
         vocab_pad=True,
         fused=True,
         fused_loss=True,
+        fp8=True,
         speedrun=True,
     )
-    # speed-up against the first row: it took 1/2 s a step, the last (the 9th call) 1/10 s
-    assert rows[0]["speedup"] == 1 and rows[-1]["speedup"] == pytest.approx(5)
+    # speed-up against the first row: it took 1/2 s a step, the last (the 10th call) 1/11 s
+    assert rows[0]["speedup"] == 1 and rows[-1]["speedup"] == pytest.approx(5.5)
     assert "+ compile          skipped: RuntimeError: no C++ compiler" in capsys.readouterr().out
 
 
@@ -147,11 +154,14 @@ def test_bench_script_prints_every_column(tmp_path):
         assert column in header
     figures = json.loads(out_json.read_text())
     names = ["fp32", "+ tf32", "+ bf16", "+ flash attention", "+ vocab 50304", "+ fused AdamW"]
-    names += ["+ fused loss", "+ speedrun recipe"]
+    names += ["+ fused loss", "+ fp8", "+ speedrun recipe"]
     assert [row["variant"] for row in figures["rows"]] == names
     for row in figures["rows"]:
         line = next(line for line in lines if line.startswith(row["variant"] + " "))
-        if row["skipped"]:  # only a CPU without bf16 may skip a row: the autocast one
+        if row["variant"] == "+ fp8":  # a CPU has no FP8 matmuls: torch emulates them
+            assert "skipped: no FP8 matmuls here" in line
+            continue
+        if row["skipped"]:  # only a CPU without bf16 may skip another row: the autocast one
             assert row["variant"] == "+ bf16" and "skipped: --dtype auto" in line
             continue
         assert row["tokens_per_sec"] > 0 and row["mfu_matmul"] > 0 and row["mfu_spec"] is None

@@ -174,6 +174,7 @@ def test_unavailable_device(workdir):
         (["--recipe", "gpt3"], "argument --recipe: invalid choice: 'gpt3'"),
         (["--B", "many"], "argument --B: invalid micro_batch_size value: 'many'"),
         (["--max_length", "100"], "--max_length 100 is longer than block_size"),
+        (["--fp8", "1", "--T", "24"], "--fp8 needs n_embd and T divisible by 16, not 32 and 24"),
     ],
 )
 def test_bad_settings(workdir, flags, expected):
