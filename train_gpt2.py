@@ -1086,6 +1086,17 @@ def newton_schulz(G, steps=5):
     return X.T if transposed else X
 
 
+def muon_shares(sizes, world):
+    """The matrices (indices into sizes) each of `world` ranks orthogonalizes: the largest first,
+    each to the rank with the fewest elements so far, so that the ranks' shares are about equal."""
+    shares, loads = [[] for _ in range(world)], [0] * world
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        rank = loads.index(min(loads))
+        shares[rank].append(i)
+        loads[rank] += sizes[i]
+    return [sorted(share) for share in shares]
+
+
 class Muon(torch.optim.Optimizer):
     """Muon (MomentUm Orthogonalized by Newton-schulz; Jordan et al. 2024) for the parameter groups
     marked use_muon, AdamW for the others.
@@ -1095,7 +1106,9 @@ class Muon(torch.optim.Optimizer):
     gradient's spectrum. The update is scaled by sqrt(max(1, rows / cols)) so that tall matrices
     move as much per element as square ones; weight decay is decoupled (p *= 1 - lr * wd).
     The other groups (embedding, head) get AdamW with betas (0.8, 0.95) and eps 1e-10.
-    Under DDP every rank holds the same averaged gradients and computes the same update.
+    Under DDP every rank holds the same averaged gradients and momenta, and orthogonalizes only
+    its share of the matrices; the updates are then all-gathered, so that Newton-Schulz's cost
+    is split across the ranks rather than repeated on each (modded-nanogpt does the same).
     """
 
     def __init__(self, params, ns_dtype=torch.bfloat16):
@@ -1108,24 +1121,51 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["use_muon"]:
-                    self._muon_update(p, group, self.state[p])
-                else:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["use_muon"]:
+                self._muon_step(params, group)
+            else:
+                for p in params:
                     self._adamw_update(p, group, self.state[p])
 
-    def _muon_update(self, p, group, state):
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        buf = state["momentum_buffer"]
-        buf.mul_(group["momentum"]).add_(p.grad)
-        direction = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-        update = newton_schulz(direction.to(self.ns_dtype)).to(p.dtype)
-        update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
-        p.mul_(1.0 - group["lr"] * group["weight_decay"])
-        p.add_(update, alpha=-group["lr"])
+    def _muon_step(self, params, group):
+        distributed = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        shares = muon_shares([p.numel() for p in params], world)
+        mine = set(shares[rank])
+        updates = {}
+        for i, p in enumerate(params):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.mul_(group["momentum"]).add_(p.grad)
+            if i in mine:
+                direction = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+                updates[i] = newton_schulz(direction.to(self.ns_dtype))
+        if world > 1:
+            updates = self._all_gather_updates(params, shares, [updates[i] for i in shares[rank]])
+        for i, p in enumerate(params):
+            update = updates[i].to(p.dtype) * max(1.0, p.size(0) / p.size(1)) ** 0.5
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])
+            p.add_(update, alpha=-group["lr"])
+
+    def _all_gather_updates(self, params, shares, mine):
+        """Every rank's updates (its share's, flattened into one buffer) on every rank."""
+        size = max(sum(params[i].numel() for i in share) for share in shares)
+        buffer = torch.zeros(size, dtype=self.ns_dtype, device=params[0].device)
+        flat = [u.flatten() for u in mine]
+        if flat:
+            torch.cat(flat, out=buffer[: sum(len(f) for f in flat)])
+        gathered = [torch.empty_like(buffer) for _ in shares]
+        dist.all_gather(gathered, buffer)
+        updates = {}
+        for share, received in zip(shares, gathered):
+            offset = 0
+            for i in share:
+                updates[i] = received[offset : offset + params[i].numel()].view_as(params[i])
+                offset += params[i].numel()
+        return updates
 
     def _adamw_update(self, p, group, state):
         if "step" not in state:

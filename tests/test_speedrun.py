@@ -144,6 +144,67 @@ def test_muon_steps_equal_a_float64_reference():
     assert (embedding.detach() - adamw).abs().max().item() < 1e-12
 
 
+# shapes of matrices whose Newton-Schulz costs differ; more of them than ranks, not a multiple
+MUON_SHAPES = [(48, 16), (16, 16), (64, 16), (16, 48), (32, 32), (16, 16), (48, 32)]
+
+
+def muon_steps(steps=2):
+    """Parameters after `steps` Muon steps on seeded gradients, and the shapes that this process
+    orthogonalized; under DDP each rank calls it with the same seeds."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in MUON_SHAPES]
+    optimizer = tg.Muon([dict(params=params, use_muon=True, lr=0.05)], ns_dtype=torch.float32)
+    orthogonalized = []
+    newton_schulz = tg.newton_schulz
+    tg.newton_schulz = lambda G: orthogonalized.append(tuple(G.shape)) or newton_schulz(G)
+    try:
+        for _ in range(steps):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            optimizer.step()
+    finally:
+        tg.newton_schulz = newton_schulz
+    return [p.detach() for p in params], orthogonalized
+
+
+def muon_rank(rank, world, init_file, out_file):
+    """One rank of test_muon_under_ddp_splits_the_orthogonalization_between_ranks."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(muon_steps(), out_file.format(rank))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_muon_under_ddp_splits_the_orthogonalization_between_ranks(tmp_path):
+    expected, all_shapes = muon_steps()  # one process orthogonalizes every matrix
+    assert sorted(all_shapes) == sorted(MUON_SHAPES * 2)
+    out_file = str(tmp_path / "rank{}.pt")
+    torch.multiprocessing.spawn(
+        muon_rank, args=(2, str(tmp_path / "init"), out_file), nprocs=2, join=True
+    )
+    (params0, shapes0), (params1, shapes1) = [torch.load(out_file.format(r)) for r in (0, 1)]
+    # every matrix is orthogonalized once, by one of the ranks, and each rank does about half
+    assert sorted(shapes0 + shapes1) == sorted(all_shapes)
+    sizes = [sum(m * n for m, n in shapes) for shapes in (shapes0, shapes1)]
+    assert max(sizes) <= 0.6 * sum(sizes)
+    # ... and both ranks end with the single process's weights, to the bit
+    for a, b, c in zip(expected, params0, params1):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_muon_shares_are_balanced():
+    # 12 blocks of GPT-2 124M on 8 ranks: c_attn, attn c_proj, c_fc, mlp c_proj per block
+    sizes = [768 * 2304, 768 * 768, 768 * 3072, 3072 * 768] * 12
+    shares = tg.muon_shares(sizes, 8)
+    assert sorted(i for share in shares for i in share) == list(range(48))
+    loads = [sum(sizes[i] for i in share) for share in shares]
+    assert max(loads) <= 1.1 * sum(sizes) / 8
+    assert tg.muon_shares([5, 3], 4) == [[0], [1], [], []]  # more ranks than matrices
+
+
 def test_speedrun_schedule():
     cfg = tg.TrainConfig(recipe="speedrun", max_steps=100, cooldown_frac=0.6, min_lr_ratio=0.1)
     factors = [tg.speedrun_lr_factor(s, cfg) for s in (0, 39, 40, 70, 100, 150)]
