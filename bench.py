@@ -60,6 +60,7 @@ from train_gpt2 import (
     mfu,
     newton_schulz_dtype,
     peak_flops,
+    quiet_exit_when_stdout_closes,
     sample_next,
     setting,
     synchronize,
@@ -687,4 +688,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with quiet_exit_when_stdout_closes():
+        main()

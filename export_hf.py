@@ -19,6 +19,7 @@ from train_gpt2 import (
     ArgumentParser,
     get_tokenizer,
     load_model_from_checkpoint,
+    quiet_exit_when_stdout_closes,
 )
 
 # OpenAI's GPT-2 vocabulary in Hugging Face's file format (encoder.json and vocab.bpe)
@@ -95,4 +96,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with quiet_exit_when_stdout_closes():
+        main()

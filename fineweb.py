@@ -31,7 +31,15 @@ import numpy as np
 from tqdm import tqdm
 
 from hellaswag import download, iterate_examples
-from train_gpt2 import EOT, ArgumentParser, atomic_open, get_tokenizer, open_shard, write_shard
+from train_gpt2 import (
+    EOT,
+    ArgumentParser,
+    atomic_open,
+    get_tokenizer,
+    open_shard,
+    quiet_exit_when_stdout_closes,
+    write_shard,
+)
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_REMOTE_NAME = "sample-10BT"
@@ -701,4 +709,5 @@ def build_shards(args):
 
 
 if __name__ == "__main__":
-    main()
+    with quiet_exit_when_stdout_closes():
+        main()

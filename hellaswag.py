@@ -392,4 +392,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from train_gpt2 import quiet_exit_when_stdout_closes
+
+    with quiet_exit_when_stdout_closes():
+        main()

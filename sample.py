@@ -29,6 +29,7 @@ from train_gpt2 import (
     get_tokenizer,
     latest_checkpoint,
     load_model_from_checkpoint,
+    quiet_exit_when_stdout_closes,
     setting,
     synchronize,
 )
@@ -228,4 +229,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with quiet_exit_when_stdout_closes():
+        main()

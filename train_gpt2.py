@@ -1251,7 +1251,27 @@ class DistEnv:
 
     def print0(self, *args, **kwargs):
         if self.master_process:
-            print(*args, **kwargs, flush=True)
+            try:
+                print(*args, **kwargs, flush=True)
+            except BrokenPipeError:  # stdout's reader left (`| head`): StopSignal stops the run
+                discard_stdout()
+
+
+def discard_stdout():
+    """Send what is still to be printed to /dev/null: stdout's pipe has no reader any more."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+@contextlib.contextmanager
+def quiet_exit_when_stdout_closes():
+    """`python script.py | head`: once head has its lines and leaves, exit as `cat` would, with
+    SIGPIPE's status 141 and no traceback."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        discard_stdout()
+        raise SystemExit(141) from None
 
 
 def default_device():
@@ -1383,7 +1403,8 @@ class StopNow(BaseException):
 
 
 class StopSignal:
-    """SIGTERM and SIGINT (preemption, Ctrl-C) while training.
+    """SIGTERM and SIGINT (preemption, Ctrl-C) while training, and SIGPIPE: stdout's reader has
+    gone (`python train_gpt2.py | head`), so the run stops as if preempted.
 
     Until a step of this run has completed, a stop loses nothing: the run stops at once (even in
     the middle of torch.compile). After, the signal is remembered, and the run asks for it with
@@ -1391,7 +1412,11 @@ class StopSignal:
     saves the last completed step and exits. A second Ctrl-C stops at once.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (
+        signal.SIGTERM,
+        signal.SIGINT,
+        *([signal.SIGPIPE] if hasattr(signal, "SIGPIPE") else []),
+    )
 
     def __init__(self, env):
         self.env = env
@@ -2323,7 +2348,8 @@ def main(argv=None):
             if env.ddp:
                 dist.destroy_process_group()
     except StopNow as e:
-        print(e, file=sys.stderr, flush=True)
+        with contextlib.suppress(BrokenPipeError):  # `2>&1 | head`: stderr has no reader either
+            print(e, file=sys.stderr, flush=True)
         raise SystemExit(128 + e.signum) from None
     except KeyboardInterrupt:  # Ctrl-C before the handlers are in place
         print("interrupted (Ctrl-C) during start-up: nothing to save", file=sys.stderr, flush=True)
@@ -2465,4 +2491,5 @@ def stop_run(state, step, start_step, stop, env):
 
 
 if __name__ == "__main__":
-    main()
+    with quiet_exit_when_stdout_closes():
+        main()

@@ -364,3 +364,28 @@ def test_bundled_corpus_runs_name_it_and_not_a_path(tmp_path, monkeypatch):
     torch.save(ckpt, tmp_path / "old" / "model_00001.pt")
     cfg, _ = tg.resolve_config({"resume": "latest", "log_dir": str(tmp_path / "old")})
     assert cfg.data_dir == "bundled"
+
+
+def test_a_closed_stdout_stops_the_run_and_saves_it(tmp_path, data):
+    # `python train_gpt2.py | head`: once head has its lines and exits, the run's next print
+    # meets a pipe with no reader (SIGPIPE); it stops as for SIGTERM, saving its last step
+    tg.main(args_for(data, tmp_path / "full", max_steps=40))
+    expected = open(tmp_path / "full" / "log.txt").read()
+    log_dir = tmp_path / "piped"
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT] + args_for(data, log_dir, max_steps=40),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    for line in proc.stdout:
+        if line.startswith("step     4 "):
+            break
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 128 + signal.SIGPIPE
+    assert proc.stderr.read() == ""  # no traceback: the message went where stdout went
+    step = checkpoint_step(tg.latest_checkpoint(str(log_dir)))
+    assert 5 <= step < 20  # within a few steps of the close, not at the end
+    tg.main(["--resume", "latest", "--log_dir", str(log_dir)])
+    assert open(log_dir / "log.txt").read() == expected

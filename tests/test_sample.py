@@ -270,3 +270,21 @@ def test_sample_py_errors(checkpoint, tmp_path):
     fails(["--checkpoint", str(checkpoint), "--num_samples", "0"], "must be positive")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     fails(["--checkpoint", "junk.pt"], "is corrupt or not a checkpoint of ours")
+
+
+def test_sample_py_into_head_exits_quietly(checkpoint, tmp_path):
+    # `python sample.py | head -2`: head leaves after its lines; so does sample.py, with the
+    # status a pipe's SIGPIPE gives (141) and no traceback
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "sample.py"), "--device", "cpu"]
+        + ["--checkpoint", str(checkpoint), "--num_samples", "1000", "--max_new_tokens", "40"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    assert proc.stdout.readline() == "--- sample 1 of 1000\n"
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 141
+    assert "Traceback" not in proc.stderr.read()
