@@ -552,7 +552,8 @@ def to_fp8(x, dtype):
 
 def fp8_matmul(a, b, scale_a, scale_b, out_dtype):
     """(a * scale_a) @ (b * scale_b) in fp32 sums. cuBLAS multiplies fp8 only with a row-major
-    and b column-major, both of sizes that are multiples of 16."""
+    and b column-major (and sizes that are multiples of 16): they are copied so where not."""
+    a, b = a.contiguous(), b.t().contiguous().t()
     return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
 
 
@@ -573,11 +574,8 @@ class FP8Matmul(torch.autograd.Function):
     def backward(ctx, grad):
         x8, x_scale, w8, w_scale = ctx.saved_tensors
         g8, g_scale = to_fp8(grad.reshape(-1, grad.size(-1)), FP8_GRADIENTS)
-        # .t().contiguous().t(): the same matrix laid out column-major
-        grad_x = fp8_matmul(g8, w8.t().contiguous().t(), g_scale, w_scale, ctx.x_dtype)
-        grad_weight = fp8_matmul(
-            g8.t().contiguous(), x8.t().contiguous().t(), g_scale, x_scale, torch.float32
-        )
+        grad_x = fp8_matmul(g8, w8, g_scale, w_scale, ctx.x_dtype)
+        grad_weight = fp8_matmul(g8.t(), x8, g_scale, x_scale, torch.float32)
         return grad_x.view(ctx.x_shape), grad_weight.to(ctx.weight_dtype), None
 
 
