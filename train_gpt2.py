@@ -1251,12 +1251,12 @@ class DistEnv:
         if self.master_process:
             try:
                 print(*args, **kwargs, flush=True)
-            except BrokenPipeError:  # stdout's reader left (`| head`): StopSignal stops the run
-                discard_stdout()
+            except OSError:  # its reader left (`| head`) or its terminal closed: the run stops
+                discard_stdout()  # on the SIGPIPE or SIGHUP that came with it (StopSignal)
 
 
 def discard_stdout():
-    """Send what is still to be printed to /dev/null: stdout's pipe has no reader any more."""
+    """Send what is still to be printed to /dev/null: stdout's pipe or terminal is gone."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
@@ -1401,8 +1401,9 @@ class StopNow(BaseException):
 
 
 class StopSignal:
-    """SIGTERM and SIGINT (preemption, Ctrl-C) while training, and SIGPIPE: stdout's reader has
-    gone (`python train_gpt2.py | head`), so the run stops as if preempted.
+    """SIGTERM and SIGINT (preemption, Ctrl-C) while training; also SIGPIPE (stdout's reader has
+    gone: `python train_gpt2.py | head`) and SIGHUP (its terminal closed), unless the run was
+    started to ignore it (`nohup`). The run stops for them as if preempted.
 
     Until a step of this run has completed, a stop loses nothing: the run stops at once (even in
     the middle of torch.compile). After, the signal is remembered, and the run asks for it with
@@ -1410,10 +1411,10 @@ class StopSignal:
     saves the last completed step and exits. A second Ctrl-C stops at once.
     """
 
-    SIGNALS = (
-        signal.SIGTERM,
-        signal.SIGINT,
-        *([signal.SIGPIPE] if hasattr(signal, "SIGPIPE") else []),
+    SIGNALS = tuple(
+        getattr(signal, name)
+        for name in ("SIGTERM", "SIGINT", "SIGPIPE", "SIGHUP")
+        if hasattr(signal, name)  # Windows has neither SIGPIPE nor SIGHUP
     )
 
     def __init__(self, env):
@@ -1422,7 +1423,10 @@ class StopSignal:
         self.deferred = False  # whether a signal waits for the run to save
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        # nohup starts a run with SIGHUP ignored: it is meant to outlive its terminal
+        nohup = hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        signals = [s for s in self.SIGNALS if not (nohup and s == signal.SIGHUP)]
+        self.previous = {s: signal.signal(s, self._handler) for s in signals}
         return self
 
     def __exit__(self, *exc):
@@ -2346,7 +2350,7 @@ def main(argv=None):
             if env.ddp:
                 dist.destroy_process_group()
     except StopNow as e:
-        with contextlib.suppress(BrokenPipeError):  # `2>&1 | head`: stderr has no reader either
+        with contextlib.suppress(OSError):  # `2>&1 | head`, a closed terminal: stderr is gone too
             print(e, file=sys.stderr, flush=True)
         raise SystemExit(128 + e.signum) from None
     except KeyboardInterrupt:  # Ctrl-C before the handlers are in place

@@ -9,6 +9,8 @@ Faults:
     signal_at_step:STEP     SIGTERM to this process as training step STEP begins
     sigint_at_step:STEP     the same with SIGINT (Ctrl-C)
     two_sigints_at_step:STEP  two Ctrl-C in a row
+    hangup_at_step:STEP     as step STEP begins, wait for the terminal of stdout to close, then
+                            SIGHUP, as a terminal that closes sends
     signal_in_hellaswag:N   SIGTERM during the N-th HellaSwag batch scored; from then on each
                             batch takes 3 s, as in a long evaluation pass
     signal_in_val:N         the same with the N-th val micro-batch
@@ -49,6 +51,18 @@ def at_step(step, action):
     tg.set_learning_rate = patched
 
 
+def hang_up():
+    """Say so, wait until stdout's terminal is closed (writes fail), then SIGHUP this process."""
+    print("fault: waiting for the terminal to close", flush=True)
+    while True:
+        try:
+            os.write(sys.stdout.fileno(), b".")
+        except OSError:
+            break
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGHUP)
+
+
 def slowed(fn, n, seconds=3.0):
     """fn, sending SIGTERM on its n-th call, and from then on slow: each call takes `seconds`."""
     calls = []
@@ -75,6 +89,8 @@ def inject(name, arg):
         at_step(int(arg), lambda: kill_self(signal.SIGINT))
     elif name == "two_sigints_at_step":
         at_step(int(arg), lambda: (kill_self(signal.SIGINT), kill_self(signal.SIGINT)))
+    elif name == "hangup_at_step":
+        at_step(int(arg), hang_up)
     elif name == "signal_in_hellaswag":
         hellaswag.ending_losses = slowed(hellaswag.ending_losses, int(arg))
     elif name == "signal_in_val":

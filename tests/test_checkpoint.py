@@ -3,6 +3,7 @@ saving, non-finite steps, and the rules that keep one run from overwriting anoth
 
 import json
 import os
+import pty
 import shutil
 import signal
 import subprocess
@@ -387,5 +388,37 @@ def test_a_closed_stdout_stops_the_run_and_saves_it(tmp_path, data):
     assert proc.stderr.read() == ""  # no traceback: the message went where stdout went
     step = checkpoint_step(tg.latest_checkpoint(str(log_dir)))
     assert 5 <= step < 15  # within a few steps of the close, not at the end
+    tg.main(["--resume", "latest", "--log_dir", str(log_dir)])
+    assert open(log_dir / "log.txt").read() == expected
+
+
+@pytest.mark.parametrize("nohup", [False, True])
+def test_a_closed_terminal_stops_the_run_and_saves_it_unless_nohup(tmp_path, data, nohup):
+    # the run prints to a terminal (a pty) that closes as step 4 begins, then gets the SIGHUP a
+    # closing terminal sends: from then on every print fails (EIO). It saves and stops, or, started
+    # under nohup (SIGHUP ignored), trains on to the end with nowhere to print
+    tg.main(args_for(data, tmp_path / "full", max_steps=12))
+    expected = open(tmp_path / "full" / "log.txt").read()
+    log_dir = tmp_path / "terminal"
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, FAULTS] + args_for(data, log_dir, max_steps=12),
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+        env=dict(os.environ, FAULT="hangup_at_step:4", PYTHONPATH=ROOT),
+        preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None,
+    )
+    os.close(terminal)
+    seen = b""
+    while b"fault: waiting for the terminal to close" not in seen:
+        seen += os.read(master, 4096)
+    os.close(master)
+    code = proc.wait(timeout=60)
+    if nohup:
+        assert code == 0 and open(log_dir / "log.txt").read() == expected
+        return
+    assert code == 128 + signal.SIGHUP
+    assert checkpoint_step(tg.latest_checkpoint(str(log_dir))) == 4
     tg.main(["--resume", "latest", "--log_dir", str(log_dir)])
     assert open(log_dir / "log.txt").read() == expected
