@@ -4,6 +4,7 @@ saving, non-finite steps, and the rules that keep one run from overwriting anoth
 import json
 import os
 import pty
+import select
 import shutil
 import signal
 import subprocess
@@ -410,8 +411,12 @@ def test_a_closed_terminal_stops_the_run_and_saves_it_unless_nohup(tmp_path, dat
         preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None,
     )
     os.close(terminal)
-    seen = b""
+    seen, deadline = b"", time.monotonic() + 60
     while b"fault: waiting for the terminal to close" not in seen:
+        ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            proc.kill()
+            pytest.fail(f"no sign of step 4 in 60 s: {seen.decode(errors='replace')[-500:]}")
         seen += os.read(master, 4096)
     os.close(master)
     code = proc.wait(timeout=60)
