@@ -424,7 +424,7 @@ def plan_rows(cfg, dtype, has_fp8):
     if cfg.rows == "none":
         return []
     if cfg.rows == "final":
-        enabled = [k for k in enabled if missing.get(k) is None]
+        enabled = [k for k in enabled if k not in missing]
         return [(" + ".join([names[k] for k in enabled]) or BASELINE, enabled, None)]
     return [(BASELINE, [], None)] + [(f"+ {names[k]}", [k], missing.get(k)) for k in enabled]
 

@@ -1257,7 +1257,9 @@ class DistEnv:
 
 def discard_stdout():
     """Send what is still to be printed to /dev/null: stdout's pipe or terminal is gone."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 @contextlib.contextmanager
