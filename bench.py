@@ -23,6 +23,7 @@ generation: tokens/s of GPT.generate with its key/value cache (one stream, and a
 streams) against the loop that runs the whole sequence again for every new token.
 """
 
+import contextlib
 import ctypes
 import dataclasses
 import gc
@@ -37,45 +38,41 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
-import hellaswag
+import hellaswag_eval
+from cli import parse_settings, quiet_exit_when_stdout_closes, setting
+from datafiles import GPT2_VOCAB_SIZE, HERE, get_tokenizer, iterate_examples, write_shard
+from devices import (
+    autocast_context,
+    autocast_dtype,
+    default_device,
+    keep_freed_cpu_memory,
+    mfu,
+    peak_flops,
+    synchronize,
+)
+from generation import generate, sample_next
+from hf_gpt2 import GPT2_PRESETS
+from kernels import fp8_hardware, use_fp8_matmuls
 from train_gpt2 import (
-    EMBEDDED_DEFAULTS,
+    BUNDLED_DEFAULTS,
     GPT,
-    GPT2_PRESETS,
-    ArgumentParser,
-    CausalSelfAttention,
+    ON_OFF,
+    PADDED_VOCAB_SIZE,
     DataLoaderLite,
     DistEnv,
     GPTConfig,
     TrainConfig,
-    autocast_context,
-    autocast_dtype,
-    default_device,
     evaluate_val_loss,
-    flops_per_token,
-    fp8_hardware,
-    get_tokenizer,
-    keep_freed_cpu_memory,
-    mfu,
-    newton_schulz_dtype,
-    peak_flops,
-    quiet_exit_when_stdout_closes,
-    sample_next,
-    setting,
-    synchronize,
+    get_recipe,
     train_step,
-    use_fp8_matmuls,
-    write_shard,
 )
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # 64 HellaSwag val examples kept in the repository, for offline runs
 HELLASWAG_SLICE = os.path.join(HERE, "tests", "data", "hellaswag_val_head64.jsonl")
-GPT2_VOCAB = 50257
-PADDED_VOCAB = 50304  # 50257 rounded up to a multiple of 128: the lecture's "nice number"
 # the small model train_gpt2.py trains on the bundled corpus when there is no FineWeb
-SMALL_PRESET = {k: EMBEDDED_DEFAULTS[k] for k in ("n_layer", "n_head", "n_embd")}
+SMALL_PRESET = {k: BUNDLED_DEFAULTS[k] for k in ("n_layer", "n_head", "n_embd")}
 PRESETS = {**GPT2_PRESETS, "small": SMALL_PRESET}
 
 # -----------------------------------------------------------------------------
@@ -104,7 +101,7 @@ OPTIMIZATIONS = {
     "autocast": "autocast",
     "compile": "compile",
     "flash": "flash attention",
-    "vocab_pad": f"vocab {PADDED_VOCAB}",
+    "vocab_pad": f"vocab {PADDED_VOCAB_SIZE}",
     "fused": "fused AdamW",
     "fused_loss": "fused loss",  # beyond the lecture
     "fp8": "fp8",
@@ -114,52 +111,71 @@ BASELINE = "fp32"
 PROFILE_STEPS = 3  # enough to see the steady state; a trace of each kernel launch grows fast
 
 
-class ManualAttention(CausalSelfAttention):
+def manual_attention(q, k, v, is_causal=True, scale=None):
     """The lecture's attention before flash attention: softmax(QK^T / sqrt(d) + causal mask) V,
-    with the (T, T) attention matrix materialized in memory. Same parameters as the SDPA version."""
+    with the (T, T) attention matrix materialized in memory."""
+    assert is_causal  # the training step's attention
+    T = q.size(-2)
+    att = (q @ k.transpose(-2, -1)) * (scale or 1.0 / math.sqrt(k.size(-1)))
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    att = F.softmax(att.masked_fill(~causal, float("-inf")), dim=-1)
+    return att @ v
 
-    def attend(self, q, k, v):
-        T = q.size(-2)
-        att = (q @ k.transpose(-2, -1)) * (self.scale or 1.0 / math.sqrt(k.size(-1)))
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        att = F.softmax(att.masked_fill(~causal, float("-inf")), dim=-1)
-        return att @ v
+
+class ManualAttention(TorchFunctionMode):
+    """Inside `with ManualAttention():`, the models' F.scaled_dot_product_attention calls run
+    manual_attention instead: the rows without flash attention train the very same model (and
+    torch.compile traces through the mode)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            return manual_attention(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
 
 
 def variant_config(config, variant):
     """The model a row trains: the variant's vocabulary and recipe."""
     return dataclasses.replace(
         config,
-        vocab_size=PADDED_VOCAB if variant.vocab_pad else GPT2_VOCAB,
+        vocab_size=PADDED_VOCAB_SIZE if variant.vocab_pad else GPT2_VOCAB_SIZE,
         recipe="speedrun" if variant.speedrun else "gpt2",
     )
 
 
-def build_model(config, variant, device):
-    """A freshly initialized GPT in the variant's vocabulary, recipe and attention, on the
-    device."""
+def row_model(config, variant, device):
+    """A freshly initialized model of the variant's recipe, vocabulary and kernels, on the device;
+    with variant.flash off, run it inside attention_of(variant)."""
     torch.manual_seed(0)
-    model = GPT(variant_config(config, variant))
-    model.fused_loss = variant.fused_loss
+    model_config = variant_config(config, variant)
+    model = get_recipe(model_config.recipe).model(model_config, fused_loss=variant.fused_loss)
     if variant.fp8:
         use_fp8_matmuls(model)
-    if not variant.flash:
-        for block in model.transformer.h:
-            block.attn.__class__ = ManualAttention  # an attend() swap: the weights stay as they are
     return model.to(device)
+
+
+def row_flops_per_token(config, variant, T):
+    """The training FLOPs per token of a row's model (counted on the meta device: no memory)."""
+    model_config = variant_config(config, variant)
+    with torch.device("meta"):
+        return get_recipe(model_config.recipe).model(model_config).flops_per_token(T)
+
+
+def attention_of(variant):
+    """The context in which a row's model computes its attention: flash, or the manual one."""
+    return contextlib.nullcontext() if variant.flash else ManualAttention()
 
 
 def make_step(variant, config, loader, env, dtype, grad_accum):
     """A fresh model and optimizer in this variant, and a function that runs one optimizer step of
     train_step on them, reading from the loader, and waits for the device to finish it."""
     torch.set_float32_matmul_precision("high" if variant.tf32 else "highest")
-    raw_model = build_model(config, variant, env.device)
+    raw_model = row_model(config, variant, env.device)
     model = torch.compile(raw_model) if variant.compile else raw_model
     train = TrainConfig()  # the 124M run's optimizer settings
     dtype = dtype if variant.autocast else torch.float32
     if variant.speedrun:
-        ns_dtype = newton_schulz_dtype(env.device_type, dtype)
-        optimizer = raw_model.configure_speedrun_optimizer(train, ns_dtype, log=lambda *a: None)
+        recipe = get_recipe("speedrun")
+        optimizer = recipe.make_optimizer(raw_model, train, env.device_type, dtype, lambda *a: 0)
     else:
         optimizer = raw_model.configure_optimizers(
             weight_decay=train.weight_decay,
@@ -174,7 +190,8 @@ def make_step(variant, config, loader, env, dtype, grad_accum):
     loader.reset()
 
     def step():
-        train_step(model, optimizer, loader, grad_accum, env, autocast, scaler, train.grad_clip)
+        with attention_of(variant):
+            train_step(model, optimizer, loader, grad_accum, env, autocast, scaler, train.grad_clip)
         synchronize(env.device)
 
     return step
@@ -207,16 +224,16 @@ def profile_steps(step, device_type, steps, trace_path):
     print(f"profiler trace of {steps} steps: {trace_path}")
 
 
-def step_figures(config, B, T, grad_accum, step_times, peak_spec, peak_matmul):
+def step_figures(flops_per_token, B, T, grad_accum, step_times, peak_spec, peak_matmul):
     """FLOPs per token, tokens/s, ms/step and MFU against each peak (None where it is unknown)."""
     seconds = sum(step_times)
     tokens_per_sec = B * T * grad_accum * len(step_times) / seconds
     return dict(
-        flops_per_token=flops_per_token(config, T),
+        flops_per_token=flops_per_token,
         tokens_per_sec=tokens_per_sec,
         ms_per_step=1000 * seconds / len(step_times),
-        mfu_spec=mfu(config, T, tokens_per_sec, peak_spec) if peak_spec else None,
-        mfu_matmul=mfu(config, T, tokens_per_sec, peak_matmul) if peak_matmul else None,
+        mfu_spec=mfu(flops_per_token, tokens_per_sec, peak_spec) if peak_spec else None,
+        mfu_matmul=mfu(flops_per_token, tokens_per_sec, peak_matmul) if peak_matmul else None,
     )
 
 
@@ -287,7 +304,7 @@ def synthetic_shards(data_dir, tokens, seed=0):
     rng = np.random.default_rng(seed)
     write_shard(
         os.path.join(data_dir, "bench_train_000000.npy"),
-        rng.integers(0, GPT2_VOCAB, size=tokens, dtype=np.uint16),
+        rng.integers(0, GPT2_VOCAB_SIZE, size=tokens, dtype=np.uint16),
     )
     return data_dir
 
@@ -302,26 +319,27 @@ def loader_rate(loader, batches):
 
 
 def hellaswag_rate(config, variant, device, dtype, path, limit):
-    """(examples per second, examples) of hellaswag.evaluate as the training loop runs it: the
+    """(examples per second, examples) of HellaSwag scoring as the training loop runs it: the
     examples packed once, the scorer compiled when the variant compiles, the autocast of
     training; the first pass (which compiles) is not timed. (None, reason) where it cannot run."""
-    examples = list(itertools.islice(hellaswag.iterate_examples("val", path), limit))
+    examples = list(itertools.islice(iterate_examples("val", path), limit))
     if not examples:
         return None, f"no examples in {path}"
     try:
-        batch_tokens = hellaswag.batch_tokens_for(device)
-        packed = hellaswag.pack_examples(
+        batch_tokens = hellaswag_eval.batch_tokens_for(device)
+        packed = hellaswag_eval.pack_examples(
             examples, get_tokenizer(), batch_tokens, max_width=config.block_size
         )
     except SystemExit as e:
         return None, str(e)
-    model = build_model(config, variant, device)
+    model = row_model(config, variant, device)
     device_type = device.split(":")[0]
     autocast = autocast_context(dtype if variant.autocast else torch.float32, device_type)
-    scorer = hellaswag.make_scorer(model.hidden, model.head, variant.compile)
-    hellaswag.evaluate(scorer, packed, device, autocast)
-    t0 = time.perf_counter()
-    hellaswag.evaluate(scorer, packed, device, autocast)
+    scorer = hellaswag_eval.make_scorer(model.hidden, model.head, variant.compile)
+    with attention_of(variant):
+        hellaswag_eval.evaluate(scorer, packed, device, autocast)
+        t0 = time.perf_counter()
+        hellaswag_eval.evaluate(scorer, packed, device, autocast)
     return len(examples) / (time.perf_counter() - t0), len(examples)
 
 
@@ -329,14 +347,15 @@ def val_loss_rate(config, variant, device, dtype, loader, steps):
     """Tokens per second of evaluate_val_loss as the training loop runs it: the last row's model
     (compiled when the variant compiles) in its autocast, forward only, one wait for the device
     per pass; the first pass (which compiles) is not timed."""
-    model = build_model(config, variant, device)
+    model = row_model(config, variant, device)
     model = torch.compile(model) if variant.compile else model
     env = DistEnv(False, 0, 0, 1, device, True)
     device_type = device.split(":")[0]
     autocast = autocast_context(dtype if variant.autocast else torch.float32, device_type)
-    evaluate_val_loss(model, loader, 1, env, autocast)
-    t0 = time.perf_counter()
-    evaluate_val_loss(model, loader, steps, env, autocast)  # ends with .item(): synchronized
+    with attention_of(variant):
+        evaluate_val_loss(model, loader, 1, env, autocast)
+        t0 = time.perf_counter()
+        evaluate_val_loss(model, loader, steps, env, autocast)  # ends with .item(): synchronized
     return steps * loader.B * loader.T / (time.perf_counter() - t0)
 
 
@@ -349,7 +368,7 @@ def generate_by_recompute(model, prompt, new_tokens, generator):
     """The lecture's sampling loop: the whole sequence through the model for every new token."""
     idx = torch.tensor([prompt], device=model.lm_head.weight.device)
     for _ in range(new_tokens):
-        logits = model(idx)[0][:, -1, :GPT2_VOCAB]
+        logits = model(idx)[0][:, -1, :GPT2_VOCAB_SIZE]
         next_token = sample_next(logits, top_k=50, generator=generator)
         idx = torch.cat((idx, next_token.unsqueeze(1)), dim=1)
     return idx
@@ -357,12 +376,12 @@ def generate_by_recompute(model, prompt, new_tokens, generator):
 
 def generation_rates(config, device, dtype, prompt_len, new_tokens, batch):
     """tokens/s of generation from a random model in dtype (its weights cast, as sample.py does):
-    GPT.generate for one stream and for `batch` streams, and the loop without a cache."""
+    generate() for one stream and for `batch` streams, and the loop without a cache."""
     torch.manual_seed(0)
-    model = GPT(dataclasses.replace(config, vocab_size=PADDED_VOCAB))
+    model = GPT(dataclasses.replace(config, vocab_size=PADDED_VOCAB_SIZE))
     model.to(device=device, dtype=dtype).eval()
     generator = torch.Generator(device=device).manual_seed(0)
-    prompt = torch.randint(0, GPT2_VOCAB, (prompt_len,), generator=torch.Generator()).tolist()
+    prompt = torch.randint(0, GPT2_VOCAB_SIZE, (prompt_len,), generator=torch.Generator()).tolist()
     options = dict(top_k=50, generator=generator)
 
     def rate(fn, tokens):
@@ -375,10 +394,10 @@ def generation_rates(config, device, dtype, prompt_len, new_tokens, batch):
 
     recompute = lambda n: generate_by_recompute(model, prompt, n, generator)
     return {
-        "cache_1": rate(lambda n: model.generate([prompt], n, **options), new_tokens),
+        "cache_1": rate(lambda n: generate(model, [prompt], n, **options), new_tokens),
         "no_cache_1": rate(recompute, new_tokens),
         f"cache_{batch}": rate(
-            lambda n: model.generate([prompt] * batch, n, **options), batch * new_tokens
+            lambda n: generate(model, [prompt] * batch, n, **options), batch * new_tokens
         ),
     }
 
@@ -434,68 +453,66 @@ class BenchConfig:
     """Every setting of a benchmark run; each field is also a command-line flag (--name value)."""
 
     preset: str = setting("", "gpt2[-medium|-large|-xl] or small; '': gpt2 on CUDA, else small")
-    n_layer: int = setting(0, "transformer blocks (0: the preset's)")
-    n_head: int = setting(0, "attention heads (0: the preset's)")
-    n_embd: int = setting(0, "embedding width (0: the preset's)")
-    B: int = setting(16, "micro-batch size, sequences")
-    T: int = setting(0, "sequence length (0: 1024 for GPT-2 presets, 256 for small)")
-    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    n_layer: int = setting(0, "transformer blocks (0: the preset's)", minimum=0)
+    n_head: int = setting(0, "attention heads (0: the preset's)", minimum=0)
+    n_embd: int = setting(0, "embedding width (0: the preset's)", minimum=0)
+    B: int = setting(16, "micro-batch size, sequences", minimum=1)
+    T: int = setting(0, "sequence length (0: 1024 for GPT-2 presets, 256 for small)", minimum=0)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", minimum=1)
     device: str = setting("", "cuda, cuda:1, mps or cpu ('': the best available)")
-    dtype: str = setting("auto", "autocast dtype: auto, bfloat16 or float16")
-    warmup: int = setting(3, "untimed steps per row before the timed ones")
-    steps: int = setting(10, "timed optimizer steps per row")
-    rows: str = setting("sequence", "sequence: a row per optimization; final: the last; none")
-    tf32: int = setting(1, "rows with TF32 matmuls (0: in no row)")
-    autocast: int = setting(1, "rows with bf16 autocast, fp16 on GPUs without bf16 (0: in no row)")
-    compile: int = setting(1, "rows with torch.compile (0: in no row)")
-    flash: int = setting(1, "rows with flash attention, else the manual one (0: in no row)")
-    vocab_pad: int = setting(1, f"rows with the vocabulary padded to {PADDED_VOCAB} (0: in no row)")
-    fused: int = setting(1, "rows with fused AdamW, else the unfused one (0: in no row)")
-    fused_loss: int = setting(1, "rows with the chunked lm_head + loss (0: in no row)")
-    fp8: int = setting(1, "rows with the blocks' matmuls in FP8, where the GPU has them (0: none)")
-    speedrun: int = setting(1, "rows with --recipe speedrun's model and Muon (0: in no row)")
-    matmul_size: int = setting(0, "n of the n^3 peak matmul (0: 8192 on CUDA, else 2048)")
+    dtype: str = setting("auto", "autocast dtype", choices=("auto", "bfloat16", "float16"))
+    warmup: int = setting(3, "untimed steps per row before the timed ones", minimum=0)
+    steps: int = setting(10, "timed optimizer steps per row", minimum=1)
+    rows: str = setting(
+        "sequence",
+        "sequence: a row per optimization; final: the last; none",
+        choices=("sequence", "final", "none"),
+    )
+    tf32: int = setting(1, "rows with TF32 matmuls (0: in no row)", choices=ON_OFF)
+    autocast: int = setting(
+        1, "rows with bf16 autocast, fp16 on GPUs without bf16 (0: in no row)", choices=ON_OFF
+    )
+    compile: int = setting(1, "rows with torch.compile (0: in no row)", choices=ON_OFF)
+    flash: int = setting(
+        1, "rows with flash attention, else the manual one (0: in no row)", choices=ON_OFF
+    )
+    vocab_pad: int = setting(
+        1, f"rows with the vocabulary padded to {PADDED_VOCAB_SIZE} (0: in no row)", choices=ON_OFF
+    )
+    fused: int = setting(
+        1, "rows with fused AdamW, else the unfused one (0: in no row)", choices=ON_OFF
+    )
+    fused_loss: int = setting(
+        1, "rows with the chunked lm_head + loss (0: in no row)", choices=ON_OFF
+    )
+    fp8: int = setting(
+        1, "rows with the blocks' matmuls in FP8, where the GPU has them (0: none)", choices=ON_OFF
+    )
+    speedrun: int = setting(
+        1, "rows with --recipe speedrun's model and Muon (0: in no row)", choices=ON_OFF
+    )
+    matmul_size: int = setting(
+        0, "n of the n^3 peak matmul (0: 8192 on CUDA, else 2048)", minimum=0
+    )
     data_dir: str = setting("", "train shards to read ('': random ones in a temporary directory)")
-    loader_batches: int = setting(100, "batches timed from the data loader")
-    hellaswag: int = setting(1, "measure HellaSwag evaluation")
+    loader_batches: int = setting(100, "batches timed from the data loader", minimum=1)
+    hellaswag: int = setting(1, "measure HellaSwag evaluation", choices=ON_OFF)
     hellaswag_path: str = setting(HELLASWAG_SLICE, "HellaSwag jsonl file")
-    hellaswag_examples: int = setting(64, "HellaSwag examples timed")
-    val_steps: int = setting(10, "micro-batches of the timed val loss (0: not measured)")
-    generate: int = setting(0, "measure generation (sample.py's): with the cache and without")
-    gen_prompt: int = setting(16, "generation: prompt tokens")
-    gen_tokens: int = setting(256, "generation: new tokens per stream")
-    gen_batch: int = setting(64, "generation: streams of the batched measurement")
+    hellaswag_examples: int = setting(64, "HellaSwag examples timed", minimum=1)
+    val_steps: int = setting(10, "micro-batches of the timed val loss (0: not measured)", minimum=0)
+    generate: int = setting(
+        0, "measure generation (sample.py's): with the cache and without", choices=ON_OFF
+    )
+    gen_prompt: int = setting(16, "generation: prompt tokens", minimum=1)
+    gen_tokens: int = setting(256, "generation: new tokens per stream", minimum=1)
+    gen_batch: int = setting(64, "generation: streams of the batched measurement", minimum=1)
     json: str = setting("", "also write the figures to this file")
     profile: str = setting("", "profile the last row that ran and write its trace to this file")
 
 
-CHOICES = {
-    "dtype": ("auto", "bfloat16", "float16"),
-    "rows": ("sequence", "final", "none"),
-    **{k: (0, 1) for k in (*OPTIMIZATIONS, "hellaswag", "generate")},
-}
-
-
 def parse_args(argv=None):
     """A BenchConfig from command-line flags, one per field."""
-    parser = ArgumentParser(description=__doc__.strip().split("\n")[0])
-    for f in dataclasses.fields(BenchConfig):
-        parser.add_argument(
-            f"--{f.name}",
-            type=f.type,
-            default=f.default,
-            choices=CHOICES.get(f.name),
-            help=f"{f.metadata['help']} (default: {f.default!r})",
-        )
-    cfg = BenchConfig(**vars(parser.parse_args(argv)))
-    if (
-        min(cfg.B, cfg.grad_accum, cfg.steps, cfg.loader_batches) < 1
-        or min(cfg.warmup, cfg.val_steps) < 0
-    ):
-        raise SystemExit(
-            "B, grad_accum, steps and loader_batches must be positive, warmup and val_steps >= 0"
-        )
-    return cfg
+    return parse_settings(BenchConfig, __doc__.strip().split("\n")[0], argv)
 
 
 def resolve_model(cfg, device_type):
@@ -504,7 +521,7 @@ def resolve_model(cfg, device_type):
     if preset not in PRESETS:
         raise SystemExit(f"--preset {preset}: expected one of {', '.join(PRESETS)}")
     shape = {k: getattr(cfg, k) or v for k, v in PRESETS[preset].items()}
-    T = cfg.T or (EMBEDDED_DEFAULTS["T"] if preset == "small" else 1024)
+    T = cfg.T or (BUNDLED_DEFAULTS["T"] if preset == "small" else 1024)
     if min(shape.values()) < 1:
         raise SystemExit(f"n_layer, n_head and n_embd must be positive, not {shape}")
     if shape["n_embd"] % shape["n_head"]:
@@ -542,12 +559,11 @@ def measure_rows(plan, config, T, loader, env, dtype, cfg, peak_spec, peak_matmu
                 first_line = (str(e).strip() or "no message").splitlines()[0][:160]
                 row["skipped"] = f"{type(e).__name__}: {first_line}"
             else:
-                model_config = variant_config(config, variant)
-                row.update(
-                    step_figures(
-                        model_config, cfg.B, T, cfg.grad_accum, times, peak_spec, peak_matmul
-                    )
+                flops = row_flops_per_token(config, variant, T)
+                figures = step_figures(
+                    flops, cfg.B, T, cfg.grad_accum, times, peak_spec, peak_matmul
                 )
+                row.update(figures)
                 row["peak_memory_bytes"] = peak_memory(env.device, start)
                 baseline = baseline or row["tokens_per_sec"]
                 row["speedup"] = row["tokens_per_sec"] / baseline

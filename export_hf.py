@@ -11,16 +11,10 @@ import os
 
 import torch
 
-from train_gpt2 import (
-    EOT,
-    HERE,
-    HF_CONV1D_WEIGHTS,
-    HF_MASK_BUFFERS,
-    ArgumentParser,
-    get_tokenizer,
-    load_model_from_checkpoint,
-    quiet_exit_when_stdout_closes,
-)
+from cli import ArgumentParser, quiet_exit_when_stdout_closes
+from datafiles import EOT, GPT2_VOCAB_SIZE, HERE
+from hf_gpt2 import CONV1D_WEIGHTS, MASK_BUFFERS
+from train_gpt2 import load_model_from_checkpoint
 
 # OpenAI's GPT-2 vocabulary in Hugging Face's file format (encoder.json and vocab.bpe)
 HF_TOKENIZER_DIR = os.path.join(HERE, "data", "gpt2-hf")
@@ -30,7 +24,7 @@ def export_hf(model, out_dir):
     """Write `model` (a GPT) to out_dir as GPT2LMHeadModel weights, config and tokenizer files."""
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-    n_vocab = get_tokenizer().n_vocab  # drop the padding rows: 50304 -> 50257
+    n_vocab = GPT2_VOCAB_SIZE  # drop the padding rows: 50304 -> 50257
     c = model.config
     if c.recipe != "gpt2":
         raise SystemExit(
@@ -59,11 +53,11 @@ def export_hf(model, out_dir):
     for k, v in model.state_dict().items():
         if k in ("transformer.wte.weight", "lm_head.weight"):
             v = v[:n_vocab]
-        state[k] = (v.t() if k.endswith(HF_CONV1D_WEIGHTS) else v).contiguous().float()
+        state[k] = (v.t() if k.endswith(CONV1D_WEIGHTS) else v).contiguous().float()
     hf_model = GPT2LMHeadModel(hf_config)
     result = hf_model.load_state_dict(state, strict=False)
     # older transformers versions hold the causal mask as (non-weight) buffers
-    missing = [k for k in result.missing_keys if not k.endswith(HF_MASK_BUFFERS)]
+    missing = [k for k in result.missing_keys if not k.endswith(MASK_BUFFERS)]
     assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
     hf_model.save_pretrained(out_dir)
     tokenizer = GPT2TokenizerFast.from_pretrained(HF_TOKENIZER_DIR)

@@ -30,14 +30,14 @@ import unicodedata
 import numpy as np
 from tqdm import tqdm
 
-from hellaswag import download, iterate_examples
-from train_gpt2 import (
+from cli import ArgumentParser, quiet_exit_when_stdout_closes
+from datafiles import (
     EOT,
-    ArgumentParser,
     atomic_open,
+    download_hellaswag,
     get_tokenizer,
+    iterate_examples,
     open_shard,
-    quiet_exit_when_stdout_closes,
     write_shard,
 )
 
@@ -628,7 +628,7 @@ def build_shards(args):
         source = {"dataset": args.dataset, "remote_name": args.remote_name}
     eval_path = decontaminate = None
     if args.decontaminate:
-        eval_path = os.path.abspath(args.hellaswag_path or download("val"))
+        eval_path = os.path.abspath(args.hellaswag_path or download_hellaswag("val"))
         if not os.path.isfile(eval_path):
             raise SystemExit(f"HellaSwag file {eval_path} does not exist")
         ngrams = len(hellaswag_index(eval_path))

@@ -1,9 +1,8 @@
 """
-HellaSwag (Zellers et al. 2019): pick the most likely of four endings for a context.
-
-Every ending is scored by the cross-entropy of its tokens given the context: `acc` picks the
-ending with the lowest summed loss, `acc_norm` the lowest mean loss per token (this is the
-completion-style scoring of the lecture, not the multiple-choice format of the paper).
+Score a model on HellaSwag (Zellers et al. 2019): a transformers GPT-2 (a hub name or a local
+directory) or a checkpoint of train_gpt2.py, with the same scoring the training loop runs
+(hellaswag_eval.py): `acc` picks the ending with the lowest summed loss, `acc_norm` the lowest
+mean loss per token.
 
     python hellaswag.py --model_type gpt2                  # a transformers model: hub name or dir
     python hellaswag.py --checkpoint log/model_19073.pt    # a checkpoint of train_gpt2.py
@@ -11,331 +10,34 @@ completion-style scoring of the lecture, not the multiple-choice format of the p
 
 Reference figures (val, 10042 examples): OpenAI gpt2 (124M) acc 0.2859, acc_norm 0.2955;
 gpt2-xl (1558M) acc_norm about 0.4893.
-
-Scoring needs only a tokenizer and a model's hidden states and head, so this file does not import
-train_gpt2.py (train_gpt2.py imports it); its command line loads models through train_gpt2.py.
-
-The scoring keeps a GPU busy: the examples are rendered once, their 4 rows are sorted by length
-and packed into batches of about --batch_tokens tokens whose widths are rounded up to a multiple
-of 32 (so that a compiled scorer sees a handful of shapes); only the positions that predict an
-ending token (about a fifth) go through the lm_head; and the losses stay on the device until the
-last batch: one host synchronization per pass.
 """
 
-import contextlib
-import json
-import math
-import os
-from dataclasses import dataclass
-
 import torch
-import torch.distributed as dist
 
-DATA_CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")
-DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
-SPLITS = ("train", "val", "test")
-ENDINGS = 4
-GPT2_TOKENS = 50257  # models may pad their output past GPT-2's vocabulary (50304): not scored
-# rows x width per forward pass: 16k tokens keep an H100 busy; on a CPU, whose logits are float32
-# (200KB per token), 2k tokens are as fast per token and need 8 times less memory
-GPU_BATCH_TOKENS = 2**14
-CPU_BATCH_TOKENS = 2**11
-WIDTH_MULTIPLE = 32  # batch widths are multiples of this: HellaSwag's rows need 3 to 6 of them
+import hellaswag_eval
+from cli import ArgumentParser, quiet_exit_when_stdout_closes
+from datafiles import HELLASWAG_SPLITS, get_tokenizer, iterate_examples
+from devices import autocast_context, autocast_dtype, default_device
+from hellaswag_eval import render_example
+from hf_gpt2 import load_hf_gpt2
+from train_gpt2 import load_model_from_checkpoint
 
-# -----------------------------------------------------------------------------
-# Data
+# the lecture's `from hellaswag import render_example, iterate_examples` keeps working
+__all__ = ["iterate_examples", "main", "render_example", "scored_model"]
 
 
-def download(split, cache_dir=DATA_CACHE_DIR):
-    """Fetch hellaswag_{split}.jsonl into cache_dir once (streamed, with a progress bar)."""
-    import requests
-    from tqdm import tqdm
-
-    path = os.path.join(cache_dir, f"hellaswag_{split}.jsonl")
-    if os.path.exists(path):
-        return path
-    url = DATA_URL.format(split=split)
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        with requests.get(url, stream=True, timeout=30) as response:
-            response.raise_for_status()
-            total = int(response.headers.get("content-length", 0)) or None
-            partial = path + ".part"  # only a complete download gets the final name
-            with (
-                open(partial, "wb") as f,
-                tqdm(total=total, unit="iB", unit_scale=True, desc=path) as bar,
-            ):
-                for chunk in response.iter_content(chunk_size=1 << 16):
-                    bar.update(f.write(chunk))
-            os.replace(partial, path)
-    except requests.RequestException as e:
-        raise SystemExit(
-            f"could not download {url} ({type(e).__name__}); offline, put the file at {path} "
-            "or pass its path (--input here, --hellaswag_path to train_gpt2.py)"
-        ) from None
-    except OSError as e:
-        raise SystemExit(f"could not write {path}: {e.strerror or e}") from None
-    return path
-
-
-def iterate_examples(split="val", path=None):
-    """The examples of a split, from a local jsonl file if given, else the (downloaded) cache.
-    A file that is not HellaSwag's jsonl ends in one line naming the file and the line."""
-    if path is None:
-        path = download(split)
-    if not os.path.isfile(path):
-        raise SystemExit(f"HellaSwag file {path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    yield parse_example(line, path, lineno)
-    except UnicodeDecodeError:
-        raise SystemExit(f"HellaSwag file {path} is not UTF-8 text") from None
-    except OSError as e:
-        raise SystemExit(f"HellaSwag file {path} could not be read: {e.strerror or e}") from None
-
-
-def parse_example(line, path, lineno):
-    try:
-        example = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"{path} line {lineno} is not JSON ({e.msg})") from None
-    if not (
-        isinstance(example, dict)
-        and isinstance(example.get("ctx"), str)
-        and isinstance(example.get("endings"), list)
-        and len(example["endings"]) == ENDINGS
-        and all(isinstance(e, str) for e in example["endings"])
-        and example.get("label") in range(ENDINGS)
-    ):
-        raise SystemExit(
-            f"{path} line {lineno} is not a HellaSwag example (ctx, 4 endings and a label 0-3)"
-        )
-    return example
-
-
-def render_example(example, enc):
-    """Tokenize an example with GPT-2's tokenizer enc into 4 rows of context + " " + ending.
-
-    Returns (data, tokens, mask, label): tokens and mask are (4, longest row) long tensors,
-    right-padded with 0; the mask is 1 over the ending's tokens, where the model is scored.
-    """
-    ctx_tokens = enc.encode(example["ctx"])
-    # the space goes with the ending: GPT-2's tokens carry their leading space
-    ending_tokens = [enc.encode(" " + ending) for ending in example["endings"]]
-    rows = [ctx_tokens + end for end in ending_tokens]
-    max_len = max(len(row) for row in rows)
-    tokens = torch.zeros((ENDINGS, max_len), dtype=torch.long)
-    mask = torch.zeros((ENDINGS, max_len), dtype=torch.long)
-    for i, row in enumerate(rows):
-        tokens[i, : len(row)] = torch.tensor(row)
-        mask[i, len(ctx_tokens) : len(row)] = 1
-    data = {"label": example["label"], "ctx_tokens": ctx_tokens, "ending_tokens": ending_tokens}
-    return data, tokens, mask, example["label"]
-
-
-# -----------------------------------------------------------------------------
-# Packing the rows of many examples into batches
-
-
-@dataclass
-class Batch:
-    """R rows of `width` tokens, and the N ending tokens to score in them. Only the positions
-    that predict an ending token go through the lm_head: about a fifth of HellaSwag's tokens."""
-
-    tokens: torch.Tensor  # (R, width) right-padded with 0; padding rows are all 0
-    positions: torch.Tensor  # (N,) flat index (row * width + t) of each position t predicting t + 1
-    targets: torch.Tensor  # (N,) the ending token each of them predicts
-    rows: torch.Tensor  # (N,) the row of the set (4 * example + ending) each belongs to
-
-
-@dataclass
-class PackedExamples:
-    """Examples rendered once and packed into batches, ready to be scored any number of times.
-    Row 4 * i + j is ending j of example i."""
-
-    labels: torch.Tensor  # (examples,)
-    ending_lengths: torch.Tensor  # (rows,) tokens in each ending
-    batches: list
-    longest: int  # the longest row: the context a model needs
-
-    def __len__(self):
-        return len(self.labels)
-
-
-def batch_tokens_for(device):
-    return GPU_BATCH_TOKENS if str(device).startswith("cuda") else CPU_BATCH_TOKENS
-
-
-def pack_examples(examples, enc, batch_tokens=CPU_BATCH_TOKENS, max_width=None):
-    """Render every example with the tokenizer enc and pack the rows, longest first, into batches of
-    batch_tokens // width rows each. A batch's width is its longest row rounded up to a multiple
-    of WIDTH_MULTIPLE (at most max_width), and every batch of one width has the same number of
-    rows (the last is padded with empty rows), so a compiled scorer meets few shapes."""
-    if batch_tokens < 1:
-        raise SystemExit(f"the HellaSwag batch must hold at least one token, not {batch_tokens}")
-    rows, labels = [], []
-    for example in examples:
-        data, _, _, label = render_example(example, enc)
-        labels.append(label)
-        for ending in data["ending_tokens"]:
-            rows.append((data["ctx_tokens"] + ending, len(data["ctx_tokens"])))
-    longest = max((len(tokens) for tokens, _ in rows), default=0)
-    if max_width and longest > max_width:
-        raise SystemExit(f"HellaSwag needs block_size >= {longest}, the model has {max_width}")
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
-    batches, start = [], 0
-    while start < len(order):
-        width = math.ceil(len(rows[order[start]][0]) / WIDTH_MULTIPLE) * WIDTH_MULTIPLE
-        width = min(width, max_width or width)
-        size = max(1, batch_tokens // width)
-        members = order[start : start + size]
-        grid = torch.zeros((size, width), dtype=torch.long)
-        positions, targets, row_ids = [], [], []
-        for i, r in enumerate(members):
-            tokens, ctx_len = rows[r]
-            grid[i, : len(tokens)] = torch.tensor(tokens)
-            positions += range(i * width + ctx_len - 1, i * width + len(tokens) - 1)
-            targets += tokens[ctx_len:]
-            row_ids += [r] * (len(tokens) - ctx_len)
-        batches.append(
-            Batch(
-                tokens=grid,
-                positions=torch.tensor(positions, dtype=torch.long),
-                targets=torch.tensor(targets, dtype=torch.long),
-                rows=torch.tensor(row_ids, dtype=torch.long),
-            )
-        )
-        start += len(members)
-    return PackedExamples(
-        labels=torch.tensor(labels, dtype=torch.long),
-        ending_lengths=torch.tensor([len(t) - c for t, c in rows], dtype=torch.long),
-        batches=batches,
-        longest=longest,
-    )
-
-
-# -----------------------------------------------------------------------------
-# Scoring
-
-
-def ending_losses(hidden, head_fn, positions, targets):
-    """Cross-entropy of each ending token, from the (rows, width, n_embd) hidden states: only the
-    positions that predict an ending token (flat indices) go through head_fn, the lm_head.
-
-    Vocabulary entries past GPT-2's 50257 (padding) are ignored. The float32 upcast of bf16
-    logits covers those positions only, not the whole (rows, width, vocab) tensor.
-    """
-    selected = hidden.flatten(0, 1).index_select(0, positions)
-    logits = head_fn(selected)[:, :GPT2_TOKENS]
-    if logits.element_size() < 4:  # bf16 / fp16 under autocast
-        logits = logits.float()
-    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-
-def make_scorer(hidden_fn, head_fn, compile=False):
-    """(tokens, positions, targets) -> the loss of every ending token. hidden_fn maps (rows,
-    width) tokens to the final hidden states, head_fn those to logits. With compile, hidden_fn
-    is compiled with static shapes (one graph per batch shape: pack_examples keeps them few);
-    the head runs on a varying number of positions and stays eager."""
-    body = torch.compile(hidden_fn, dynamic=False) if compile else hidden_fn
-    return lambda tokens, positions, targets: ending_losses(
-        body(tokens), head_fn, positions, targets
-    )
-
-
-@torch.no_grad()
-def row_losses(scorer, packed, device, autocast=None, rank=0, world_size=1, should_stop=None):
-    """Summed ending loss of every row, on the device: (rows,), or None if should_stop() said
-    so between two batches. Rank r scores batches r, r + world_size, ...; the losses are summed
-    over ranks, so every rank returns all of them."""
-    autocast = autocast or contextlib.nullcontext()
-    # float64 where the device has it: the sums stay as exact as the losses, even of a float64 model
-    dtype = torch.float32 if str(device).startswith("mps") else torch.float64
-    sums = torch.zeros(len(packed.ending_lengths), dtype=dtype, device=device)
-    rounds = math.ceil(len(packed.batches) / world_size)  # the same number on every rank
-    for i in range(rounds):
-        if should_stop is not None and should_stop():
-            return None
-        k = i * world_size + rank
-        if k >= len(packed.batches):
-            continue
-        batch = packed.batches[k]
-        tokens, positions, targets, rows = (
-            t.to(device, non_blocking=True)
-            for t in (batch.tokens, batch.positions, batch.targets, batch.rows)
-        )
-        with autocast:
-            losses = scorer(tokens, positions, targets)
-        sums.index_add_(0, rows, losses.to(dtype))
-    if world_size > 1:
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    return sums
-
-
-@dataclass
-class Score:
-    label: int
-    sum_losses: list  # summed cross-entropy of each ending's tokens
-    mean_losses: list  # the same per token
-    pred: int  # acc's choice: lowest summed loss
-    pred_norm: int  # acc_norm's choice: lowest mean loss
-
-
-def predictions(sums, packed):
-    """(sum losses, mean losses, pred, pred_norm) per example, on the CPU: one synchronization."""
-    sums = sums.double().cpu().view(-1, ENDINGS)
-    means = sums / packed.ending_lengths.view(-1, ENDINGS)
-    return sums, means, sums.argmin(dim=1), means.argmin(dim=1)
-
-
-def score_examples(
-    hidden_fn, head_fn, examples, enc, device, autocast=None, batch_tokens=CPU_BATCH_TOKENS
-):
-    """A Score per example, in order, for the model of make_scorer's hidden_fn and head_fn; enc is
-    GPT-2's tokenizer."""
-    packed = pack_examples(examples, enc, batch_tokens)
-    sums = row_losses(make_scorer(hidden_fn, head_fn), packed, device, autocast)
-    sums, means, pred, pred_norm = predictions(sums, packed)
-    return [
-        Score(int(packed.labels[i]), sums[i].tolist(), means[i].tolist(), int(p), int(q))
-        for i, (p, q) in enumerate(zip(pred, pred_norm))
-    ]
-
-
-def evaluate(scorer, packed, device, autocast=None, rank=0, world_size=1, should_stop=None):
-    """(correct by acc, correct by acc_norm, total) over the packed examples, the batches split
-    over the ranks; None when should_stop() interrupted it."""
-    sums = row_losses(scorer, packed, device, autocast, rank, world_size, should_stop)
-    if sums is None:
-        return None
-    _, _, pred, pred_norm = predictions(sums, packed)
-    correct = int((pred == packed.labels).sum())
-    correct_norm = int((pred_norm == packed.labels).sum())
-    return correct, correct_norm, len(packed)
-
-
-# -----------------------------------------------------------------------------
-# Command line
-
-
-def load_model(model_type, checkpoint, device):
-    """(hidden_fn, head_fn, description) for a transformers model or one of our checkpoints."""
-    import train_gpt2
-
+def scored_model(model_type, checkpoint, device):
+    """(hidden_fn, head_fn, description) of a transformers model or one of our checkpoints."""
     if checkpoint:
-        model, ckpt = train_gpt2.load_model_from_checkpoint(checkpoint)
+        model, ckpt = load_model_from_checkpoint(checkpoint)
         model.to(device).eval()
         return model.hidden, model.head, f"{ckpt['path']} (step {ckpt['step']})"
-    model = train_gpt2.load_hf_gpt2(model_type)
+    model = load_hf_gpt2(model_type)
     model.to(device).eval()
     return (lambda tokens: model.transformer(tokens).last_hidden_state), model.lm_head, model_type
 
 
 def parse_args(argv=None):
-    from train_gpt2 import ArgumentParser  # errors in one line, as in every script here
-
     parser = ArgumentParser(description="Score a model on HellaSwag.")
     parser.add_argument(
         "-m", "--model_type", default="gpt2", help="transformers model: hub name or local dir"
@@ -343,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "-c", "--checkpoint", default="", help="a train_gpt2.py checkpoint (instead of -m)"
     )
-    parser.add_argument("--split", default="val", choices=SPLITS)
+    parser.add_argument("--split", default="val", choices=HELLASWAG_SPLITS)
     parser.add_argument("--input", default=None, help="local hellaswag jsonl file (no download)")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N examples")
     parser.add_argument(
@@ -353,8 +55,8 @@ def parse_args(argv=None):
         "--batch_tokens",
         type=int,
         default=None,
-        help=f"tokens per forward pass (default: {GPU_BATCH_TOKENS} on CUDA, else "
-        f"{CPU_BATCH_TOKENS})",
+        help=f"tokens per forward pass (default: {hellaswag_eval.GPU_BATCH_TOKENS} on CUDA, else "
+        f"{hellaswag_eval.CPU_BATCH_TOKENS})",
     )
     parser.add_argument(
         "--compile", type=int, default=0, choices=(0, 1), help="torch.compile the scorer"
@@ -368,8 +70,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from train_gpt2 import autocast_context, autocast_dtype, default_device, get_tokenizer
-
     args = parse_args(argv)
     device = args.device or default_device()
     device_type = device.split(":")[0]
@@ -380,11 +80,11 @@ def main(argv=None):
     examples = list(iterate_examples(args.split, args.input))[: args.limit or None]
     if not examples:
         raise SystemExit("no examples to score")
-    hidden_fn, head_fn, name = load_model(args.model_type, args.checkpoint, device)
-    packed = pack_examples(examples, get_tokenizer(), args.batch_tokens or batch_tokens_for(device))
-    scorer = make_scorer(hidden_fn, head_fn, bool(args.compile))
-    result = evaluate(scorer, packed, device, autocast)
-    correct, correct_norm, total = result
+    hidden_fn, head_fn, name = scored_model(args.model_type, args.checkpoint, device)
+    batch_tokens = args.batch_tokens or hellaswag_eval.batch_tokens_for(device)
+    packed = hellaswag_eval.pack_examples(examples, get_tokenizer(), batch_tokens)
+    scorer = hellaswag_eval.make_scorer(hidden_fn, head_fn, bool(args.compile))
+    correct, correct_norm, total = hellaswag_eval.evaluate(scorer, packed, device, autocast)
     print(
         f"{name} on HellaSwag {args.split}, {total} examples: acc {correct / total:.4f}, "
         f"acc_norm {correct_norm / total:.4f}"
@@ -392,7 +92,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from train_gpt2 import quiet_exit_when_stdout_closes
-
     with quiet_exit_when_stdout_closes():
         main()

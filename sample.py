@@ -13,26 +13,18 @@ OpenAI's weights, generated with a key/value cache and streamed to the terminal 
 """
 
 import codecs
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from train_gpt2 import (
-    EOT,
-    GPT,
-    ArgumentParser,
-    autocast_dtype,
-    default_device,
-    get_tokenizer,
-    latest_checkpoint,
-    load_model_from_checkpoint,
-    quiet_exit_when_stdout_closes,
-    setting,
-    synchronize,
-)
+import generation
+from cli import parse_settings, quiet_exit_when_stdout_closes, setting
+from datafiles import EOT, get_tokenizer
+from devices import autocast_dtype, default_device, synchronize
+from rundir import latest_checkpoint
+from train_gpt2 import DTYPES, GPT, ON_OFF, load_model_from_checkpoint
 
 
 @dataclass
@@ -43,48 +35,31 @@ class SampleConfig:
     log_dir: str = setting("log", "where --checkpoint latest looks")
     init_from: str = setting("", "instead: gpt2[-medium|-large|-xl] or a Hugging Face GPT-2 dir")
     prompt: str = setting("Hello, I'm a language model,", "the text to continue; @FILE reads FILE")
-    num_samples: int = setting(1, "continuations of the prompt")
-    max_new_tokens: int = setting(200, "tokens per continuation, at most (the context caps it)")
-    temperature: float = setting(1.0, "softmax temperature; 0: always the likeliest token")
-    top_k: int = setting(50, "sample among the top_k likeliest tokens (0: all)")
-    top_p: float = setting(1.0, "and among the smallest set of them reaching this probability")
-    stop_at_eot: int = setting(1, "end a sample at <|endoftext|>, the end of a document")
-    stream: int = setting(1, "1: print each sample as it is generated; 0: all at once, batched")
-    interactive: int = setting(0, "ask for prompts in the terminal until Ctrl-D")
+    num_samples: int = setting(1, "continuations of the prompt", minimum=1)
+    max_new_tokens: int = setting(200, "tokens per continuation (the context caps it)", minimum=1)
+    temperature: float = setting(1.0, "softmax temperature; 0: the likeliest token", minimum=0)
+    top_k: int = setting(50, "sample among the top_k likeliest tokens (0: all)", minimum=0)
+    top_p: float = setting(
+        1.0, "and the fewest of them reaching this probability", above=0, maximum=1
+    )
+    stop_at_eot: int = setting(
+        1, "end a sample at <|endoftext|>, the end of a document", choices=ON_OFF
+    )
+    stream: int = setting(
+        1, "1: print each sample as it comes; 0: all at once, batched", choices=ON_OFF
+    )
+    interactive: int = setting(0, "ask for prompts in the terminal until Ctrl-D", choices=ON_OFF)
     seed: int = setting(1337, "seed of the sampling")
     device: str = setting("", "cuda, cuda:1, mps or cpu (default: the best available)")
-    dtype: str = setting("auto", "auto (bf16 where the device has it), float32, bfloat16, float16")
-    compile: int = setting(0, "torch.compile the model (pays for long generations on a GPU)")
-
-
-CHOICES = {
-    "dtype": ("auto", "float32", "bfloat16", "float16"),
-    "stop_at_eot": (0, 1),
-    "stream": (0, 1),
-    "interactive": (0, 1),
-    "compile": (0, 1),
-}
+    dtype: str = setting("auto", "auto: bf16 where the device has it", choices=("auto", *DTYPES))
+    compile: int = setting(0, "torch.compile the model (pays on a GPU)", choices=ON_OFF)
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description=__doc__.strip().split("\n")[0])
-    for f in dataclasses.fields(SampleConfig):
-        parser.add_argument(
-            f"--{f.name}",
-            type=f.type,
-            default=f.default,
-            choices=CHOICES.get(f.name),
-            help=f"{f.metadata['help']} (default: {f.default!r})",
-        )
-    cfg = SampleConfig(**vars(parser.parse_args(argv)))
-    if cfg.num_samples < 1 or cfg.max_new_tokens < 1:
-        raise SystemExit("--num_samples and --max_new_tokens must be positive")
-    if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
-        raise SystemExit("--temperature and --top_k must be >= 0, --top_p in (0, 1]")
-    return cfg
+    return parse_settings(SampleConfig, __doc__.strip().split("\n")[0], argv)
 
 
-def load_model(cfg):
+def model_to_sample(cfg):
     """The model to sample from, and a line that says what it is."""
     if cfg.init_from:
         model = GPT.from_pretrained(cfg.init_from)
@@ -157,12 +132,12 @@ def generate(model, cfg, prompt, generator, device):
                 print(f"--- sample {i + 1} of {cfg.num_samples}")
             text = TextStream()
             text.write(prompt)
-            for (token,) in model.stream([prompt], max_new, **options):
+            for (token,) in generation.stream(model, [prompt], max_new, **options):
                 text.write([token])
                 new_tokens += 1
             text.close()
     else:
-        rows = model.generate([prompt] * cfg.num_samples, max_new, **options)
+        rows = generation.generate(model, [prompt] * cfg.num_samples, max_new, **options)
         for i, row in enumerate(rows):
             if cfg.num_samples > 1:
                 print(f"--- sample {i + 1} of {cfg.num_samples}")
@@ -197,7 +172,7 @@ def main(argv=None):
     dtype = autocast_dtype(cfg.dtype, device.split(":")[0])
     if not cfg.interactive:
         prompt_text = read_prompt(cfg.prompt)
-    model, name = load_model(cfg)
+    model, name = model_to_sample(cfg)
     # inference only: the weights themselves in the fast dtype, no autocast copy at every step
     model.to(device=device, dtype=dtype).eval()
     if cfg.compile:

@@ -74,7 +74,7 @@ def fails_in_one_line(script, args, cwd, expected):
 
 def make_shards(data_dir, lengths, seed=0, split_names=None, fmt="npy"):
     """Write random uint16 token shards; returns their arrays. Shard 0 is val, the rest train."""
-    from train_gpt2 import write_shard
+    from datafiles import write_shard
 
     os.makedirs(data_dir, exist_ok=True)
     rng = np.random.default_rng(seed)

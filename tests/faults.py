@@ -21,6 +21,7 @@ Faults:
     slow_start:SECONDS      start-up (making the data loaders) takes this long
 """
 
+import dataclasses
 import errno
 import os
 import signal
@@ -29,7 +30,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import hellaswag  # noqa: E402
+import datafiles  # noqa: E402
+import hellaswag_eval  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
 
 
@@ -40,15 +42,21 @@ def kill_self(signum):
 
 
 def at_step(step, action):
-    """Run action() as training step `step` begins (the loop sets its learning rate first)."""
-    set_learning_rate = tg.set_learning_rate
+    """Run action() as training step `step` begins (the loop sets its learning rate first), in
+    either recipe."""
+    get_recipe = tg.get_recipe
 
-    def patched(optimizer, s, cfg):
-        if s == step:
-            action()
-        return set_learning_rate(optimizer, s, cfg)
+    def patched(name):
+        recipe = get_recipe(name)
 
-    tg.set_learning_rate = patched
+        def set_learning_rate(optimizer, s, cfg):
+            if s == step:
+                action()
+            return recipe.set_learning_rate(optimizer, s, cfg)
+
+        return dataclasses.replace(recipe, set_learning_rate=set_learning_rate)
+
+    tg.get_recipe = patched
 
 
 def hang_up():
@@ -92,7 +100,7 @@ def inject(name, arg):
     elif name == "hangup_at_step":
         at_step(int(arg), hang_up)
     elif name == "signal_in_hellaswag":
-        hellaswag.ending_losses = slowed(hellaswag.ending_losses, int(arg))
+        hellaswag_eval.ending_losses = slowed(hellaswag_eval.ending_losses, int(arg))
     elif name == "signal_in_val":
         evaluate = tg.evaluate_val_loss
 
@@ -107,15 +115,15 @@ def inject(name, arg):
         def offline(split, cache_dir=None):
             raise SystemExit("could not download hellaswag_val.jsonl (ConnectionError)")
 
-        hellaswag.download = offline
+        datafiles.download_hellaswag = offline
     elif name == "disk_full_writing_shards":  # of the bundled corpus, into a new directory
-        tg.EMBEDDED_DATA_DIR = os.path.abspath("corpus_shards")
-        tg.write_shard = disk_full
+        datafiles.BUNDLED_SHARDS_DIR = os.path.abspath("corpus_shards")
+        datafiles.write_shard = disk_full
     elif name == "disk_full_at_save":
         tg.torch.save = disk_full
     elif name == "fewer_shards":
-        list_shards = tg.list_shards
-        tg.list_shards = lambda data_dir, split: list_shards(data_dir, split)[
+        list_shards = datafiles.list_shards
+        datafiles.list_shards = lambda data_dir, split: list_shards(data_dir, split)[
             : -1 if split == "train" else None
         ]
     elif name == "slow_start":

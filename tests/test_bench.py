@@ -1,4 +1,3 @@
-import dataclasses
 import json
 import os
 import subprocess
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 import bench
-import train_gpt2 as tg
+import speedrun
 from conftest import ROOT
 from train_gpt2 import DataLoaderLite, DistEnv, GPTConfig
 
@@ -21,43 +20,57 @@ def test_step_figures_gpt2_124m_by_hand():
     # + 12 * (12 * 768^2 + 13 * 768) (blocks) + 2 * 768 (ln_f) = 123,689,472 without wpe;
     # 6N + 12 * 12 * 768 * 1024 = 855,383,040 FLOPs per token at T = 1024
     config = GPTConfig(vocab_size=50304)
+    flops = bench.row_flops_per_token(config, bench.Variant(vocab_pad=True), 1024)
+    assert flops == 855_383_040
     # 2 steps of 4 micro-batches of 16 x 1024 tokens in 0.8 s: 163,840 tokens/s, 400 ms/step,
     # 855,383,040 * 163,840 = 140,145,957,273,600 FLOP/s
-    figures = bench.step_figures(config, 16, 1024, 4, [0.5, 0.3], 989e12, 700e12)
+    figures = bench.step_figures(flops, 16, 1024, 4, [0.5, 0.3], 989e12, 700e12)
     assert figures["tokens_per_sec"] == pytest.approx(163_840)
     assert figures["ms_per_step"] == pytest.approx(400)
     assert figures["mfu_spec"] == pytest.approx(140_145_957_273_600 / 989e12)  # 14.17%
     assert figures["mfu_matmul"] == pytest.approx(140_145_957_273_600 / 700e12)  # 20.02%
-    assert bench.step_figures(config, 16, 1024, 4, [0.5], None, 700e12)["mfu_spec"] is None
+    assert bench.step_figures(flops, 16, 1024, 4, [0.5], None, 700e12)["mfu_spec"] is None
 
 
 def test_manual_attention_matches_flash_attention():
     config = GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64)
-    manual = bench.build_model(config, bench.Variant(flash=False), "cpu")
-    flash = bench.build_model(config, bench.Variant(flash=True), "cpu")
-    assert isinstance(manual.transformer.h[0].attn, bench.ManualAttention)
-    assert not isinstance(flash.transformer.h[0].attn, bench.ManualAttention)
+    manual = bench.Variant(flash=False)
+    model = bench.row_model(config, manual, "cpu")
+    assert bench.row_model(config, bench.Variant(flash=True), "cpu").state_dict().keys() == (
+        model.state_dict().keys()
+    )
     idx = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (manual(idx)[0] - flash(idx)[0]).abs().max().item() < 1e-5
+    calls = []
+    manual_attention = bench.manual_attention
+    bench.manual_attention = lambda *a, **k: calls.append(1) or manual_attention(*a, **k)
+    try:
+        with torch.no_grad():
+            flash_logits = model(idx)[0]
+            with bench.attention_of(manual):
+                manual_logits = model(idx)[0]
+    finally:
+        bench.manual_attention = manual_attention
+    assert len(calls) == 2  # each block's attention, the manual way
+    assert (manual_logits - flash_logits).abs().max().item() < 1e-5
 
 
 def test_speedrun_row_trains_the_speedrun_model_with_muon(tmp_path, monkeypatch):
     config = GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64)
     variant = bench.Variant(vocab_pad=True, speedrun=True)
-    manual = bench.build_model(config, variant, "cpu")
-    flash = bench.build_model(config, dataclasses.replace(variant, flash=True), "cpu")
-    assert manual.config.recipe == "speedrun" and manual.transformer.wpe is None
+    model = bench.row_model(config, variant, "cpu")
+    assert isinstance(model, speedrun.SpeedrunGPT) and model.config.recipe == "speedrun"
     with torch.no_grad():  # nonzero projections and head, so the attention's scale matters
-        for a, b in zip(manual.parameters(), flash.parameters()):
-            a.normal_(0, 0.1)
-            b.copy_(a)
+        for p in model.parameters():
+            p.normal_(0, 0.1)
     idx = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # the manual attention uses the recipe's scale (0.12) too
-        assert (manual(idx)[0] - flash(idx)[0]).abs().max().item() < 1e-5
+        flash = model(idx)[0]
+        with bench.attention_of(variant):
+            manual = model(idx)[0]
+        assert (manual - flash).abs().max().item() < 1e-5
     muon_steps = []
-    muon_step = tg.Muon.step
-    monkeypatch.setattr(tg.Muon, "step", lambda self: muon_steps.append(muon_step(self)))
+    muon_step = speedrun.Muon.step
+    monkeypatch.setattr(speedrun.Muon, "step", lambda self: muon_steps.append(muon_step(self)))
     bench.synthetic_shards(str(tmp_path), 1000)
     loader = DataLoaderLite(2, 32, 0, 1, "train", str(tmp_path), shuffle=True)
     env = DistEnv(False, 0, 0, 1, "cpu", True)

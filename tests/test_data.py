@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import train_gpt2 as tg
+import datafiles
 from conftest import ROOT, make_shards
 from train_gpt2 import DataLoaderLite
 
@@ -21,8 +21,8 @@ def test_tokenizer_offline(tmp_path):
         "import socket\n"
         "def refuse(*a, **k): raise OSError('network used')\n"
         "socket.socket.connect = refuse\n"
-        "import train_gpt2\n"
-        "enc = train_gpt2.get_tokenizer()\n"
+        "import datafiles\n"
+        "enc = datafiles.get_tokenizer()\n"
         'print(enc.encode("Hello, I\'m a language model,"), enc.eot_token, enc.n_vocab)\n'
     )
     env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path / "empty"), PYTHONPATH=ROOT)
@@ -43,7 +43,7 @@ def test_tokenizer_matches_hugging_face_files():
     from transformers import GPT2TokenizerFast
 
     hf = GPT2TokenizerFast.from_pretrained(os.path.join(ROOT, "data", "gpt2-hf"))
-    enc = tg.get_tokenizer()
+    enc = datafiles.get_tokenizer()
     corpus = os.path.join(ROOT, "data", "corpus")
     for name in sorted(os.listdir(corpus)):
         text = open(os.path.join(corpus, name), encoding="utf-8").read()
@@ -54,15 +54,15 @@ def test_tokenizer_matches_hugging_face_files():
 
 def test_tokenizer_checks_its_file(tmp_path, monkeypatch):
     bad = tmp_path / "gpt2.tiktoken"
-    data = open(tg.TOKENIZER_PATH, "rb").read()
+    data = open(datafiles.TOKENIZER_PATH, "rb").read()
     bad.write_bytes(data[:-10] + b"0123456789")
-    monkeypatch.setattr(tg, "TOKENIZER_PATH", str(bad))
-    tg.get_tokenizer.cache_clear()
+    monkeypatch.setattr(datafiles, "TOKENIZER_PATH", str(bad))
+    datafiles.get_tokenizer.cache_clear()
     try:
         with pytest.raises(SystemExit, match="corrupt"):
-            tg.get_tokenizer()
+            datafiles.get_tokenizer()
     finally:
-        tg.get_tokenizer.cache_clear()
+        datafiles.get_tokenizer.cache_clear()
 
 
 # ----------------------------------------------------------------------------- shards
@@ -96,7 +96,7 @@ def test_ranks_cover_every_shard_to_its_last_usable_token(tmp_path, world):
     lengths = [1001, 517, 2050]
     for i, n in enumerate(lengths):
         tokens = (np.arange(n) + 10000 * i).astype(np.uint16)
-        tg.write_shard(str(tmp_path / f"d_train_{i:06d}.npy"), tokens)
+        datafiles.write_shard(str(tmp_path / f"d_train_{i:06d}.npy"), tokens)
     B, T = 2, 10
     total = sum((n - 1) // T for n in lengths)  # windows in one epoch
     loaders = [DataLoaderLite(B, T, r, world, "train", str(tmp_path)) for r in range(world)]
@@ -203,27 +203,27 @@ def test_state_dict_resumes_at_the_next_token(tmp_path):
 
 def test_write_shard_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "s_train_000001.npy")
-    tg.write_shard(path, np.arange(10, dtype=np.uint16))
+    datafiles.write_shard(path, np.arange(10, dtype=np.uint16))
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(np, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        tg.write_shard(path, np.arange(20, dtype=np.uint16))
+        datafiles.write_shard(path, np.arange(20, dtype=np.uint16))
     assert np.load(path).tolist() == list(range(10))  # the complete old shard is still there
-    assert tg.list_shards(str(tmp_path), "train") == [path]
+    assert datafiles.list_shards(str(tmp_path), "train") == [path]
 
 
 # ----------------------------------------------------------------------------- embedded corpus
 
 
-def test_embedded_corpus(tmp_path):
+def test_bundled_corpus(tmp_path):
     corpus = tmp_path / "corpus"
-    shutil.copytree(tg.CORPUS_DIR, corpus)
+    shutil.copytree(datafiles.CORPUS_DIR, corpus)
     out = tmp_path / "shards"
-    tg.prepare_embedded_corpus(str(out), str(corpus))
-    enc = tg.get_tokenizer()
+    datafiles.prepare_bundled_corpus(str(out), str(corpus))
+    enc = datafiles.get_tokenizer()
     val = np.load(out / "corpus_val_000000.npy")
     train = np.load(out / "corpus_train_000001.npy")
     # each text is one <|endoftext|>-led document in train and one in val (its last tenth)
@@ -236,11 +236,11 @@ def test_embedded_corpus(tmp_path):
         assert 0.09 < len(tail) / len(text) < 0.11
     # a second call reuses the shards; a changed text rebuilds them
     mtime = os.path.getmtime(out / "corpus_train_000001.npy")
-    tg.prepare_embedded_corpus(str(out), str(corpus))
+    datafiles.prepare_bundled_corpus(str(out), str(corpus))
     assert os.path.getmtime(out / "corpus_train_000001.npy") == mtime
     with open(corpus / "alice29.txt", "a") as f:
         f.write("\nThe End.\n")
-    tg.prepare_embedded_corpus(str(out), str(corpus))
+    datafiles.prepare_bundled_corpus(str(out), str(corpus))
     assert enc.decode(np.load(out / "corpus_val_000000.npy").tolist()).count("The End.") == 1
 
 
@@ -250,8 +250,8 @@ def test_the_split_is_a_whole_field_of_the_name(tmp_path):
     names += ["tiny_shakespeare_val.bin", "interval_train_000003.npy", "notes.txt"]
     for name in names:
         (tmp_path / name).write_bytes(b"")
-    val = [os.path.basename(p) for p in tg.list_shards(str(tmp_path), "val")]
-    train = [os.path.basename(p) for p in tg.list_shards(str(tmp_path), "train")]
+    val = [os.path.basename(p) for p in datafiles.list_shards(str(tmp_path), "val")]
+    train = [os.path.basename(p) for p in datafiles.list_shards(str(tmp_path), "train")]
     assert val == ["retrieval_val_000000.npy", "tiny_shakespeare_val.bin"]
     assert train == [
         "fineweb_train_000002.bin",

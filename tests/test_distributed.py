@@ -8,7 +8,7 @@ import time
 
 import torch
 
-import train_gpt2 as tg
+import rundir
 from conftest import HELLASWAG_SLICE, ROOT, TINY, make_shards
 
 SCRIPT = os.path.join(ROOT, "train_gpt2.py")
@@ -171,7 +171,7 @@ def test_sigterm_to_one_rank_stops_all_at_the_same_step_and_resumes(tmp_path):
     code, out, _ = torchrun(args + ["--log_dir", str(log_dir)], tmp_path, "signal_at_step:6:1")
     assert code != 0 and no_traceback_of_ours(out)
     assert out.count("stopped by SIGTERM after step 5") == 1 and "--resume latest" in out
-    assert tg.checkpoint_steps(str(log_dir)) == [6]
+    assert rundir.checkpoint_steps(str(log_dir)) == [6]
     run(["--resume", "latest", "--log_dir", str(log_dir)], 2, tmp_path)
     assert open(log_dir / "log.txt").read() == expected
 

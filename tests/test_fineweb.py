@@ -15,7 +15,8 @@ import pytest
 
 import fineweb
 from conftest import HELLASWAG_SLICE, ROOT, fails_in_one_line
-from train_gpt2 import EOT, DataLoaderLite, get_tokenizer
+from datafiles import EOT, get_tokenizer
+from train_gpt2 import DataLoaderLite
 
 SCRIPT = os.path.join(ROOT, "fineweb.py")
 SHARD = re.compile(r"^edufineweb_(val|train)_(\d{6})\.(npy|bin)$")
@@ -144,8 +145,8 @@ def test_bin_shards_read_back_like_npy(tmp_path):
     assert np.array_equal(concatenated(tmp_path / "bin"), expected)
     B, T = 2, 64
     for split, stream in (("val", expected[:500]), ("train", expected[500:])):
-        npy = DataLoaderLite(B, T, 0, 1, split, str(tmp_path / "npy"), vocab_size=50257)
-        bin_ = DataLoaderLite(B, T, 0, 1, split, str(tmp_path / "bin"), vocab_size=50257)
+        npy = DataLoaderLite(B, T, 0, 1, split, str(tmp_path / "npy"))
+        bin_ = DataLoaderLite(B, T, 0, 1, split, str(tmp_path / "bin"))
         x, y = bin_.next_batch()
         # the first sequences of T + 1 tokens of the split's first shard, overlapping by one
         assert np.array_equal(x.numpy(), np.stack([stream[i * T : (i + 1) * T] for i in (0, 1)]))

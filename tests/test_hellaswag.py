@@ -1,20 +1,36 @@
+import collections
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import datafiles
 import export_hf
 import hellaswag
+import hellaswag_eval
 import train_gpt2 as tg
 from conftest import HELLASWAG_SLICE, ROOT, TINY, fails_in_one_line, make_shards
 from train_gpt2 import GPT, GPTConfig
 
 EXAMPLES = [json.loads(line) for line in open(HELLASWAG_SLICE)]
+Score = collections.namedtuple("Score", "label sum_losses mean_losses pred pred_norm")
+
+
+def score_examples(hidden_fn, head_fn, examples, batch_tokens=hellaswag_eval.CPU_BATCH_TOKENS):
+    """Each example's losses and picks, as the packed scorer of the training loop makes them."""
+    packed = hellaswag_eval.pack_examples(examples, tg.get_tokenizer(), batch_tokens)
+    scorer = hellaswag_eval.make_scorer(hidden_fn, head_fn)
+    sums = hellaswag_eval.row_losses(scorer, packed, "cpu")
+    sums, means, pred, pred_norm = hellaswag_eval.predictions(sums, packed)
+    return [
+        Score(int(packed.labels[i]), sums[i].tolist(), means[i].tolist(), int(p), int(q))
+        for i, (p, q) in enumerate(zip(pred, pred_norm))
+    ]
+
+
 HELLASWAG_200 = os.path.join(ROOT, "tests", "data", "hellaswag_val_head200.jsonl")
 
 
@@ -27,7 +43,7 @@ def hf_tokenizer():
 def test_render_example():
     hf = hf_tokenizer()  # an independent implementation of the same BPE
     for example in EXAMPLES[:10]:
-        data, tokens, mask, label = hellaswag.render_example(example, tg.get_tokenizer())
+        data, tokens, mask, label = hellaswag_eval.render_example(example, tg.get_tokenizer())
         assert label == example["label"] == data["label"]
         ctx = hf(example["ctx"])["input_ids"]
         rows = [ctx + hf(" " + ending)["input_ids"] for ending in example["endings"]]
@@ -40,7 +56,7 @@ def test_render_example():
                 width - len(row)
             )
     # the first example, by hand: "A man is sitting on a roof. he" + " is using wrap to ..."
-    _, tokens, mask, _ = hellaswag.render_example(EXAMPLES[0], tg.get_tokenizer())
+    _, tokens, mask, _ = hellaswag_eval.render_example(EXAMPLES[0], tg.get_tokenizer())
     assert tokens[0, :9].tolist() == [32, 582, 318, 5586, 319, 257, 9753, 13, 339]
     assert mask[0, :10].tolist() == [0] * 9 + [1]
 
@@ -73,9 +89,7 @@ def padded_model():
 def test_scoring_matches_a_plain_loop():
     model = padded_model().double()  # float64: any difference is a scoring error, not rounding
     # batches of 128 tokens: 2 to 4 rows each, the rows of an example in different batches
-    scores = hellaswag.score_examples(
-        model.hidden, model.head, EXAMPLES[:12], tg.get_tokenizer(), "cpu", batch_tokens=128
-    )
+    scores = score_examples(model.hidden, model.head, EXAMPLES[:12], batch_tokens=128)
     assert len(scores) == 12
     preds = set()
     for example, score in zip(EXAMPLES[:12], scores):
@@ -86,9 +100,9 @@ def test_scoring_matches_a_plain_loop():
         assert score.pred_norm == min(range(4), key=means.__getitem__)
         preds.add((score.pred, score.pred_norm))
     assert len(preds) > 1  # the model is not degenerate: the test could catch a mix-up
-    packed = hellaswag.pack_examples(EXAMPLES[:12], tg.get_tokenizer())
-    scorer = hellaswag.make_scorer(model.hidden, model.head)
-    correct, correct_norm, total = hellaswag.evaluate(scorer, packed, "cpu")
+    packed = hellaswag_eval.pack_examples(EXAMPLES[:12], tg.get_tokenizer())
+    scorer = hellaswag_eval.make_scorer(model.hidden, model.head)
+    correct, correct_norm, total = hellaswag_eval.evaluate(scorer, packed, "cpu")
     assert total == 12
     assert correct == sum(s.pred == s.label for s in scores)
     assert correct_norm == sum(s.pred_norm == s.label for s in scores)
@@ -133,10 +147,9 @@ def test_export_round_trip(trained):
 
 def test_checkpoint_and_its_export_score_the_same(trained, capsys):
     checkpoint, hf_dir = trained
-    *ours, _ = hellaswag.load_model("", checkpoint, "cpu")
-    *theirs, _ = hellaswag.load_model(hf_dir, "", "cpu")
-    a = list(hellaswag.score_examples(*ours, EXAMPLES, tg.get_tokenizer(), "cpu"))
-    b = list(hellaswag.score_examples(*theirs, EXAMPLES, tg.get_tokenizer(), "cpu"))
+    *ours, _ = hellaswag.scored_model("", checkpoint, "cpu")
+    *theirs, _ = hellaswag.scored_model(hf_dir, "", "cpu")
+    a, b = score_examples(*ours, EXAMPLES), score_examples(*theirs, EXAMPLES)
     assert [(s.pred, s.pred_norm) for s in a] == [(s.pred, s.pred_norm) for s in b]
     for s, t in zip(a, b):
         assert max(abs(x - y) for x, y in zip(s.mean_losses, t.mean_losses)) < 1e-4
@@ -178,21 +191,21 @@ def test_init_from_refuses_shape_flags(tiny_hf_dir):
 
 def test_missing_file_offline():
     with pytest.raises(SystemExit, match="does not exist"):
-        list(hellaswag.iterate_examples("val", "/nonexistent/hellaswag_val.jsonl"))
+        list(datafiles.iterate_examples("val", "/nonexistent/hellaswag_val.jsonl"))
 
 
 def test_default_hellaswag_turns_itself_off_when_the_file_cannot_be_had(tmp_path, monkeypatch):
     def offline(split, cache_dir=None):
         raise SystemExit("could not download hellaswag_val.jsonl (ConnectionError)")
 
-    monkeypatch.setattr(hellaswag, "download", offline)
-    monkeypatch.setattr(hellaswag, "DATA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(datafiles, "download_hellaswag", offline)
+    monkeypatch.setattr(datafiles, "HELLASWAG_CACHE_DIR", str(tmp_path / "cache"))
     cfg = tg.TrainConfig(hellaswag=None)
     env = tg.DistEnv(False, 0, 0, 1, "cpu", True)
-    assert tg.load_hellaswag(cfg, env, embedded=False) is None
+    assert tg.load_hellaswag(cfg, env, bundled=False) is None
     with pytest.raises(SystemExit, match="could not download"):
-        tg.load_hellaswag(tg.TrainConfig(hellaswag=1), env, embedded=False)
-    assert tg.load_hellaswag(tg.TrainConfig(hellaswag=None), env, embedded=True) is None
+        tg.load_hellaswag(tg.TrainConfig(hellaswag=1), env, bundled=False)
+    assert tg.load_hellaswag(tg.TrainConfig(hellaswag=None), env, bundled=True) is None
 
 
 def test_compiled_training_logs_hellaswag(tmp_path):
@@ -220,7 +233,7 @@ def test_packed_scoring_makes_the_plain_loops_choices():
             if p.dim() == 2:
                 p.normal_(0, 0.1)
     model.eval()
-    scores = hellaswag.score_examples(model.hidden, model.head, examples, tg.get_tokenizer(), "cpu")
+    scores = score_examples(model.hidden, model.head, examples)
     for example, score in zip(examples, scores):
         sums, means = reference_losses(model, example)
         assert score.pred == min(range(4), key=sums.__getitem__)
@@ -230,7 +243,7 @@ def test_packed_scoring_makes_the_plain_loops_choices():
 
 def test_packing_keeps_the_shapes_few_and_every_row_once():
     examples = [json.loads(line) for line in open(HELLASWAG_200)]
-    packed = hellaswag.pack_examples(examples, tg.get_tokenizer(), batch_tokens=2048)
+    packed = hellaswag_eval.pack_examples(examples, tg.get_tokenizer(), batch_tokens=2048)
     shapes = {tuple(b.tokens.shape) for b in packed.batches}
     assert len(shapes) <= 4 and all(w % 32 == 0 and r == 2048 // w for r, w in shapes)
     # every ending token once, at the position before it: flat index p + 1 is its token
@@ -244,7 +257,7 @@ def test_packing_keeps_the_shapes_few_and_every_row_once():
     padding = sum(int((b.tokens == 0).sum()) for b in packed.batches)
     assert padding < 0.5 * sum(b.tokens.numel() for b in packed.batches)
     with pytest.raises(SystemExit, match="HellaSwag needs block_size >= 93, the model has 64"):
-        hellaswag.pack_examples(examples, tg.get_tokenizer(), max_width=64)
+        hellaswag_eval.pack_examples(examples, tg.get_tokenizer(), max_width=64)
 
 
 @pytest.mark.parametrize(
@@ -274,22 +287,3 @@ def test_export_refuses_to_write_over_files(trained, tmp_path):
     (tmp_path / "full" / "notes.txt").write_text("mine")
     fails_in_one_line("export_hf.py", [checkpoint, str(tmp_path / "full")], tmp_path, "not empty")
     assert target.read_text() == "keep me" and os.listdir(tmp_path / "full") == ["notes.txt"]
-
-
-def test_a_run_with_hellaswag_loads_train_gpt2_once(tmp_path):
-    # python -X importtime lists every module as it is imported: train_gpt2 runs as __main__,
-    # and a second copy (hellaswag importing it back) would appear as "train_gpt2"
-    make_shards(tmp_path / "data", [3000, 9000])
-    hella = tmp_path / "h.jsonl"
-    hella.write_text("".join(open(HELLASWAG_SLICE).readlines()[:4]))
-    args = TINY + ["--hellaswag", "1", "--hellaswag_path", str(hella), "--block_size", "128"]
-    args += ["--data_dir", str(tmp_path / "data"), "--log_dir", str(tmp_path / "log")]
-    args += ["--max_steps", "1", "--total_batch_size", "64", "--val_loss_steps", "1"]
-    script = os.path.join(ROOT, "train_gpt2.py")
-    run = subprocess.run(
-        [sys.executable, "-X", "importtime", script, *args], capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    imported = [line.rsplit("|", 1)[1].strip() for line in run.stderr.splitlines() if "|" in line]
-    assert "hellaswag" in imported and "train_gpt2" not in imported
-    assert re.search(r"^0 hella \d\.\d{4}$", open(tmp_path / "log" / "log.txt").read(), re.M)

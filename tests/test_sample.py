@@ -9,8 +9,11 @@ import sys
 import pytest
 import torch
 
+import generation
 import train_gpt2 as tg
 from conftest import ROOT, TINY, fails_in_one_line, make_shards
+from generation import generate
+from speedrun import SpeedrunGPT
 from train_gpt2 import GPT, GPTConfig
 
 TINY_SHAPE = dict(n_layer=2, n_head=4, n_embd=64, block_size=256, vocab_size=2048)
@@ -21,7 +24,7 @@ def random_model(recipe="gpt2", dtype=torch.float32, shape=TINY_SHAPE):
     """A model with large random weights everywhere: with its init (zeros in the speedrun's, small
     values in GPT-2's) every continuation would be the same token."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(recipe=recipe, **shape))
+    model = (SpeedrunGPT if recipe == "speedrun" else GPT)(GPTConfig(recipe=recipe, **shape))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or "ln_f" in name:
@@ -42,7 +45,7 @@ def logits_by_recompute(model, tokens, start):
 
 def logits_with_cache(model, tokens, start):
     """The same through a KVCache: tokens[:start] at once, then one token per forward pass."""
-    cache = tg.KVCache(pad=torch.zeros(1, dtype=torch.long), max_len=len(tokens))
+    cache = generation.KVCache(pad=torch.zeros(1, dtype=torch.long), max_len=len(tokens))
     with torch.no_grad():
         logits = [model(torch.tensor([tokens[:start]]), cache=cache)[0][0, -1, :50257]]
         for token in tokens[start:-1]:
@@ -75,7 +78,7 @@ def test_cached_generation_equals_recomputing_every_step(recipe, shape, n):
         assert (a - b).abs().max().item() < 1e-5 * b.abs().max().item(), step
     # and greedy generation, as generate() does it
     short = min(n, 20)
-    assert model.generate([prompt], short, temperature=0)[0] == greedy_by_recompute(
+    assert generate(model, [prompt], short, temperature=0)[0] == greedy_by_recompute(
         model, prompt, short
     )
 
@@ -90,22 +93,22 @@ def test_a_batch_of_prompts_of_different_lengths_equals_each_alone(recipe):
         [44, 45, 46, 47, 48],
     ]
     assert len({len(p) for p in prompts}) == 4
-    together = model.generate(prompts, 30, temperature=0)
+    together = generate(model, prompts, 30, temperature=0)
     for prompt, row in zip(prompts, together):
-        assert row == model.generate([prompt], 30, temperature=0)[0]
+        assert row == generate(model, [prompt], 30, temperature=0)[0]
     # sampled rows are the batch's own: each row draws from its own distribution
     g = torch.Generator().manual_seed(0)
-    sampled = model.generate(prompts, 20, top_k=50, generator=g)
+    sampled = generate(model, prompts, 20, top_k=50, generator=g)
     assert all(row[: len(p)] == p and len(row) == len(p) + 20 for p, row in zip(prompts, sampled))
 
 
 def test_generation_stops_at_the_stop_token():
     model = random_model()
     prompt = [464]
-    free = model.generate([prompt], 40, temperature=0)[0]
+    free = generate(model, [prompt], 40, temperature=0)[0]
     stop = free[5]  # the token greedy decoding produces at its 5th step
     first = free.index(stop, 1)
-    assert model.generate([prompt], 40, temperature=0, stop_token=stop)[0] == free[: first + 1]
+    assert generate(model, [prompt], 40, temperature=0, stop_token=stop)[0] == free[: first + 1]
 
 
 def allowed_tokens(logits, top_k, top_p):
@@ -128,7 +131,7 @@ def test_top_k_and_top_p_never_draw_outside_the_allowed_set(top_k, top_p):
     allowed = [allowed_tokens(row, top_k or 1000, top_p) for row in logits]
     drawn = [set() for _ in range(16)]
     for _ in range(300):
-        tokens = tg.sample_next(logits, 0.8 if top_k == 25 else 1.0, top_k, top_p, g)
+        tokens = generation.sample_next(logits, 0.8 if top_k == 25 else 1.0, top_k, top_p, g)
         for row, token in enumerate(tokens.tolist()):
             drawn[row].add(token)
     for row in range(16):
@@ -139,7 +142,7 @@ def test_top_k_and_top_p_never_draw_outside_the_allowed_set(top_k, top_p):
 
 def test_temperature_zero_is_greedy():
     logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(tg.sample_next(logits, temperature=0), logits.argmax(dim=-1))
+    assert torch.equal(generation.sample_next(logits, temperature=0), logits.argmax(dim=-1))
 
 
 class PaddedLogits(torch.nn.Module):
@@ -157,12 +160,10 @@ class PaddedLogits(torch.nn.Module):
         logits[..., 0:50] = 1.0
         return logits, None
 
-    generate = GPT.generate
-    stream = GPT.stream
-
 
 def test_sampling_never_returns_padded_ids():
-    rows = PaddedLogits().generate([[15496]] * 3, 20, generator=torch.Generator().manual_seed(0))
+    model = PaddedLogits()
+    rows = generate(model, [[15496]] * 3, 20, generator=torch.Generator().manual_seed(0))
     for row in rows:
         assert len(row) == 21 and max(row[1:]) < 50257
 
@@ -228,7 +229,7 @@ def test_sample_py_is_reproducible_and_greedy_at_temperature_zero(checkpoint, tm
     # greedy: what GPT.generate gives, streamed or all at once in a batch
     model, _ = tg.load_model_from_checkpoint(str(checkpoint))
     prompt = tg.get_tokenizer().encode("Once upon a time")
-    want = tg.get_tokenizer().decode(model.generate([prompt], 20, temperature=0)[0])
+    want = tg.get_tokenizer().decode(generate(model, [prompt], 20, temperature=0)[0])
     greedy = args + ["--temperature", "0", "--prompt", "Once upon a time", "--dtype", "float32"]
     streamed, _ = sample(greedy + ["--num_samples", "1"], tmp_path)
     batched, _ = sample(greedy + ["--num_samples", "3", "--stream", "0"], tmp_path)
@@ -266,7 +267,7 @@ def test_sample_py_errors(checkpoint, tmp_path):
     fails(["--checkpoint", str(checkpoint), "--prompt", "@nope.txt"], "cannot read the prompt file")
     (tmp_path / "long.txt").write_text("word " * 80)  # the tiny model's context is 64 tokens
     fails(["--checkpoint", str(checkpoint), "--prompt", "@long.txt"], "the prompt has 81 tokens")
-    fails(["--checkpoint", str(checkpoint), "--top_p", "0"], "--top_p in (0, 1]")
+    fails(["--checkpoint", str(checkpoint), "--top_p", "0"], "--top_p 0.0: must be in (0, 1]")
     fails(["--checkpoint", str(checkpoint), "--num_samples", "0"], "must be positive")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     fails(["--checkpoint", "junk.pt"], "is corrupt or not a checkpoint of ours")

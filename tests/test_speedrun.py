@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import hellaswag
+import speedrun
 import train_gpt2 as tg
 from conftest import HELLASWAG_SLICE, TINY, fails_in_one_line, make_shards
-from train_gpt2 import GPT, GPTConfig
+from speedrun import SpeedrunGPT
+from train_gpt2 import GPTConfig
 
 SPEEDRUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50304, recipe="speedrun")
 
@@ -21,7 +23,7 @@ SPEEDRUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50304,
 
 def test_speedrun_model_parameters_and_init():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**SPEEDRUN))
+    model = SpeedrunGPT(GPTConfig(**SPEEDRUN))
     names = set(dict(model.named_parameters()))
     # no learned positions, no norm gains, no biases: only matrices, and an untied head
     assert names == {"transformer.wte.weight", "lm_head.weight"} | {
@@ -44,7 +46,7 @@ def test_speedrun_model_parameters_and_init():
 
 def test_speedrun_logits_are_soft_capped():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**SPEEDRUN))
+    model = SpeedrunGPT(GPTConfig(**SPEEDRUN))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 3.0)  # huge weights: uncapped logits would be in the hundreds
@@ -54,18 +56,18 @@ def test_speedrun_logits_are_soft_capped():
 
 def test_rotary_attention_depends_on_the_distance_only():
     torch.manual_seed(0)
-    rotary = tg.Rotary(head_size=16, max_len=64)
+    rotary = speedrun.Rotary(head_size=16, max_len=64)
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
 
     def score(i, j):  # q at position i against k at position j
-        qi = tg.apply_rotary(q, rotary(torch.tensor([i])))
-        kj = tg.apply_rotary(k, rotary(torch.tensor([j])))
+        qi = speedrun.apply_rotary(q, rotary(torch.tensor([i])))
+        kj = speedrun.apply_rotary(k, rotary(torch.tensor([j])))
         return (qi * kj).sum().item()
 
     assert score(5, 2) == pytest.approx(score(40, 37), abs=1e-5)
     assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
     # a rotation: lengths are kept
-    rotated = tg.apply_rotary(q, rotary(torch.tensor([17])))
+    rotated = speedrun.apply_rotary(q, rotary(torch.tensor([17])))
     assert rotated.norm().item() == pytest.approx(q.norm().item(), rel=1e-6)
 
 
@@ -73,7 +75,9 @@ def test_speedrun_flops_per_token():
     # no biases or gains; the untied lm_head is multiplied, the embedding only looked up
     config = GPTConfig(**dict(SPEEDRUN, n_layer=12, n_head=12, n_embd=768, block_size=1024))
     n = 50304 * 768 + 12 * 12 * 768 * 768
-    assert tg.flops_per_token(config, 1024) == 6 * n + 12 * 12 * 768 * 1024
+    with torch.device("meta"):
+        model = SpeedrunGPT(config)
+    assert model.flops_per_token(1024) == 6 * n + 12 * 12 * 768 * 1024
 
 
 # ----------------------------------------------------------------------------- Muon
@@ -82,7 +86,7 @@ def test_speedrun_flops_per_token():
 @pytest.mark.parametrize("shape", [(2304, 768), (768, 768), (3072, 768), (768, 3072)])
 def test_newton_schulz_makes_the_singular_values_about_one(shape):
     G = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    X = tg.newton_schulz(G)
+    X = speedrun.newton_schulz(G)
     assert X.shape == G.shape
     # numpy's LAPACK: torch's CPU build takes over 10 s for an SVD of these shapes
     after = np.linalg.svd(X.double().numpy(), compute_uv=False)
@@ -95,7 +99,7 @@ def test_newton_schulz_makes_the_singular_values_about_one(shape):
     polar = u @ vh
     assert np.linalg.norm(X.double().numpy() - polar) / np.linalg.norm(polar) < 0.25
     # in bf16, as on a GPU (slow on a CPU: a smaller matrix), the same
-    small = tg.newton_schulz(G[:96, :288].bfloat16())
+    small = speedrun.newton_schulz(G[:96, :288].bfloat16())
     assert small.dtype == torch.bfloat16
     assert 0.5 < np.linalg.svd(small.double().numpy(), compute_uv=False).min() < 1.0
 
@@ -125,7 +129,7 @@ def test_muon_steps_equal_a_float64_reference():
         dict(params=[tall, wide], use_muon=True, lr=0.05, weight_decay=0.1),
         dict(params=[embedding], lr=0.3, weight_decay=0.01),
     ]
-    optimizer = tg.Muon(groups, ns_dtype=torch.float64)
+    optimizer = speedrun.Muon(groups, ns_dtype=torch.float64)
     reference = torch.optim.AdamW(
         [start[2].clone().requires_grad_()], lr=0.3, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.01
     )
@@ -153,17 +157,17 @@ def muon_steps(steps=2):
     orthogonalized; under DDP each rank calls it with the same seeds."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape)) for shape in MUON_SHAPES]
-    optimizer = tg.Muon([dict(params=params, use_muon=True, lr=0.05)], ns_dtype=torch.float32)
+    optimizer = speedrun.Muon([dict(params=params, use_muon=True, lr=0.05)], ns_dtype=torch.float32)
     orthogonalized = []
-    newton_schulz = tg.newton_schulz
-    tg.newton_schulz = lambda G: orthogonalized.append(tuple(G.shape)) or newton_schulz(G)
+    newton_schulz = speedrun.newton_schulz
+    speedrun.newton_schulz = lambda G: orthogonalized.append(tuple(G.shape)) or newton_schulz(G)
     try:
         for _ in range(steps):
             for p in params:
                 p.grad = torch.randn_like(p)
             optimizer.step()
     finally:
-        tg.newton_schulz = newton_schulz
+        speedrun.newton_schulz = newton_schulz
     return [p.detach() for p in params], orthogonalized
 
 
@@ -198,22 +202,22 @@ def test_muon_under_ddp_splits_the_orthogonalization_between_ranks(tmp_path):
 def test_muon_shares_are_balanced():
     # 12 blocks of GPT-2 124M on 8 ranks: c_attn, attn c_proj, c_fc, mlp c_proj per block
     sizes = [768 * 2304, 768 * 768, 768 * 3072, 3072 * 768] * 12
-    shares = tg.muon_shares(sizes, 8)
+    shares = speedrun.muon_shares(sizes, 8)
     assert sorted(i for share in shares for i in share) == list(range(48))
     loads = [sum(sizes[i] for i in share) for share in shares]
     assert max(loads) <= 1.1 * sum(sizes) / 8
-    assert tg.muon_shares([5, 3], 4) == [[0], [1], [], []]  # more ranks than matrices
+    assert speedrun.muon_shares([5, 3], 4) == [[0], [1], [], []]  # more ranks than matrices
 
 
 def test_speedrun_schedule():
     cfg = tg.TrainConfig(recipe="speedrun", max_steps=100, cooldown_frac=0.6, min_lr_ratio=0.1)
-    factors = [tg.speedrun_lr_factor(s, cfg) for s in (0, 39, 40, 70, 100, 150)]
+    factors = [speedrun.lr_factor(s, cfg) for s in (0, 39, 40, 70, 100, 150)]
     # no warmup; constant to step 40, then linear to 0.1 at step 100
     assert factors == pytest.approx([1.0, 1.0, 1.0, 0.55, 0.1, 0.1])
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**SPEEDRUN))
-    optimizer = model.configure_speedrun_optimizer(cfg, torch.float32, log=lambda *a: None)
-    assert tg.set_learning_rate(optimizer, 70, cfg) == pytest.approx(cfg.muon_lr * 0.55)
+    model = SpeedrunGPT(GPTConfig(**SPEEDRUN))
+    optimizer = model.configure_optimizers(cfg, torch.float32, log=lambda *a: None)
+    assert speedrun.set_learning_rate(optimizer, 70, cfg) == pytest.approx(cfg.muon_lr * 0.55)
     rates = [g["lr"] for g in optimizer.param_groups]
     assert rates == pytest.approx([r * 0.55 for r in (cfg.muon_lr, cfg.embed_lr, cfg.head_lr)])
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import devices
 import train_gpt2 as tg
 from conftest import HELLASWAG_SLICE, ROOT, TINY, make_shards
 from train_gpt2 import GPT, DataLoaderLite, DistEnv, GPTConfig, TrainConfig
@@ -154,11 +155,11 @@ def test_training_run_writes_log_and_checkpoint(tmp_path, capsys):
     assert run["config"]["n_layer"] == 2 and run["device"] == "cpu" and run["world_size"] == 1
 
 
-def test_default_run_uses_the_embedded_corpus(tmp_path, monkeypatch, capsys):
+def test_default_run_uses_the_bundled_corpus(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no edu_fineweb10B here
     cfg, checkpoint = tg.resolve_config({})
     assert checkpoint is None and cfg.data_dir == tg.BUNDLED
-    assert cfg.n_layer == tg.EMBEDDED_DEFAULTS["n_layer"]
+    assert cfg.n_layer == tg.BUNDLED_DEFAULTS["n_layer"]
     tg.main(
         [
             "--max_steps",
@@ -204,29 +205,6 @@ def test_fineweb_shards_select_the_124m_reproduction(tmp_path, monkeypatch):
     assert (cfg.max_lr, cfg.warmup_steps, cfg.max_steps) == (6e-4, 715, 19073)
     with pytest.raises(SystemExit, match="no train shards"):
         tg.main(["--data_dir", str(tmp_path / "nothing")] + TINY)
-
-
-def test_import_does_no_work(tmp_path):
-    # no files, no network, no process group, no CUDA, no threads or pools, no heavy imports
-    code = (
-        "import multiprocessing, os, sys, threading\n"
-        "import socket\n"
-        "socket.socket.connect = lambda *a: (_ for _ in ()).throw(OSError('network'))\n"
-        "before = threading.active_count()\n"
-        "import train_gpt2, hellaswag, fineweb, export_hf\n"
-        "import torch\n"
-        "assert not torch.distributed.is_initialized()\n"
-        "assert not torch.cuda.is_initialized()\n"
-        "assert threading.active_count() == before and not multiprocessing.active_children()\n"
-        "assert 'transformers' not in sys.modules and 'datasets' not in sys.modules\n"
-        "assert os.listdir('.') == []\n"
-        "print('ok')\n"
-    )
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONDONTWRITEBYTECODE="1")
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert out.stdout.strip() == "ok", out.stderr
 
 
 def test_help_is_light(tmp_path):
@@ -281,8 +259,8 @@ def test_the_gpt2_recipe_logs_what_it_logged_before_the_speedrun_existed(tmp_pat
 
 def test_micro_batch_auto():
     # on a CPU: the 124M run's 64, or the largest power of two that divides the step
-    assert tg.largest_micro_batch(lambda B: True, 2**19, 1024, 1) == 64
-    assert tg.largest_micro_batch(lambda B: True, 4096, 256, 2) == 8
+    assert devices.largest_micro_batch(lambda B: True, 2**19, 1024, 1) == 64
+    assert devices.largest_micro_batch(lambda B: True, 4096, 256, 2) == 8
     # on a GPU that holds 20 sequences of activations: the largest power of two under that
     tried = []
 
@@ -290,9 +268,9 @@ def test_micro_batch_auto():
         tried.append(B)
         return B <= 20
 
-    assert tg.largest_micro_batch(fits, 2**19, 1024, 8) == 16 and tried == [64, 32, 16]
+    assert devices.largest_micro_batch(fits, 2**19, 1024, 8) == 16 and tried == [64, 32, 16]
     with pytest.raises(SystemExit, match="no micro-batch B <= 64 of T=1024 tokens both fits"):
-        tg.largest_micro_batch(lambda B: False, 2**19, 1024, 1)
+        devices.largest_micro_batch(lambda B: False, 2**19, 1024, 1)
 
 
 def test_micro_batch_auto_in_a_cpu_run(tmp_path, capsys):
@@ -330,11 +308,11 @@ def test_step_times_wait_for_the_device(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("cuda"))
     monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))
     for device in ("cuda:1", "mps", "cpu"):
-        tg.synchronize(device)
+        devices.synchronize(device)
     assert calls == ["cuda", "mps"]
     # and the training loop waits once per step, before it reads the clock
     waited = []
-    monkeypatch.setattr(tg, "synchronize", waited.append)
+    monkeypatch.setattr(devices, "synchronize", waited.append)
     make_shards(tmp_path / "data", [3000, 9000])
     args = TINY + ["--data_dir", str(tmp_path / "data"), "--log_dir", str(tmp_path / "log")]
     tg.main(args + ["--max_steps", "3", "--total_batch_size", "64", "--eval_interval", "5"])

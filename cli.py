@@ -1,0 +1,110 @@
+"""
+What the scripts' command lines share, without torch: flags made from a dataclass of settings,
+each setting's allowed range checked before anything slow, errors in one line, and a quiet exit
+when the reader of stdout goes away (`python script.py | head`).
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+import typing
+
+
+def setting(default, help, *, choices=None, minimum=None, maximum=None, above=None, parse=None):
+    """A field of a settings dataclass, and so a --flag: its help, the values it may take
+    (choices, or a range: minimum <= value <= maximum, value > above) and, where the field's
+    type cannot read it from the command line, the function that parses it."""
+    metadata = dict(help=help, choices=choices, minimum=minimum, maximum=maximum, above=above)
+    return dataclasses.field(default=default, metadata=dict(metadata, parse=parse))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors in one line, as every other error of these scripts."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (--help lists the flags)\n")
+
+
+def add_flags(parser, settings_class):
+    """A --name flag for every field of a settings dataclass. Flags not given are left out of
+    the parsed namespace, so that a caller can tell them from a default."""
+    for f in dataclasses.fields(settings_class):
+        kinds = [t for t in typing.get_args(f.type) if t is not type(None)]  # int | None -> int
+        help = f.metadata["help"]
+        if "default" not in help:  # else the help says what the default means
+            default = repr(f.default) if isinstance(f.default, str) else f.default
+            help = f"{help} (default: {default})"
+        parser.add_argument(
+            f"--{f.name}",
+            type=f.metadata["parse"] or (kinds[0] if kinds else f.type),
+            default=argparse.SUPPRESS,
+            choices=f.metadata["choices"],
+            help=help,
+        )
+    return parser
+
+
+def parse_settings(settings_class, description, argv=None):
+    """A settings dataclass from the command line: its defaults, with the flags given."""
+    parser = add_flags(ArgumentParser(description=description), settings_class)
+    settings = settings_class(**vars(parser.parse_args(argv)))
+    check_ranges(settings)
+    return settings
+
+
+def check_ranges(settings):
+    """Refuse, in one line, every numeric setting that is not finite or is out of its range."""
+    errors = []
+    for f in dataclasses.fields(settings):
+        value, meta = getattr(settings, f.name), f.metadata
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        if not math.isfinite(value):
+            errors.append(f"--{f.name} {value}: must be a finite number")
+        elif not in_range(value, meta["minimum"], meta["maximum"], meta["above"]):
+            errors.append(f"--{f.name} {value}: {describe_range(meta)}")
+    if errors:
+        raise SystemExit("; ".join(errors))
+
+
+def in_range(value, minimum, maximum, above):
+    return (
+        (minimum is None or value >= minimum)
+        and (maximum is None or value <= maximum)
+        and (above is None or value > above)
+    )
+
+
+def describe_range(meta):
+    minimum, maximum, above = meta["minimum"], meta["maximum"], meta["above"]
+    if minimum == 1 and maximum is None:
+        return "must be positive"
+    if minimum is not None and maximum is not None:
+        return f"must be between {minimum} and {maximum}"
+    if above is not None and maximum is not None:
+        return f"must be in ({above}, {maximum}]"
+    bounds = [f">= {minimum}"] * (minimum is not None) + [f"> {above}"] * (above is not None)
+    bounds += [f"<= {maximum}"] * (maximum is not None)
+    return f"out of range (must be {' and '.join(bounds)})"
+
+
+def discard_stdout():
+    """Send what is still to be printed to /dev/null: stdout's pipe or terminal is gone."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+@contextlib.contextmanager
+def quiet_exit_when_stdout_closes():
+    """`python script.py | head`: once head has its lines and leaves, exit as `cat` would, with
+    SIGPIPE's status 141 and no traceback."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        discard_stdout()
+        raise SystemExit(141) from None

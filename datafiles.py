@@ -1,0 +1,339 @@
+"""
+The files every script reads and writes, without torch: GPT-2's tokenizer (from the BPE ranks in
+data/), token shards (.npy, and llm.c's .bin), HellaSwag's jsonl examples, and the atomic writes
+that keep a crash from leaving half a file. fineweb.py needs nothing else, so data preparation
+runs where torch is not installed.
+"""
+
+import base64
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import re
+
+import numpy as np
+import tiktoken
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# -----------------------------------------------------------------------------
+# GPT-2's tokenizer
+
+GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+EOT = 50256  # <|endoftext|>: separates (and begins) every document
+TOKENIZER_PATH = os.path.join(HERE, "data", "gpt2.tiktoken")
+# tiktoken's r50k_base ranks: the GPT-2 BPE byte for byte
+TOKENIZER_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# GPT-2's pre-tokenizer (openai/gpt-2 src/encoder.py): contractions, letters, digits, other
+GPT2_SPLIT_PATTERN = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+)
+
+
+@functools.cache
+def get_tokenizer():
+    """The GPT-2 tokenizer from the BPE ranks shipped in data/, so it never needs the network."""
+    try:
+        with open(TOKENIZER_PATH, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise SystemExit(
+            f"tokenizer file {TOKENIZER_PATH} is missing: restore it from git"
+        ) from None
+    if hashlib.sha256(raw).hexdigest() != TOKENIZER_SHA256:
+        raise SystemExit(f"tokenizer file {TOKENIZER_PATH} is corrupt (sha256 mismatch)")
+    ranks = {}
+    for line in raw.splitlines():
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_SPLIT_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": EOT},
+    )
+
+
+# -----------------------------------------------------------------------------
+# Atomic writes
+
+# atomic_open's temporary files: .{name}.{pid}.tmp beside the file being written
+TEMPORARY_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="wb"):
+    """Open a file for writing that appears under `path` only once it is complete.
+
+    It is written under a temporary name in the same directory, flushed to disk, then renamed
+    (an atomic step): a crash or kill at any moment leaves either the old file or the new one,
+    never half of one. Used for shards, checkpoints and logs.
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_stale_temporaries(directory, names):
+    """Delete atomic_open's temporary files of the given names left by killed processes (a
+    SIGKILL during a save leaves one as large as the checkpoint), never those of a live one."""
+    for entry in os.listdir(directory):
+        m = TEMPORARY_FILE.match(entry)
+        if m and re.fullmatch(names, m["name"]) and not process_alive(int(m["pid"])):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, entry))
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+# -----------------------------------------------------------------------------
+# Token shards
+
+# llm.c / modded-nanogpt shards: 256 int32 header (magic, version, token count), then uint16 tokens
+LLMC_MAGIC = 20240520
+LLMC_VERSION = 1
+LLMC_HEADER_INTS = 256
+
+
+def write_shard(path, tokens):
+    """Write a 1-D uint16 token array atomically, as .npy or (by extension) llm.c .bin."""
+    assert tokens.dtype == np.uint16 and tokens.ndim == 1
+    with atomic_open(path) as f:
+        if path.endswith(".bin"):
+            header = np.zeros(LLMC_HEADER_INTS, dtype=np.int32)
+            header[:3] = (LLMC_MAGIC, LLMC_VERSION, len(tokens))
+            f.write(header.tobytes())
+            f.write(tokens.tobytes())
+        else:
+            np.save(f, tokens)
+
+
+def open_shard(path):
+    """Memory-map a shard (.npy uint16 array or llm.c .bin) without reading it into RAM."""
+    try:
+        if path.endswith(".bin"):
+            return open_llmc_shard(path)
+        return open_npy_shard(path)
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot read the shard ({e.strerror or e})") from None
+
+
+def open_llmc_shard(path):
+    header = np.fromfile(path, dtype=np.int32, count=LLMC_HEADER_INTS)
+    if len(header) < LLMC_HEADER_INTS or header[0] != LLMC_MAGIC:
+        raise SystemExit(f"{path}: not an llm.c token shard (magic number is not {LLMC_MAGIC})")
+    if header[1] != LLMC_VERSION:
+        raise SystemExit(f"{path}: unsupported llm.c shard version {header[1]}")
+    ntok = int(header[2])
+    expected = 4 * LLMC_HEADER_INTS + 2 * ntok
+    if os.path.getsize(path) != expected:
+        raise SystemExit(
+            f"{path}: header says {ntok} tokens but the file has "
+            f"{os.path.getsize(path)} bytes, not {expected}"
+        )
+    if ntok == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * LLMC_HEADER_INTS, shape=(ntok,))
+
+
+def open_npy_shard(path):
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except (ValueError, EOFError) as e:
+        raise SystemExit(f"{path}: not a readable .npy token shard ({e})") from None
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise SystemExit(
+            f"{path}: shards must be 1-D uint16 token arrays, this one is {tokens.ndim}-D "
+            f"{tokens.dtype}"
+        )
+    return tokens
+
+
+def list_shards(data_dir, split):
+    """Shard files of a split, in name order: the .npy and .bin files that have the split as a
+    whole field of their name (fields are separated by _ . or -: fineweb_val_000000.bin)."""
+    if not os.path.isdir(data_dir):
+        return []
+    try:
+        names = os.listdir(data_dir)
+    except OSError as e:
+        raise SystemExit(f"cannot list {data_dir}: {e.strerror or e}") from None
+    names = sorted(
+        n
+        for n in names
+        if n.endswith((".npy", ".bin")) and not n.startswith(".") and split in re.split(r"[_.-]", n)
+    )
+    return [os.path.join(data_dir, n) for n in names]
+
+
+def shard_fingerprint(paths):
+    """A cheap identity of a set of shards: their names and sizes and the first and last KB of
+    each. A resumed run refuses other shards: its position in them would mean other data."""
+    digest = hashlib.sha256()
+    for path in paths:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(1024)
+            f.seek(max(0, size - 1024))
+            tail = f.read(1024)
+        digest.update(f"{os.path.basename(path)}:{size}:".encode() + head + tail)
+    return digest.hexdigest()[:16]
+
+
+def recorded_max_tokens(data_dir):
+    """{shard name: (bytes, largest token id)} from fineweb.py's manifest, where it has one."""
+    try:
+        with open(os.path.join(data_dir, "manifest.json")) as f:
+            shards = json.load(f).get("shards", [])
+        return {s["name"]: (s["bytes"], s["max_token"]) for s in shards if "max_token" in s}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return {}
+
+
+# -----------------------------------------------------------------------------
+# The bundled corpus
+
+# The bundled public-domain texts (Canterbury corpus) for a first run with no download.
+# `--data_dir bundled` names them in flags and checkpoints, wherever the project is checked out.
+BUNDLED = "bundled"
+CORPUS_DIR = os.path.join(HERE, "data", "corpus")
+BUNDLED_SHARDS_DIR = os.path.join(HERE, "data", "corpus_shards")
+BUNDLED_VAL_FRACTION = 0.1  # the last tenth of every text is held out for validation
+
+
+def prepare_bundled_corpus(out_dir=BUNDLED_SHARDS_DIR, corpus_dir=CORPUS_DIR):
+    """Tokenize the bundled texts into one val and one train shard, once; later calls reuse them.
+
+    Every text gives a train document (its first 90%) and a val document (the rest, cut at a line
+    break), each starting with <|endoftext|>. A manifest of the inputs' hashes detects staleness.
+    """
+    texts = sorted(n for n in os.listdir(corpus_dir) if n.endswith(".txt"))
+    digest = hashlib.sha256(TOKENIZER_SHA256.encode() + str(BUNDLED_VAL_FRACTION).encode())
+    for name in texts:
+        with open(os.path.join(corpus_dir, name), "rb") as f:
+            digest.update(name.encode() + hashlib.sha256(f.read()).digest())
+    manifest_path = os.path.join(out_dir, "manifest.json")
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            if json.load(f).get("sha256") == digest.hexdigest():
+                return out_dir
+    enc = get_tokenizer()
+    splits = {"train": [], "val": []}
+    for name in texts:
+        with open(os.path.join(corpus_dir, name), encoding="utf-8") as f:
+            text = f.read()
+        cut = text.find("\n", int(len(text) * (1 - BUNDLED_VAL_FRACTION)))
+        cut = len(text) if cut < 0 else cut + 1
+        for split, part in (("train", text[:cut]), ("val", text[cut:])):
+            splits[split].extend([EOT] + enc.encode_ordinary(part))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        for i, split in enumerate(("val", "train")):
+            path = os.path.join(out_dir, f"corpus_{split}_{i:06d}.npy")
+            write_shard(path, np.array(splits[split], np.uint16))
+        tokens = {split: len(ids) for split, ids in splits.items()}
+        with atomic_open(manifest_path, "w") as f:  # written last: it marks the shards complete
+            json.dump({"sha256": digest.hexdigest(), "texts": texts, "tokens": tokens}, f)
+    except OSError as e:
+        raise SystemExit(
+            f"cannot write the bundled corpus's token shards to {out_dir}: {e.strerror or e}"
+        ) from None
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
+# HellaSwag's examples (Zellers et al. 2019)
+
+HELLASWAG_CACHE_DIR = os.path.join(HERE, "hellaswag")
+HELLASWAG_URL = (
+    "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
+)
+HELLASWAG_SPLITS = ("train", "val", "test")
+ENDINGS = 4
+
+
+def download_hellaswag(split, cache_dir=HELLASWAG_CACHE_DIR):
+    """Fetch hellaswag_{split}.jsonl into cache_dir once (streamed, with a progress bar)."""
+    import requests
+    from tqdm import tqdm
+
+    path = os.path.join(cache_dir, f"hellaswag_{split}.jsonl")
+    if os.path.exists(path):
+        return path
+    url = HELLASWAG_URL.format(split=split)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        with requests.get(url, stream=True, timeout=30) as response:
+            response.raise_for_status()
+            total = int(response.headers.get("content-length", 0)) or None
+            partial = path + ".part"  # only a complete download gets the final name
+            with (
+                open(partial, "wb") as f,
+                tqdm(total=total, unit="iB", unit_scale=True, desc=path) as bar,
+            ):
+                for chunk in response.iter_content(chunk_size=1 << 16):
+                    bar.update(f.write(chunk))
+            os.replace(partial, path)
+    except requests.RequestException as e:
+        raise SystemExit(
+            f"could not download {url} ({type(e).__name__}); offline, put the file at {path} "
+            "or pass its path (--input to hellaswag.py, --hellaswag_path to train_gpt2.py)"
+        ) from None
+    except OSError as e:
+        raise SystemExit(f"could not write {path}: {e.strerror or e}") from None
+    return path
+
+
+def iterate_examples(split="val", path=None):
+    """The examples of a split, from a local jsonl file if given, else the (downloaded) cache.
+    A file that is not HellaSwag's jsonl ends in one line naming the file and the line."""
+    if path is None:
+        path = download_hellaswag(split)
+    if not os.path.isfile(path):
+        raise SystemExit(f"HellaSwag file {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    yield parse_example(line, path, lineno)
+    except UnicodeDecodeError:
+        raise SystemExit(f"HellaSwag file {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise SystemExit(f"HellaSwag file {path} could not be read: {e.strerror or e}") from None
+
+
+def parse_example(line, path, lineno):
+    try:
+        example = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path} line {lineno} is not JSON ({e.msg})") from None
+    if not (
+        isinstance(example, dict)
+        and isinstance(example.get("ctx"), str)
+        and isinstance(example.get("endings"), list)
+        and len(example["endings"]) == ENDINGS
+        and all(isinstance(e, str) for e in example["endings"])
+        and example.get("label") in range(ENDINGS)
+    ):
+        raise SystemExit(
+            f"{path} line {lineno} is not a HellaSwag example (ctx, 4 endings and a label 0-3)"
+        )
+    return example

@@ -1,0 +1,217 @@
+"""
+HellaSwag (Zellers et al. 2019) scored on a device: pick the most likely of four endings for a
+context. The training loop evaluates with it every eval_interval steps, and hellaswag.py (the
+command line) scores any model with it.
+
+Every ending is scored by the cross-entropy of its tokens given the context: `acc` picks the
+ending with the lowest summed loss, `acc_norm` the lowest mean loss per token (the completion-style
+scoring of the lecture, not the multiple-choice format of the paper).
+
+The scoring keeps a GPU busy: the examples are rendered once, their 4 rows are sorted by length
+and packed into batches of about batch_tokens tokens whose widths are rounded up to a multiple of
+32 (so that a compiled scorer sees a handful of shapes); only the positions that predict an
+ending token (about a fifth) go through the lm_head; and the losses stay on the device until the
+last batch: one host synchronization per pass.
+"""
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from datafiles import ENDINGS, GPT2_VOCAB_SIZE, get_tokenizer, iterate_examples
+
+# rows x width per forward pass: 16k tokens keep an H100 busy; on a CPU, whose logits are float32
+# (200KB per token), 2k tokens are as fast per token and need 8 times less memory
+GPU_BATCH_TOKENS = 2**14
+CPU_BATCH_TOKENS = 2**11
+WIDTH_MULTIPLE = 32  # batch widths are multiples of this: HellaSwag's rows need 3 to 6 of them
+
+# -----------------------------------------------------------------------------
+# Rendering and packing the examples
+
+
+def render_example(example, enc):
+    """Tokenize an example with GPT-2's tokenizer enc into 4 rows of context + " " + ending.
+
+    Returns (data, tokens, mask, label): tokens and mask are (4, longest row) long tensors,
+    right-padded with 0; the mask is 1 over the ending's tokens, where the model is scored.
+    """
+    ctx_tokens = enc.encode(example["ctx"])
+    # the space goes with the ending: GPT-2's tokens carry their leading space
+    ending_tokens = [enc.encode(" " + ending) for ending in example["endings"]]
+    rows = [ctx_tokens + end for end in ending_tokens]
+    max_len = max(len(row) for row in rows)
+    tokens = torch.zeros((ENDINGS, max_len), dtype=torch.long)
+    mask = torch.zeros((ENDINGS, max_len), dtype=torch.long)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = torch.tensor(row)
+        mask[i, len(ctx_tokens) : len(row)] = 1
+    data = {"label": example["label"], "ctx_tokens": ctx_tokens, "ending_tokens": ending_tokens}
+    return data, tokens, mask, example["label"]
+
+
+@dataclass
+class Batch:
+    """R rows of `width` tokens, and the N ending tokens to score in them. Only the positions
+    that predict an ending token go through the lm_head: about a fifth of HellaSwag's tokens."""
+
+    tokens: torch.Tensor  # (R, width) right-padded with 0; padding rows are all 0
+    positions: torch.Tensor  # (N,) flat index (row * width + t) of each position t predicting t + 1
+    targets: torch.Tensor  # (N,) the ending token each of them predicts
+    rows: torch.Tensor  # (N,) the row of the set (4 * example + ending) each belongs to
+
+
+@dataclass
+class PackedExamples:
+    """Examples rendered once and packed into batches, ready to be scored any number of times.
+    Row 4 * i + j is ending j of example i."""
+
+    labels: torch.Tensor  # (examples,)
+    ending_lengths: torch.Tensor  # (rows,) tokens in each ending
+    batches: list
+    longest: int  # the longest row: the context a model needs
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def batch_tokens_for(device):
+    return GPU_BATCH_TOKENS if str(device).startswith("cuda") else CPU_BATCH_TOKENS
+
+
+def load_packed(path, device, max_width=None, limit=None, split="val"):
+    """The examples of a HellaSwag file (the downloaded split's if path is None, the first
+    `limit` if given) packed for scoring on the device."""
+    examples = list(iterate_examples(split, path))[:limit]
+    packed = pack_examples(examples, get_tokenizer(), batch_tokens_for(device), max_width)
+    if not len(packed):
+        raise SystemExit(f"HellaSwag file {path} holds no examples")
+    return packed
+
+
+def pack_examples(examples, enc, batch_tokens=CPU_BATCH_TOKENS, max_width=None):
+    """Render every example with the tokenizer enc and pack the rows, longest first, into batches of
+    batch_tokens // width rows each. A batch's width is its longest row rounded up to a multiple
+    of WIDTH_MULTIPLE (at most max_width), and every batch of one width has the same number of
+    rows (the last is padded with empty rows), so a compiled scorer meets few shapes."""
+    if batch_tokens < 1:
+        raise SystemExit(f"the HellaSwag batch must hold at least one token, not {batch_tokens}")
+    rows, labels = [], []
+    for example in examples:
+        data, _, _, label = render_example(example, enc)
+        labels.append(label)
+        for ending in data["ending_tokens"]:
+            rows.append((data["ctx_tokens"] + ending, len(data["ctx_tokens"])))
+    longest = max((len(tokens) for tokens, _ in rows), default=0)
+    if max_width and longest > max_width:
+        raise SystemExit(f"HellaSwag needs block_size >= {longest}, the model has {max_width}")
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
+    batches, start = [], 0
+    while start < len(order):
+        width = math.ceil(len(rows[order[start]][0]) / WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+        width = min(width, max_width or width)
+        size = max(1, batch_tokens // width)
+        members = order[start : start + size]
+        grid = torch.zeros((size, width), dtype=torch.long)
+        positions, targets, row_ids = [], [], []
+        for i, r in enumerate(members):
+            tokens, ctx_len = rows[r]
+            grid[i, : len(tokens)] = torch.tensor(tokens)
+            positions += range(i * width + ctx_len - 1, i * width + len(tokens) - 1)
+            targets += tokens[ctx_len:]
+            row_ids += [r] * (len(tokens) - ctx_len)
+        batches.append(
+            Batch(
+                tokens=grid,
+                positions=torch.tensor(positions, dtype=torch.long),
+                targets=torch.tensor(targets, dtype=torch.long),
+                rows=torch.tensor(row_ids, dtype=torch.long),
+            )
+        )
+        start += len(members)
+    return PackedExamples(
+        labels=torch.tensor(labels, dtype=torch.long),
+        ending_lengths=torch.tensor([len(t) - c for t, c in rows], dtype=torch.long),
+        batches=batches,
+        longest=longest,
+    )
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+
+def ending_losses(hidden, head_fn, positions, targets):
+    """Cross-entropy of each ending token, from the (rows, width, n_embd) hidden states: only the
+    positions that predict an ending token (flat indices) go through head_fn, the lm_head.
+
+    Vocabulary entries past GPT-2's 50257 (padding) are ignored. The float32 upcast of bf16
+    logits covers those positions only, not the whole (rows, width, vocab) tensor.
+    """
+    selected = hidden.flatten(0, 1).index_select(0, positions)
+    logits = head_fn(selected)[:, :GPT2_VOCAB_SIZE]
+    if logits.element_size() < 4:  # bf16 / fp16 under autocast
+        logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def make_scorer(hidden_fn, head_fn, compile=False):
+    """(tokens, positions, targets) -> the loss of every ending token. hidden_fn maps (rows,
+    width) tokens to the final hidden states, head_fn those to logits. With compile, hidden_fn
+    is compiled with static shapes (one graph per batch shape: pack_examples keeps them few);
+    the head runs on a varying number of positions and stays eager."""
+    body = torch.compile(hidden_fn, dynamic=False) if compile else hidden_fn
+    return lambda tokens, positions, targets: ending_losses(
+        body(tokens), head_fn, positions, targets
+    )
+
+
+@torch.no_grad()
+def row_losses(scorer, packed, device, autocast=None, rank=0, world_size=1, should_stop=None):
+    """Summed ending loss of every row, on the device: (rows,), or None if should_stop() said
+    so between two batches. Rank r scores batches r, r + world_size, ...; the losses are summed
+    over ranks, so every rank returns all of them."""
+    autocast = autocast or contextlib.nullcontext()
+    # float64 where the device has it: the sums stay as exact as the losses, even of a float64 model
+    dtype = torch.float32 if str(device).startswith("mps") else torch.float64
+    sums = torch.zeros(len(packed.ending_lengths), dtype=dtype, device=device)
+    rounds = math.ceil(len(packed.batches) / world_size)  # the same number on every rank
+    for i in range(rounds):
+        if should_stop is not None and should_stop():
+            return None
+        k = i * world_size + rank
+        if k >= len(packed.batches):
+            continue
+        batch = packed.batches[k]
+        tokens, positions, targets, rows = (
+            t.to(device, non_blocking=True)
+            for t in (batch.tokens, batch.positions, batch.targets, batch.rows)
+        )
+        with autocast:
+            losses = scorer(tokens, positions, targets)
+        sums.index_add_(0, rows, losses.to(dtype))
+    if world_size > 1:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    return sums
+
+
+def predictions(sums, packed):
+    """(sum losses, mean losses, pred, pred_norm) per example, on the CPU: one synchronization."""
+    sums = sums.double().cpu().view(-1, ENDINGS)
+    means = sums / packed.ending_lengths.view(-1, ENDINGS)
+    return sums, means, sums.argmin(dim=1), means.argmin(dim=1)
+
+
+def evaluate(scorer, packed, device, autocast=None, rank=0, world_size=1, should_stop=None):
+    """(correct by acc, correct by acc_norm, total) over the packed examples, the batches split
+    over the ranks; None when should_stop() interrupted it."""
+    sums = row_losses(scorer, packed, device, autocast, rank, world_size, should_stop)
+    if sums is None:
+        return None
+    _, _, pred, pred_norm = predictions(sums, packed)
+    correct = int((pred == packed.labels).sum())
+    correct_norm = int((pred_norm == packed.labels).sum())
+    return correct, correct_norm, len(packed)

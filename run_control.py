@@ -1,0 +1,110 @@
+"""
+What the ranks of a run decide together: whether to stop, and whether each one's start-up worked.
+
+Stop requests while training are preemption (SIGTERM), Ctrl-C (SIGINT), a reader of stdout that
+has gone (SIGPIPE) and a terminal that has closed (SIGHUP). train_gpt2.py asks for them between
+micro-steps, evaluation batches and samples, and before checkpoints: it then saves the last
+completed step and exits with 128 + the signal's number. Under torchrun the ranks agree on the
+stop, and on every start-up step a rank takes alone, on a CPU (gloo) group that never waits for a
+GPU.
+"""
+
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+
+class StopNow(BaseException):
+    """A stop request that cannot wait: nothing is lost by stopping at once."""
+
+    def __init__(self, signum, why):
+        super().__init__(why)
+        self.signum = signum
+
+
+class StopSignal:
+    """SIGTERM and SIGINT (preemption, Ctrl-C) while training; also SIGPIPE (stdout's reader has
+    gone: `python train_gpt2.py | head`) and SIGHUP (its terminal closed), unless the run was
+    started to ignore it (`nohup`). The run stops for them as if preempted.
+
+    Until a step of this run has completed, a stop loses nothing: the run stops at once (even in
+    the middle of torch.compile). After, the signal is remembered, and the run asks for it with
+    requested() between micro-steps, evaluation batches and samples and before checkpoints, then
+    saves the last completed step and exits. A second Ctrl-C stops at once.
+    """
+
+    SIGNALS = tuple(
+        getattr(signal, name)
+        for name in ("SIGTERM", "SIGINT", "SIGPIPE", "SIGHUP")
+        if hasattr(signal, name)  # Windows has neither SIGPIPE nor SIGHUP
+    )
+
+    def __init__(self, env):
+        self.env = env
+        self.signum = 0
+        self.deferred = False  # whether a signal waits for the run to save
+
+    def __enter__(self):
+        # nohup starts a run with SIGHUP ignored: it is meant to outlive its terminal
+        nohup = hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        signals = [s for s in self.SIGNALS if not (nohup and s == signal.SIGHUP)]
+        self.previous = {s: signal.signal(s, self._handler) for s in signals}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handler(self, signum, frame):
+        name = signal.Signals(signum).name
+        if not self.deferred:
+            raise StopNow(signum, f"stopped by {name} before the first step: nothing to save")
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise StopNow(signum, "stopped at once by a second Ctrl-C, without saving")
+        self.signum = signum
+
+    def defer(self):
+        """From now on a signal waits for the run to save its state."""
+        self.deferred = True
+
+    def requested(self):
+        """The signal every rank agrees to stop for, or 0. Under DDP a collective (on the CPU
+        group): every rank calls it at the same points."""
+        signum = self.signum
+        if self.env.ddp:
+            flag = torch.tensor(signum)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.env.cpu_group)
+            signum = int(flag)
+        return signum
+
+
+def agree(env, action):
+    """Run action() on this rank, then agree with every rank on how it went: its result if it
+    worked on all of them, else SystemExit on all of them with the message of the lowest rank
+    that failed, printed once per node. A rank that acts alone on local state (a download, a
+    file, a parse) thus never leaves the others waiting in a collective."""
+    error, result = None, None
+    try:
+        result = action()
+    except SystemExit as e:
+        error = str(e.code)
+    if env.ddp:
+        errors = [None] * env.world_size
+        dist.all_gather_object(errors, error, group=env.cpu_group)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise SystemExit(error if env.local_rank == 0 else 1)
+    return result
+
+
+def once_per_node(action):
+    """action(), whose errors every process of a torchrun node would print alike (the flags, the
+    files are the same): printed by local rank 0 only, the others exit with 1."""
+    try:
+        return action()
+    except SystemExit as e:
+        if e.code not in (0, None) and os.environ.get("LOCAL_RANK", "0") != "0":
+            raise SystemExit(1) from None
+        raise

@@ -1,0 +1,170 @@
+"""
+A run's directory (--log_dir), without torch: the names of its checkpoints (model_{step:05d}.pt),
+log.txt and run.json, and the rules that keep a run from overwriting or mixing with another run's
+files. train_gpt2.py writes the checkpoints themselves.
+"""
+
+import json
+import os
+import re
+import subprocess
+import time
+
+from datafiles import atomic_open, remove_stale_temporaries
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHECKPOINT_FILE = re.compile(r"model_(\d+)\.pt")
+LOG_LINE = re.compile(r"(\d+) (train|val|hella) \S+")
+
+
+def checkpoint_path(log_dir, step):
+    return os.path.join(log_dir, f"model_{step:05d}.pt")
+
+
+def checkpoint_steps(log_dir):
+    """The steps of the checkpoints in log_dir, in order."""
+    if not os.path.isdir(log_dir):
+        return []
+    return sorted(int(m[1]) for n in os.listdir(log_dir) if (m := CHECKPOINT_FILE.fullmatch(n)))
+
+
+def latest_checkpoint(log_dir):
+    """The checkpoint of the highest step in log_dir, or None."""
+    steps = checkpoint_steps(log_dir)
+    return checkpoint_path(log_dir, steps[-1]) if steps else None
+
+
+def read_log(path):
+    """The lines of a log.txt, each checked to be one of ours (so that a resume never trims a
+    file it does not understand)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines, 1):
+        if not LOG_LINE.fullmatch(line):
+            raise SystemExit(f"{path} line {i} is not a line of train_gpt2.py's log: {line[:60]!r}")
+    return lines
+
+
+def check_log_dir(log_dir, checkpoint):
+    """Refuse, before anything is written, a log dir that would mix or lose another run's files.
+
+    A fresh run needs a log dir without checkpoints or log lines. A resumed run continues in its
+    checkpoint's directory only from the latest checkpoint there (a later one would be
+    overwritten); into any other directory it branches off, and that directory must be free.
+    """
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise SystemExit(f"--log_dir {log_dir} is a file, not a directory")
+    steps = checkpoint_steps(log_dir)
+    log_lines = read_log(os.path.join(log_dir, "log.txt"))
+    if checkpoint is not None:
+        step = checkpoint["step"]
+        own_dir = os.path.dirname(os.path.abspath(checkpoint["path"]))
+        if os.path.isdir(log_dir) and os.path.samefile(own_dir, log_dir):
+            later = [s for s in steps if s > step]
+            if later:
+                raise SystemExit(
+                    f"{checkpoint_path(log_dir, later[-1])} is later than the checkpoint to "
+                    f"resume (step {step}): resume the latest with --resume latest, or branch off "
+                    f"step {step} into a new --log_dir"
+                )
+            return
+        what = "checkpoints" if steps else "a log.txt"
+        if steps or log_lines:
+            raise SystemExit(
+                f"{log_dir} holds {what} of another run: resume into the checkpoint's own "
+                "directory or a new --log_dir"
+            )
+        return
+    if steps:  # never overwrite another run's checkpoints
+        raise SystemExit(
+            f"{log_dir} holds checkpoints of an earlier run ({checkpoint_path(log_dir, steps[-1])})"
+            ": continue it with --resume latest, or start afresh in another --log_dir"
+        )
+    if log_lines:
+        raise SystemExit(
+            f"{log_dir}/log.txt holds the log of an earlier run ({len(log_lines)} lines): move it "
+            "away, or start afresh in another --log_dir"
+        )
+
+
+def git_commit():
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class RunLog:
+    """log.txt ({step} train/val/hella {value} lines) and run.json (the run's settings, and one
+    entry per resume) in the log dir, written by the master process only."""
+
+    def __init__(self, log_dir, master_process):
+        self.dir, self.master_process = log_dir, master_process
+        self.path = os.path.join(log_dir, "log.txt")
+
+    def start(self, run_info, checkpoint, print0=print):
+        """A new log.txt and run.json (run_info, with the git commit and the time); on resume,
+        the log up to the resumed step (carried over from the checkpoint's directory when the run
+        branches into another) and the run.json of the run with this resume appended."""
+        if not self.master_process:
+            return
+        run_info = dict(
+            run_info, git_commit=git_commit(), started=time.strftime("%Y-%m-%d %H:%M:%S")
+        )
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            remove_stale_temporaries(self.dir, r"model_\d+\.pt|log\.txt|run\.json")
+            run = dict(run_info, resumes=[])
+            lines = []
+            if checkpoint is not None:
+                step = checkpoint["step"]
+                own_dir = os.path.dirname(os.path.abspath(checkpoint["path"]))
+                lines = read_log(os.path.join(own_dir, "log.txt"))
+                kept = [line for line in lines if int(line.split()[0]) < step]
+                if len(kept) < len(lines):
+                    print0(
+                        f"log.txt: {len(lines) - len(kept)} lines of step {step} and later "
+                        "dropped: this run redoes those steps"
+                    )
+                lines = kept
+                run = self.read_run(own_dir) or dict(run_info, resumes=[])
+                run["resumes"].append(
+                    dict(
+                        step=step,
+                        time=time.strftime("%Y-%m-%d %H:%M:%S"),
+                        checkpoint=checkpoint["path"],
+                        **{k: run_info[k] for k in ("git_commit", "world_size", "device")},
+                        config=run_info["config"],
+                    )
+                )
+            with atomic_open(self.path, "w") as f:
+                f.writelines(line + "\n" for line in lines)
+            with atomic_open(os.path.join(self.dir, "run.json"), "w") as f:
+                json.dump(run, f, indent=2)
+        except OSError as e:
+            raise SystemExit(f"cannot write to --log_dir {self.dir}: {e.strerror or e}") from None
+
+    @staticmethod
+    def read_run(directory):
+        """The run.json in directory, or None if there is none we can read."""
+        try:
+            with open(os.path.join(directory, "run.json")) as f:
+                run = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(run, dict) or not isinstance(run.setdefault("resumes", []), list):
+            return None
+        return run
+
+    def write(self, step, kind, value):
+        if self.master_process:
+            try:
+                with open(self.path, "a") as f:
+                    f.write(f"{step} {kind} {value}\n")
+            except OSError as e:
+                raise SystemExit(f"cannot write {self.path}: {e.strerror or e}") from None

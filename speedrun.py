@@ -1,0 +1,355 @@
+"""
+The speedrun recipe (`train_gpt2.py --recipe speedrun`): the model and optimizer of the NanoGPT
+speedrun's first records (Keller Jordan's modded-nanogpt, 2024-2025), whole, in one file.
+
+Against the lecture's GPT-2 it changes:
+- rotary position embeddings (RoFormer) instead of the learned wpe;
+- RMSNorm without weights instead of LayerNorm, and no biases;
+- QK-norm: queries and keys RMS-normalized, with a fixed attention scale of 0.12;
+- ReLU² instead of GELU (Primer);
+- the projections into the residual stream and an untied lm_head initialized to zero;
+- logits soft-capped as 15 tanh(logits / 15) (Gemma 2);
+- Muon for the blocks' matrices, AdamW for the embedding and the head, each at its own rate;
+- no warmup: constant rates, then a linear cooldown.
+
+Everything else of a run (data, DDP, evaluation, checkpoints, resume) is train_gpt2.py's. The
+model has GPT's parameter names and interface: forward, hidden, head, flops_per_token.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import linear_cross_entropy
+
+# With q and k RMS-normalized, a fixed attention temperature of 0.12 trains better than
+# 1/sqrt(head_dim), and logits soft-capped by 15 * tanh(logits / 15) keep the early steps stable.
+ATTN_SCALE = 0.12
+SOFTCAP = 15.0
+ROPE_BASE = 10000  # RoFormer's
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+def rms_norm(x):
+    """RMSNorm (Zhang & Sennrich 2019) without a learned gain: the recipe's only norm."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (RoFormer, arXiv 2104.09864): channel pair i of a head is rotated
+    by the angle position * base^(-2i / head_size), so that q.k depends on the distance between two
+    positions and not on where they are."""
+
+    def __init__(self, head_size, max_len):
+        super().__init__()
+        freqs = ROPE_BASE ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
+        # buffers, not weights: the same for every model, rebuilt rather than saved
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, pos):
+        """cos and sin for positions pos, (T,) or per row (B, T), shaped to broadcast over heads."""
+        cos, sin = self.cos[pos], self.sin[pos]
+        if pos.dim() == 2:  # (B, T, D/2) -> (B, 1, T, D/2): one rotation per row and position
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return cos, sin
+
+
+def apply_rotary(x, rope):
+    """Rotate the channel pairs (i, i + D/2) of x, (B, n_head, T, D), by the angles in rope."""
+    cos, sin = rope
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.layer = layer  # its slot in a generation.KVCache
+
+    def forward(self, x, rope, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        # QK-norm (Dehghani et al. 2023): unit-RMS queries and keys bound the attention logits
+        q, k = apply_rotary(rms_norm(q), rope), apply_rotary(rms_norm(k), rope)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=ATTN_SCALE)
+        else:
+            k, v = cache.update(self.layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, scale=ATTN_SCALE)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        # ReLU squared (Primer, arXiv 2109.08668): cheaper than GELU, and better
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, cache=None):
+        x = x + self.attn(rms_norm(x), rope, cache)
+        x = x + self.mlp(rms_norm(x))
+        return x
+
+
+class SpeedrunGPT(nn.Module):
+    def __init__(self, config, fused_loss=False):
+        super().__init__()
+        if (config.n_embd // config.n_head) % 2:
+            raise ValueError("the speedrun recipe's rotary embeddings need an even head size")
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied
+        self.rotary = Rotary(config.n_embd // config.n_head, config.block_size)
+        self.fused_loss = fused_loss  # kernels.linear_cross_entropy instead of the full logits
+        # normal(0, 0.02) as GPT-2's, then zero-initialized projections into the residual stream
+        # and head (modded-nanogpt): every block starts as the identity, the first logits uniform
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        for block in self.transformer.h:
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        nn.init.zeros_(self.lm_head.weight)
+
+    def forward(self, idx, targets=None, cache=None):
+        """(logits, loss), as GPT.forward."""
+        x = self.hidden(idx, cache)
+        if cache is not None:
+            x = x[:, -1:]  # generation needs the next token only
+        if targets is not None and self.fused_loss:
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, SOFTCAP)
+        logits = self.head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def hidden(self, idx, cache=None):
+        """The final (normalized) hidden state of every position: (B, T, n_embd)."""
+        B, T = idx.size()
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of length {start + T} is longer than block_size {self.config.block_size}"
+            )
+        if cache is None:
+            pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        else:
+            pos = cache.positions(T)
+            cache.prepare(T)
+        x = rms_norm(self.transformer.wte(idx))
+        rope = self.rotary(pos)
+        for block in self.transformer.h:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.length += T
+        return rms_norm(x)
+
+    def head(self, x):
+        """Soft-capped logits from hidden states (..., n_embd)."""
+        logits = self.lm_head(x)
+        return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token, 6N + 12 L H Q T (PaLM, appendix B), as GPT.flops_per_token.
+        No biases or norm gains; the untied lm_head is multiplied, the embedding only looked up."""
+        d, L = self.config.n_embd, self.config.n_layer
+        return 6 * (self.config.vocab_size * d + L * 12 * d * d) + 12 * L * d * T
+
+    def configure_optimizers(self, cfg, ns_dtype, log=print):
+        """Muon for the blocks' matrices; AdamW (betas 0.8, 0.95) for the embedding and the head,
+        each with its own learning rate (modded-nanogpt's choices, scaled by cfg)."""
+        matrices = [p for block in self.transformer.h for p in block.parameters()]
+        groups = [
+            dict(params=matrices, use_muon=True, lr=cfg.muon_lr, weight_decay=cfg.muon_wd),
+            dict(params=[self.transformer.wte.weight], lr=cfg.embed_lr),
+            dict(params=[self.lm_head.weight], lr=cfg.head_lr),
+        ]
+        for group in groups:
+            group["initial_lr"] = group["lr"]  # the schedule scales every group's own rate
+        log(
+            f"Muon: {len(matrices)} matrices with {sum(p.numel() for p in matrices):,} parameters; "
+            f"AdamW: embedding and head, {2 * self.lm_head.weight.numel():,} parameters"
+        )
+        return Muon(groups, ns_dtype=ns_dtype)
+
+
+# -----------------------------------------------------------------------------
+# The optimizer: Muon, and AdamW for the rest
+
+
+def newton_schulz(G, steps=5):
+    """An approximately orthogonal matrix near G: its singular values moved to about 1 (within
+    roughly 0.7-1.2), its singular vectors kept, by a quintic Newton-Schulz iteration.
+
+    Each step maps every singular value s to a s + b s^3 + c s^5; these coefficients (from the
+    Muon write-up, Jordan et al. 2024) pull all of [0, 1] quickly towards 1 at the cost of not
+    converging exactly, which Muon does not need. Runs in G's dtype.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G / (G.norm() + 1e-7)  # singular values <= 1: the iteration's range
+    transposed = X.size(0) > X.size(1)
+    if transposed:  # X @ X.T is then the smaller Gram matrix
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if transposed else X
+
+
+def make_optimizer(model, cfg, device_type, dtype, log=print):
+    """The recipe's optimizer for train_gpt2.py: Muon, its Newton-Schulz in the right dtype."""
+    return model.configure_optimizers(cfg, newton_schulz_dtype(device_type, dtype), log)
+
+
+def newton_schulz_dtype(device_type, dtype):
+    """Muon's Newton-Schulz in bf16 on GPUs that train in bf16 (its purpose needs no more
+    precision); else float32: a CPU multiplies these shapes in bf16 up to 50 times slower."""
+    return torch.bfloat16 if device_type == "cuda" and dtype == torch.bfloat16 else torch.float32
+
+
+def muon_shares(sizes, world):
+    """The matrices (indices into sizes) each of `world` ranks orthogonalizes: the largest first,
+    each to the rank with the fewest elements so far, so that the ranks' shares are about equal."""
+    shares, loads = [[] for _ in range(world)], [0] * world
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        rank = loads.index(min(loads))
+        shares[rank].append(i)
+        loads[rank] += sizes[i]
+    return [sorted(share) for share in shares]
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (MomentUm Orthogonalized by Newton-schulz; Jordan et al. 2024) for the parameter groups
+    marked use_muon, AdamW for the others.
+
+    Muon keeps a momentum of each matrix's gradient and steps along its Nesterov look-ahead made
+    orthogonal by newton_schulz: every direction of the update has the same size, whatever the
+    gradient's spectrum. The update is scaled by sqrt(max(1, rows / cols)) so that tall matrices
+    move as much per element as square ones; weight decay is decoupled (p *= 1 - lr * wd).
+    The other groups (embedding, head) get AdamW with betas (0.8, 0.95) and eps 1e-10.
+    Under DDP every rank holds the same averaged gradients and momenta, and orthogonalizes only
+    its share of the matrices; the updates are then all-gathered, so that Newton-Schulz's cost
+    is split across the ranks rather than repeated on each (modded-nanogpt does the same).
+    """
+
+    def __init__(self, params, ns_dtype=torch.bfloat16):
+        defaults = dict(
+            lr=0.02, use_muon=False, momentum=0.95, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0
+        )
+        super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["use_muon"]:
+                self._muon_step(params, group)
+            else:
+                for p in params:
+                    self._adamw_update(p, group, self.state[p])
+
+    def _muon_step(self, params, group):
+        distributed = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        shares = muon_shares([p.numel() for p in params], world)
+        mine = set(shares[rank])
+        updates = {}
+        for i, p in enumerate(params):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.mul_(group["momentum"]).add_(p.grad)
+            if i in mine:
+                direction = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+                updates[i] = newton_schulz(direction.to(self.ns_dtype))
+        if world > 1:
+            updates = self._all_gather_updates(params, shares, [updates[i] for i in shares[rank]])
+        for i, p in enumerate(params):
+            update = updates[i].to(p.dtype) * max(1.0, p.size(0) / p.size(1)) ** 0.5
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])
+            p.add_(update, alpha=-group["lr"])
+
+    def _all_gather_updates(self, params, shares, mine):
+        """Every rank's updates (its share's, flattened into one buffer) on every rank."""
+        size = max(sum(params[i].numel() for i in share) for share in shares)
+        buffer = torch.zeros(size, dtype=self.ns_dtype, device=params[0].device)
+        flat = [u.flatten() for u in mine]
+        if flat:
+            torch.cat(flat, out=buffer[: sum(len(f) for f in flat)])
+        gathered = [torch.empty_like(buffer) for _ in shares]
+        dist.all_gather(gathered, buffer)
+        updates = {}
+        for share, received in zip(shares, gathered):
+            offset = 0
+            for i in share:
+                updates[i] = received[offset : offset + params[i].numel()].view_as(params[i])
+                offset += params[i].numel()
+        return updates
+
+    def _adamw_update(self, p, group, state):
+        if "step" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        state["exp_avg"].lerp_(p.grad, 1.0 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+        bias_correction1 = 1.0 - beta1 ** state["step"]
+        bias_correction2 = 1.0 - beta2 ** state["step"]
+        denom = (state["exp_avg_sq"] / bias_correction2).sqrt_().add_(group["eps"])
+        p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias_correction1)
+
+
+# -----------------------------------------------------------------------------
+# The schedule
+
+
+def lr_factor(step, cfg):
+    """The speedrun's schedule, as a factor of each group's rate: no warmup, constant, then a
+    linear cooldown to min_lr_ratio over the last cooldown_frac of the steps."""
+    cooldown_start = cfg.max_steps * (1.0 - cfg.cooldown_frac)
+    if step < cooldown_start:
+        return 1.0
+    progress = min(1.0, (step - cooldown_start) / max(1e-9, cfg.max_steps - cooldown_start))
+    return 1.0 - (1.0 - cfg.min_lr_ratio) * progress
+
+
+def set_learning_rate(optimizer, step, cfg):
+    """Every group at its own rate times lr_factor(step); returns the first group's."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
+    return optimizer.param_groups[0]["lr"]

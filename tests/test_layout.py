@@ -1,0 +1,157 @@
+"""The shape of the project: imports run one way, data preparation needs no torch, importing does
+no work, every flag is in --help, and checkpoints keep the format older versions wrote."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_gpt2 as tg
+from conftest import ROOT, TINY, make_shards
+
+PROJECT = sorted(n[:-3] for n in os.listdir(ROOT) if n.endswith(".py"))
+
+
+def project_imports(module):
+    """The project modules that `module` imports anywhere in its file (at the top or inside a
+    function: a lazy import closes a circle all the same)."""
+    tree = ast.parse(open(os.path.join(ROOT, module + ".py")).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names & set(PROJECT)
+
+
+def test_imports_run_one_way():
+    graph = {m: project_imports(m) for m in PROJECT}
+    assert graph["train_gpt2"] and "hellaswag" not in graph["train_gpt2"]  # the test sees imports
+    order, state = [], {}  # a depth-first search: a module met again while open is a circle
+
+    def visit(module, path):
+        if state.get(module) == "open":
+            raise AssertionError(f"import circle: {' -> '.join(path + [module])}")
+        if state.get(module) != "done":
+            state[module] = "open"
+            for imported in sorted(graph[module]):
+                visit(imported, path + [module])
+            state[module] = "done"
+            order.append(module)
+
+    for module in PROJECT:
+        visit(module, [])
+    # the scripts sit above the trainer, never below it
+    for script in ("fineweb", "hellaswag", "sample", "bench", "export_hf"):
+        assert script not in {m for m in PROJECT if script in graph[m]}, script
+
+
+def test_data_preparation_needs_no_torch(tmp_path):
+    # a `torch` that cannot be imported shadows the installed one
+    (tmp_path / "no_torch" / "torch").mkdir(parents=True)
+    (tmp_path / "no_torch" / "torch" / "__init__.py").write_text(
+        "raise ImportError('torch is not installed here')\n"
+    )
+    text = open(os.path.join(ROOT, "data", "corpus", "alice29.txt"), encoding="utf-8").read()
+    (tmp_path / "docs.jsonl").write_text(
+        "".join(json.dumps({"text": part}) + "\n" for part in text.split("\n\n")[:200])
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "no_torch"), ROOT]))
+    script = os.path.join(ROOT, "fineweb.py")
+    args = ["--input", "docs.jsonl", "--output_dir", "out", "--shard_size", "5000"]
+    args += ["--num_proc", "2", "--decontaminate", "hellaswag"]
+    args += ["--hellaswag_path", os.path.join(ROOT, "tests", "data", "hellaswag_val_head64.jsonl")]
+    run = subprocess.run(
+        [sys.executable, script, *args], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True)
+    assert probe.returncode != 0  # torch really was unimportable there
+    # the shards hold the documents' tokens, as the tokenizer gives them here
+    import numpy as np
+
+    from datafiles import EOT, get_tokenizer
+
+    enc = get_tokenizer()
+    expected = [t for part in text.split("\n\n")[:200] for t in [EOT] + enc.encode_ordinary(part)]
+    names = sorted(os.listdir(tmp_path / "out"), key=lambda n: n.split("_")[-1])
+    got = np.concatenate([np.load(tmp_path / "out" / n) for n in names if n.endswith(".npy")])
+    assert got.tolist() == expected
+
+
+def test_import_does_no_work(tmp_path):
+    # no files, no network, no process group, no CUDA, no threads or pools, no heavy imports
+    modules = ", ".join(PROJECT)
+    code = (
+        "import multiprocessing, os, sys, threading\n"
+        "import socket\n"
+        "socket.socket.connect = lambda *a: (_ for _ in ()).throw(OSError('network'))\n"
+        "before = threading.active_count()\n"
+        f"import {modules}\n"
+        "import torch\n"
+        "assert not torch.distributed.is_initialized()\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "assert threading.active_count() == before and not multiprocessing.active_children()\n"
+        "assert 'transformers' not in sys.modules and 'datasets' not in sys.modules\n"
+        "assert os.listdir('.') == []\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONDONTWRITEBYTECODE="1")
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("script", ["train_gpt2", "sample", "bench"])
+def test_help_lists_every_flag_with_its_real_default(script, capsys):
+    module = __import__(script)
+    settings = {"train_gpt2": tg.TrainConfig, "sample": "SampleConfig", "bench": "BenchConfig"}
+    settings = settings[script]
+    settings = getattr(module, settings) if isinstance(settings, str) else settings
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    import dataclasses
+
+    for f in dataclasses.fields(settings):
+        assert f"--{f.name} " in text, f.name
+    assert "(default: None)" not in text and "(default: auto)" in text.replace("'", "")
+
+
+def checkpoint_format(path):
+    """The structure of a checkpoint: its keys, the names and shapes of its weights, and the kinds
+    of state its optimizer, loader and RNGs keep (tests/data/checkpoint_format.json's fields)."""
+    ckpt = torch.load(path, weights_only=True)
+    opt = ckpt["optimizer"]
+    ours = {"betas", "eps", "lr", "weight_decay", "initial_lr", "momentum", "use_muon"}
+    return {
+        "keys": sorted(ckpt),
+        "model_config": ckpt["model_config"],
+        "train_config": sorted(ckpt["train_config"]),
+        "model": {k: list(v.shape) for k, v in ckpt["model"].items()},
+        "optimizer_groups": [sorted(set(g) & ours) for g in opt["param_groups"]],
+        "optimizer_params": [len(g["params"]) for g in opt["param_groups"]],
+        "optimizer_state": sorted({k for s in opt["state"].values() for k in s}),
+        "loader": sorted(ckpt["loader"]),
+        "rng": sorted(ckpt["rng"]),
+    }
+
+
+@pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
+def test_checkpoints_keep_their_format(tmp_path, recipe):
+    # tests/data/checkpoint_format.json was read off checkpoints that commit e2a0390 wrote (the
+    # bundled-corpus model at n_layer 2, n_head 2, n_embd 64): a change that would leave older
+    # checkpoints unreadable, or make new ones that older code cannot read, fails here
+    expected = json.load(open(os.path.join(ROOT, "tests", "data", "checkpoint_format.json")))
+    make_shards(tmp_path / "data", [3000, 9000])
+    args = TINY + ["--data_dir", str(tmp_path / "data"), "--log_dir", str(tmp_path / "log")]
+    args += ["--n_embd", "64", "--block_size", "256", "--recipe", recipe, "--max_steps", "1"]
+    args += ["--total_batch_size", "64", "--eval_interval", "10", "--val_loss_steps", "1"]
+    tg.main(args)
+    assert checkpoint_format(tmp_path / "log" / "model_00001.pt") == expected[recipe]
