@@ -100,8 +100,8 @@ class TextStream:
     """Prints tokens as text as they come: a character that spans several tokens is printed once
     its last byte has arrived."""
 
-    def __init__(self, out=sys.stdout):
-        self.out = out
+    def __init__(self, out=None):
+        self.out = out or sys.stdout
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.enc = get_tokenizer()
 

@@ -10,7 +10,7 @@ Faults:
     sigint_at_step:STEP     the same with SIGINT (Ctrl-C)
     two_sigints_at_step:STEP  two Ctrl-C in a row
     hangup_at_step:STEP     as step STEP begins, wait for the terminal of stdout to close, then
-                            SIGHUP, as a terminal that closes sends
+                            SIGHUP, as a terminal that closes sends (see hang_up: $FAULT_DIR)
     signal_in_hellaswag:N   SIGTERM during the N-th HellaSwag batch scored; from then on each
                             batch takes 3 s, as in a long evaluation pass
     signal_in_val:N         the same with the N-th val micro-batch
@@ -60,9 +60,13 @@ def at_step(step, action):
 
 
 def hang_up():
-    """Say so, wait until stdout's terminal is closed (writes fail), then SIGHUP this process."""
-    print("fault: waiting for the terminal to close", flush=True)
-    while True:
+    """Wait until stdout's terminal is closed, then SIGHUP this process, as a closing terminal
+    does. The test and this fault tell each other through files in $FAULT_DIR, never through the
+    terminal itself (a write to it may fail at any moment): `ready` when this step has begun,
+    `closed` once the test has closed the terminal. A failing write to it counts as closed too."""
+    directory = os.environ["FAULT_DIR"]
+    open(os.path.join(directory, "ready"), "w").close()
+    while not os.path.exists(os.path.join(directory, "closed")):
         try:
             os.write(sys.stdout.fileno(), b".")
         except OSError:

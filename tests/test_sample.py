@@ -11,7 +11,7 @@ import torch
 
 import generation
 import train_gpt2 as tg
-from conftest import ROOT, TINY, fails_in_one_line, make_shards
+from conftest import ROOT, TINY, fails_in_one_line, make_shards, run_in_process
 from generation import generate
 from speedrun import SpeedrunGPT
 from train_gpt2 import GPT, GPTConfig
@@ -204,18 +204,11 @@ def checkpoint(tmp_path_factory):
     return root / "log" / "model_00002.pt"
 
 
-def sample(args, cwd, stdin=None):
-    out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "sample.py"), "--device", "cpu"] + args,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        input=stdin,
-        env=dict(os.environ, PYTHONPATH=ROOT),
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout, out.stderr
+def sample(args, cwd, stdin=""):
+    """sample.py's stdout and stderr (run in this process: see conftest.run_in_process)."""
+    code, out, err = run_in_process("sample.py", ["--device", "cpu"] + args, cwd, stdin)
+    assert code == 0, err
+    return out, err
 
 
 def test_sample_py_is_reproducible_and_greedy_at_temperature_zero(checkpoint, tmp_path):
