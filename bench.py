@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import hellaswag_eval
-from cli import parse_settings, quiet_exit_when_stdout_closes, setting
+from cli import ON_OFF, parse_settings, quiet_exit_when_stdout_closes, setting
 from datafiles import GPT2_VOCAB_SIZE, HERE, get_tokenizer, iterate_examples, write_shard
 from devices import (
     autocast_context,
@@ -58,7 +58,6 @@ from kernels import fp8_hardware, use_fp8_matmuls
 from train_gpt2 import (
     BUNDLED_DEFAULTS,
     GPT,
-    ON_OFF,
     PADDED_VOCAB_SIZE,
     DataLoaderLite,
     DistEnv,

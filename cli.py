@@ -12,6 +12,9 @@ import os
 import sys
 import typing
 
+ON_OFF = (0, 1)  # the values of a switch
+DTYPES = ("float32", "bfloat16", "float16")  # the autocast dtypes a flag may ask for
+
 
 def setting(default, help, *, choices=None, minimum=None, maximum=None, above=None, parse=None):
     """A field of a settings dataclass, and so a --flag: its help, the values it may take
@@ -19,6 +22,16 @@ def setting(default, help, *, choices=None, minimum=None, maximum=None, above=No
     type cannot read it from the command line, the function that parses it."""
     metadata = dict(help=help, choices=choices, minimum=minimum, maximum=maximum, above=above)
     return dataclasses.field(default=default, metadata=dict(metadata, parse=parse))
+
+
+def parse_auto_or_int(value):
+    """A flag that takes a number or 'auto' (None: the script decides)."""
+    if value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', not {value!r}") from None
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -6,6 +6,7 @@ largest micro-batch that fits in its memory, and a CPU allocator setting that ke
 
 import contextlib
 import ctypes
+import dataclasses
 import sys
 
 import torch
@@ -116,6 +117,18 @@ def peak_flops(device):
 def mfu(flops_per_token, tokens_per_sec, peak):
     """Model FLOPs utilization: the training FLOP/s achieved, as a fraction of the peak."""
     return flops_per_token * tokens_per_sec / peak
+
+
+def resolve_micro_batch(cfg, env, model, autocast):
+    """cfg with --B auto made a number: on CUDA the largest that fits (one trial step each, from
+    64 down), elsewhere the largest power of two up to 64 that divides the step."""
+    if cfg.B is not None:
+        return cfg
+    on_gpu = env.device_type == "cuda"
+    fits = micro_batch_fits(model, cfg, env, autocast) if on_gpu else lambda B: True
+    B = largest_micro_batch(fits, cfg.total_batch_size, cfg.T, env.world_size)
+    env.print0(f"micro-batch B={B}" + (" (the largest that fits in memory)" if on_gpu else ""))
+    return dataclasses.replace(cfg, B=B)
 
 
 def largest_micro_batch(fits, total_batch_size, T, world_size, largest=64):

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 
 import generation
-from cli import parse_settings, quiet_exit_when_stdout_closes, setting
+from cli import DTYPES, ON_OFF, parse_settings, quiet_exit_when_stdout_closes, setting
 from datafiles import EOT, get_tokenizer
 from devices import autocast_dtype, default_device, synchronize
 from rundir import latest_checkpoint
-from train_gpt2 import DTYPES, GPT, ON_OFF, load_model_from_checkpoint
+from train_gpt2 import GPT, load_model_from_checkpoint
 
 
 @dataclass

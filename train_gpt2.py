@@ -15,7 +15,6 @@ defaults are the GPT-2 124M reproduction (10B tokens, 19073 steps of 2**19 token
     python train_gpt2.py --resume latest                     # continue from the newest checkpoint
 """
 
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -41,7 +40,7 @@ import hellaswag_eval
 import hf_gpt2
 import rundir
 import speedrun
-from cli import ArgumentParser, add_flags, check_ranges, discard_stdout, setting
+from cli import ON_OFF, setting
 from datafiles import BUNDLED, GPT2_VOCAB_SIZE, get_tokenizer
 from generation import NonFiniteLogits, generate
 from kernels import check_fp8_device, linear_cross_entropy, use_fp8_matmuls
@@ -443,7 +442,7 @@ def get_recipe(name):
 
 
 # -----------------------------------------------------------------------------
-# Devices and DDP
+# Distributed training: one process per device under torchrun (DDP)
 
 
 @dataclass
@@ -467,7 +466,7 @@ class DistEnv:
             try:
                 print(*args, **kwargs, flush=True)
             except OSError:  # its reader left (`| head`) or its terminal closed: the run stops
-                discard_stdout()  # on the SIGPIPE or SIGHUP that came with it (StopSignal)
+                cli.discard_stdout()  # on the SIGPIPE or SIGHUP that came with it (StopSignal)
 
 
 def setup_distributed(device=""):
@@ -774,19 +773,7 @@ class TrainingState:
 # Settings: TrainConfig, its flags, and the checks before anything runs
 
 
-def parse_micro_batch(value):
-    """--B: a number of sequences, or 'auto' (None)."""
-    if value == "auto":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', not {value!r}") from None
-
-
 RECIPES = ("gpt2", "speedrun")
-DTYPES = ("float32", "bfloat16", "float16")
-ON_OFF = (0, 1)
 MICRO_BATCH_HELP = "micro-batch size; auto: the largest that fits on CUDA, else 64 (default: auto)"
 
 
@@ -807,7 +794,7 @@ class TrainConfig:
     block_size: int = setting(1024, "longest context the model handles", minimum=1)
     vocab_size: int = setting(PADDED_VOCAB_SIZE, "GPT-2's 50257 padded to a multiple of 128")
     init_from: str = setting("", "start from gpt2[-medium|-large|-xl], a HF dir or a .pt file")
-    B: int | None = setting(None, MICRO_BATCH_HELP, minimum=1, parse=parse_micro_batch)
+    B: int | None = setting(None, MICRO_BATCH_HELP, minimum=1, parse=cli.parse_auto_or_int)
     T: int = setting(1024, "sequence length of a training sample", minimum=1)
     total_batch_size: int = setting(524288, "tokens per optimizer step: 2**19 (0.5M)", minimum=1)
     batch_ramp_tokens: int = setting(0, "GPT-3 batch ramp: tokens over which the batch grows")
@@ -839,7 +826,7 @@ class TrainConfig:
         0, "resume on other shards from their start", choices=ON_OFF
     )
     device: str = setting("", "cuda, cuda:1, mps or cpu (default: the best available)")
-    dtype: str = setting("auto", "autocast dtype", choices=("auto", *DTYPES))
+    dtype: str = setting("auto", "autocast dtype", choices=("auto", *cli.DTYPES))
     compile: int | None = setting(
         None, "torch.compile the model (default: on CUDA)", choices=ON_OFF
     )
@@ -874,8 +861,8 @@ MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "reci
 
 def parse_args(argv=None):
     """Command-line flags, one per TrainConfig field; returns only the settings given."""
-    parser = ArgumentParser(description="Train GPT-2. " + TrainConfig.__doc__.split("\n")[0])
-    return vars(add_flags(parser, TrainConfig).parse_args(argv))
+    parser = cli.ArgumentParser(description="Train GPT-2. " + TrainConfig.__doc__.split("\n")[0])
+    return vars(cli.add_flags(parser, TrainConfig).parse_args(argv))
 
 
 def resolve_config(overrides):
@@ -918,7 +905,7 @@ def resolve_config(overrides):
         if overrides.get("data_dir", base.data_dir) == BUNDLED:
             base = dataclasses.replace(base, **BUNDLED_DEFAULTS)
     cfg = dataclasses.replace(base, **overrides)
-    check_ranges(cfg)
+    cli.check_ranges(cfg)
     if checkpoint is None and cfg.init_from:
         shape = init_shape(cfg)
         cfg = dataclasses.replace(cfg, **{k: getattr(shape, k) for k in MODEL_FIELDS})
@@ -987,18 +974,6 @@ def build_model(cfg, checkpoint):
     if cfg.fp8:
         use_fp8_matmuls(model)
     return model
-
-
-def resolve_micro_batch(cfg, env, model, autocast):
-    """cfg with --B auto made a number: on CUDA the largest that fits (one trial step each, from
-    64 down), elsewhere the largest power of two up to 64 that divides the step."""
-    if cfg.B is not None:
-        return cfg
-    on_gpu = env.device_type == "cuda"
-    fits = devices.micro_batch_fits(model, cfg, env, autocast) if on_gpu else lambda B: True
-    B = devices.largest_micro_batch(fits, cfg.total_batch_size, cfg.T, env.world_size)
-    env.print0(f"micro-batch B={B}" + (" (the largest that fits in memory)" if on_gpu else ""))
-    return dataclasses.replace(cfg, B=B)
 
 
 def train_step(
@@ -1127,7 +1102,7 @@ def start_run(cfg, env, checkpoint, stop):
     use_compile = cfg.compile if cfg.compile is not None else env.device_type == "cuda"
     dtype = devices.autocast_dtype(cfg.dtype, env.device_type)
     autocast = devices.autocast_context(dtype, env.device_type)
-    cfg = resolve_micro_batch(cfg, env, raw_model, autocast)
+    cfg = devices.resolve_micro_batch(cfg, env, raw_model, autocast)
     compiled = torch.compile(raw_model) if use_compile else raw_model
     model = compiled
     if env.ddp:
