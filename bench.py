@@ -19,7 +19,7 @@ peak measured here, so that a CPU has one too), peak memory and the speed-up ove
     python bench.py --rows none --preset gpt2 --generate 1   # generation: cache against none
 
 It also measures the data loader, the val loss, HellaSwag evaluation and, with --generate 1,
-generation: tokens/s of GPT.generate with its key/value cache (one stream, and a batch of
+generation: tokens/s of generation.generate with its key/value cache (one stream, and a batch of
 streams) against the loop that runs the whole sequence again for every new token.
 """
 
@@ -41,11 +41,19 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import hellaswag_eval
-from cli import ON_OFF, parse_settings, quiet_exit_when_stdout_closes, setting
+from cli import (
+    ON_OFF,
+    check_output_file,
+    check_written,
+    parse_settings,
+    quiet_exit_when_stdout_closes,
+    setting,
+)
 from datafiles import GPT2_VOCAB_SIZE, HERE, get_tokenizer, iterate_examples, write_shard
 from devices import (
     autocast_context,
     autocast_dtype,
+    check_device,
     default_device,
     keep_freed_cpu_memory,
     mfu,
@@ -220,6 +228,7 @@ def profile_steps(step, device_type, steps, trace_path):
     prof.export_chrome_trace(trace_path)
     sort_by = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort_by, row_limit=20))
+    check_written(trace_path, "--profile")
     print(f"profiler trace of {steps} steps: {trace_path}")
 
 
@@ -574,132 +583,159 @@ def measure_rows(plan, config, T, loader, env, dtype, cfg, peak_spec, peak_matmu
 
 def main(argv=None):
     cfg = parse_args(argv)
-    device = cfg.device or default_device()
+    device = check_device(cfg.device or default_device())
+    for path, what in ((cfg.json, "--json"), (cfg.profile, "--profile")):
+        if path:  # refused now, not after the whole benchmark
+            check_output_file(path, what)
     env = DistEnv(False, 0, 0, 1, device, True)
     if env.device_type == "cpu":
         keep_freed_cpu_memory()
     config, preset, T = resolve_model(cfg, env.device_type)
+    if cfg.generate and cfg.gen_prompt + cfg.gen_tokens > config.block_size:
+        raise SystemExit(
+            f"--gen_prompt {cfg.gen_prompt} + --gen_tokens {cfg.gen_tokens} exceed the model's "
+            f"context of {config.block_size} tokens"
+        )
     dtype = autocast_dtype(cfg.dtype, env.device_type)
     plan = plan_rows(cfg, dtype, fp8_hardware(device))
-
-    # every row's MFU is against one peak: the fastest matmul in a precision some row uses (fp16
-    # or bf16 need not be faster than fp32: most CPUs have no fast fp16)
-    planned = {k for _, added, reason in plan if reason is None for k in added}
-    torch.set_float32_matmul_precision("high" if "tf32" in planned else "highest")
-    n = cfg.matmul_size or (8192 if env.device_type == "cuda" else 2048)
-    dtypes = [torch.float32] + ([dtype] if "autocast" in planned else [])
-    peak_matmul, peak_dtype = max(
-        ((matmul_peak(device, d, n), d) for d in dtypes), key=lambda p: p[0]
-    )
-    peak_spec = peak_flops(device)
-    name = torch.cuda.get_device_name(device) if env.device_type == "cuda" else env.device_type
+    figures = dict(device=env.device_type, torch=torch.__version__, preset=preset, T=T)
+    figures.update(model=dataclasses.asdict(config), settings=dataclasses.asdict(cfg))
+    figures.update(autocast_dtype=str(dtype).removeprefix("torch."))
+    if env.device_type == "cuda":
+        figures["device"] = torch.cuda.get_device_name(device)
     print(
-        f"{name}, torch {torch.__version__}; {preset} (n_layer={config.n_layer}, "
+        f"{figures['device']}, torch {torch.__version__}; {preset} (n_layer={config.n_layer}, "
         f"n_head={config.n_head}, n_embd={config.n_embd}), B={cfg.B}, T={T}, "
         f"grad_accum={cfg.grad_accum}; {cfg.warmup} warm-up and {cfg.steps} timed steps per row"
     )
-    spec = f"{peak_spec / 1e12:.0f} TFLOP/s datasheet" if peak_spec else "no datasheet figure"
-    peak_dtype_name = str(peak_dtype).removeprefix("torch.")
-    print(
-        f"peak: {spec}; {peak_matmul / 1e12:.3f} TFLOP/s measured ({n}^3 matmul, "
-        f"{peak_dtype_name}); MFU counts 6N + 12LHQT FLOPs per token (PaLM)"
-    )
+    figures.update(measure_peaks(plan, cfg, device, dtype))
 
     with tempfile.TemporaryDirectory() as tmp:
         # the timed steps read from the loader too, with shuffling on as in training
         sequences = cfg.B * max(cfg.loader_batches, (cfg.warmup + cfg.steps) * cfg.grad_accum)
         data_dir = cfg.data_dir or synthetic_shards(tmp, sequences * T + 1)
         loader = DataLoaderLite(cfg.B, T, 0, 1, "train", data_dir, shuffle=True)
+        peaks = (figures["peak_flops_spec"], figures["peak_flops_matmul"])
         results, last = [], Variant()
         if plan:
-            results, last = measure_rows(
-                plan, config, T, loader, env, dtype, cfg, peak_spec, peak_matmul
-            )
-            memory = (
-                "the most memory held by tensors (torch.cuda.max_memory_allocated)"
-                if env.device_type == "cuda"
-                else "growth of the process's resident memory (VmHWM), the allocator's cache "
-                "included"
-            )
-            print(f"peak mem: {memory}; speed-up: tokens/s over the first row's")
-        if cfg.profile and plan:
+            results, last = measure_rows(plan, config, T, loader, env, dtype, cfg, *peaks)
+        # the model the measurements below use: the last row's, or with --rows none the plain one
+        ran = not plan or any(not row["skipped"] for row in results)
+        if results:
+            print_memory_note(env.device_type)
+        if cfg.profile and ran:
             torch._dynamo.reset()
             step = make_step(last, config, loader, env, dtype, cfg.grad_accum)
             time_steps(step, cfg.warmup, 0)
             profile_steps(step, env.device_type, PROFILE_STEPS, cfg.profile)
-        batches_per_sec = loader_rate(loader, cfg.loader_batches)
-        val_rate = None
+        figures.update(rows=results, data_loader=data_loader_figures(loader, results, cfg, T))
         if cfg.val_steps and plan:  # the loader's shards live in tmp
-            val_rate = val_loss_rate(config, last, device, dtype, loader, cfg.val_steps)
+            args = (config, last, device, dtype, loader, cfg.val_steps)
+            figures["val_loss"] = measure_or_skip(ran, val_loss_figures, *args)
+    if cfg.hellaswag:
+        args = (config, last, device, dtype, cfg.hellaswag_path, cfg.hellaswag_examples)
+        figures["hellaswag"] = measure_or_skip(ran, hellaswag_figures, *args)
+    if cfg.generate:
+        figures["generation"] = generation_figures(config, device, dtype, cfg)
+    if cfg.json:
+        with open(cfg.json, "w") as f:
+            json.dump(figures, f, indent=2)
+        check_written(cfg.json, "--json")
 
-    # the fastest row's tokens/s in the loader's batches of B x T tokens
+
+def measure_peaks(plan, cfg, device, dtype):
+    """The peak FLOP/s every row's MFU is measured against, printed: the datasheet's, and the
+    fastest matmul here in a precision some row uses (fp16 or bf16 need not be faster than fp32:
+    most CPUs have no fast fp16)."""
+    device_type = device.split(":")[0]
+    planned = {k for _, added, reason in plan if reason is None for k in added}
+    torch.set_float32_matmul_precision("high" if "tf32" in planned else "highest")
+    n = cfg.matmul_size or (8192 if device_type == "cuda" else 2048)
+    dtypes = [torch.float32] + ([dtype] if "autocast" in planned else [])
+    peak_matmul, peak_dtype = max(
+        ((matmul_peak(device, d, n), d) for d in dtypes), key=lambda p: p[0]
+    )
+    peak_spec = peak_flops(device)
+    spec = f"{peak_spec / 1e12:.0f} TFLOP/s datasheet" if peak_spec else "no datasheet figure"
+    peak_dtype_name = str(peak_dtype).removeprefix("torch.")
+    print(
+        f"peak: {spec}; {peak_matmul / 1e12:.3f} TFLOP/s measured ({n}^3 matmul, "
+        f"{peak_dtype_name}); MFU counts 6N + 12LHQT FLOPs per token (PaLM)"
+    )
+    return dict(
+        peak_flops_spec=peak_spec, peak_flops_matmul=peak_matmul, peak_matmul_dtype=peak_dtype_name
+    )
+
+
+def print_memory_note(device_type):
+    memory = (
+        "the most memory held by tensors (torch.cuda.max_memory_allocated)"
+        if device_type == "cuda"
+        else "growth of the process's resident memory (VmHWM), the allocator's cache included"
+    )
+    print(f"peak mem: {memory}; speed-up: tokens/s over the first row's")
+
+
+def data_loader_figures(loader, results, cfg, T):
+    """The loader's batches/s, printed beside those the fastest row consumes."""
+    batches_per_sec = loader_rate(loader, cfg.loader_batches)
     best = max((r["tokens_per_sec"] for r in results if not r["skipped"]), default=None)
     needed = best / (cfg.B * T) if best else None
     print(
         f"data loader: {batches_per_sec:,.0f} batches/s of {cfg.B} x {T} tokens, shuffled"
         + (f"; the fastest row takes {needed:,.1f} batches/s" if needed else "")
     )
+    return {"batches_per_sec": batches_per_sec, "fastest_row_needs": needed}
 
-    hella = None
-    if cfg.hellaswag:
-        rate, count = hellaswag_rate(
-            config, last, device, dtype, cfg.hellaswag_path, cfg.hellaswag_examples
-        )
-        if rate is None:
-            hella = {"skipped": count}
-            print(f"HellaSwag: skipped: {count}")
-        else:
-            hella = {"examples_per_sec": rate, "examples": count, "path": cfg.hellaswag_path}
-            print(
-                f"HellaSwag: {rate:,.1f} examples/s ({count} examples of "
-                f"{os.path.basename(cfg.hellaswag_path)}; the last row's model, packed and "
-                "scored as the training loop does)"
-            )
 
-    val = None
-    if val_rate:
-        val = {"tokens_per_sec": val_rate, "steps": cfg.val_steps}
-        # the training loop's default: 20 steps of 2**19 tokens, whatever B and the GPUs
-        print(
-            f"val loss: {val_rate:,.0f} tokens/s ({cfg.val_steps} batches of {cfg.B} x {T}; the "
-            f"last row's model, as the training loop evaluates it): 20 x 2**19 tokens in "
-            f"{20 * 2**19 / val_rate:,.1f} s"
-        )
+def measure_or_skip(ran, measure, *args):
+    """measure(*args) on the last row's model; skipped, with the reason, where no row ran or the
+    measurement fails (out of memory, say), as a row is."""
+    what = {val_loss_figures: "val loss", hellaswag_figures: "HellaSwag"}[measure]
+    if not ran:
+        print(f"{what}: skipped: no row of the table ran")
+        return {"skipped": "no row ran"}
+    try:
+        return measure(*args)
+    except Exception as e:
+        reason = f"{type(e).__name__}: {(str(e).strip() or 'no message').splitlines()[0][:160]}"
+        print(f"{what}: skipped: {reason}")
+        return {"skipped": reason}
 
-    generation = None
-    if cfg.generate:
-        generation = generation_rates(
-            config, device, dtype, cfg.gen_prompt, cfg.gen_tokens, cfg.gen_batch
-        )
-        cached, uncached = generation["cache_1"], generation["no_cache_1"]
-        print(
-            f"generation ({str(dtype).removeprefix('torch.')} weights, top-k 50), a "
-            f"{cfg.gen_prompt}-token prompt and {cfg.gen_tokens} new tokens: {cached:,.1f} "
-            f"tokens/s with the cache, {uncached:,.1f} without ({cached / uncached:.1f}x); "
-            f"{generation[f'cache_{cfg.gen_batch}']:,.0f} tokens/s summed over {cfg.gen_batch} "
-            "streams"
-        )
 
-    if cfg.json:
-        figures = {
-            "device": name,
-            "torch": torch.__version__,
-            "preset": preset,
-            "model": dataclasses.asdict(config),
-            "settings": dataclasses.asdict(cfg),
-            "T": T,
-            "autocast_dtype": str(dtype).removeprefix("torch."),
-            "peak_flops_spec": peak_spec,
-            "peak_flops_matmul": peak_matmul,
-            "peak_matmul_dtype": peak_dtype_name,
-            "rows": results,
-            "data_loader": {"batches_per_sec": batches_per_sec, "fastest_row_needs": needed},
-            "hellaswag": hella,
-            "val_loss": val,
-            "generation": generation,
-        }
-        with open(cfg.json, "w") as f:
-            json.dump(figures, f, indent=2)
+def val_loss_figures(config, variant, device, dtype, loader, steps):
+    val_rate = val_loss_rate(config, variant, device, dtype, loader, steps)
+    # the training loop's default: 20 steps of 2**19 tokens, whatever B and the GPUs
+    print(
+        f"val loss: {val_rate:,.0f} tokens/s ({steps} batches of {loader.B} x {loader.T}; the "
+        f"last row's model, as the training loop evaluates it): 20 x 2**19 tokens in "
+        f"{20 * 2**19 / val_rate:,.1f} s"
+    )
+    return {"tokens_per_sec": val_rate, "steps": steps}
+
+
+def hellaswag_figures(config, variant, device, dtype, path, limit):
+    rate, count = hellaswag_rate(config, variant, device, dtype, path, limit)
+    if rate is None:
+        print(f"HellaSwag: skipped: {count}")
+        return {"skipped": count}
+    print(
+        f"HellaSwag: {rate:,.1f} examples/s ({count} examples of {os.path.basename(path)}; the "
+        "last row's model, packed and scored as the training loop does)"
+    )
+    return {"examples_per_sec": rate, "examples": count, "path": path}
+
+
+def generation_figures(config, device, dtype, cfg):
+    rates = generation_rates(config, device, dtype, cfg.gen_prompt, cfg.gen_tokens, cfg.gen_batch)
+    cached, uncached = rates["cache_1"], rates["no_cache_1"]
+    print(
+        f"generation ({str(dtype).removeprefix('torch.')} weights, top-k 50), a "
+        f"{cfg.gen_prompt}-token prompt and {cfg.gen_tokens} new tokens: {cached:,.1f} "
+        f"tokens/s with the cache, {uncached:,.1f} without ({cached / uncached:.1f}x); "
+        f"{rates[f'cache_{cfg.gen_batch}']:,.0f} tokens/s summed over {cfg.gen_batch} streams"
+    )
+    return rates
 
 
 if __name__ == "__main__":

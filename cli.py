@@ -16,12 +16,13 @@ ON_OFF = (0, 1)  # the values of a switch
 DTYPES = ("float32", "bfloat16", "float16")  # the autocast dtypes a flag may ask for
 
 
-def setting(default, help, *, choices=None, minimum=None, maximum=None, above=None, parse=None):
+def setting(default, help, *, choices=None, minimum=None, maximum=None, above=None, **flag):
     """A field of a settings dataclass, and so a --flag: its help, the values it may take
-    (choices, or a range: minimum <= value <= maximum, value > above) and, where the field's
-    type cannot read it from the command line, the function that parses it."""
+    (choices, or a range: minimum <= value <= maximum, value > above) and what else the flag
+    needs: `parse`, the function that reads it where the field's type cannot; `aliases`, other
+    names (-m); `nargs`, as argparse's."""
     metadata = dict(help=help, choices=choices, minimum=minimum, maximum=maximum, above=above)
-    return dataclasses.field(default=default, metadata=dict(metadata, parse=parse))
+    return dataclasses.field(default=default, metadata=dict(metadata, **flag))
 
 
 def parse_auto_or_int(value):
@@ -35,10 +36,11 @@ def parse_auto_or_int(value):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its errors in one line, as every other error of these scripts."""
+    """argparse with its errors in one line and status 1, as every other refused input of these
+    scripts (argparse's own is 2)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: {message} (--help lists the flags)\n")
+        self.exit(1, f"{self.prog}: {message} (--help lists the flags)\n")
 
 
 def add_flags(parser, settings_class):
@@ -50,9 +52,13 @@ def add_flags(parser, settings_class):
         if "default" not in help:  # else the help says what the default means
             default = repr(f.default) if isinstance(f.default, str) else f.default
             help = f"{help} (default: {default})"
+        nargs = f.metadata.get("nargs")
+        kind = kinds[0] if kinds else f.type
         parser.add_argument(
+            *f.metadata.get("aliases", ()),
             f"--{f.name}",
-            type=f.metadata["parse"] or (kinds[0] if kinds else f.type),
+            type=f.metadata.get("parse") or (str if nargs else kind),
+            nargs=nargs,
             default=argparse.SUPPRESS,
             choices=f.metadata["choices"],
             help=help,
@@ -63,6 +69,7 @@ def add_flags(parser, settings_class):
 def parse_settings(settings_class, description, argv=None):
     """A settings dataclass from the command line: its defaults, with the flags given."""
     parser = add_flags(ArgumentParser(description=description), settings_class)
+    assert "(default: None)" not in parser.format_help(), "a help to write: what None means"
     settings = settings_class(**vars(parser.parse_args(argv)))
     check_ranges(settings)
     return settings
@@ -102,6 +109,52 @@ def describe_range(meta):
     bounds = [f">= {minimum}"] * (minimum is not None) + [f"> {above}"] * (above is not None)
     bounds += [f"<= {maximum}"] * (maximum is not None)
     return f"out of range (must be {' and '.join(bounds)})"
+
+
+def check_input_file(path, what):
+    """Refuse, in one line, an input file that is missing or is a directory."""
+    if os.path.isdir(path):
+        raise SystemExit(f"{what} {path} is a directory, not a file")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{what} {path} does not exist")
+
+
+def check_output_file(path, what):
+    """Refuse, before any work, an output file that could not be written: a path that is a
+    directory, or whose directory is missing, is a file, or cannot be written to."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise SystemExit(f"{what} {path} is a directory, not a file")
+    if not os.path.isdir(directory):
+        why = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise SystemExit(f"{what} {path}: {directory} {why}")
+    if not os.access(directory, os.W_OK):
+        raise SystemExit(f"{what} {path}: {directory} is not writable")
+
+
+def check_output_dir(path, what):
+    """Refuse, before any work, a directory that could not be made or written to: a file in its
+    place, or the nearest directory that exists above it not writable."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"{what} {path} is a file, not a directory")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the directory it will be made in
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise SystemExit(f"cannot write to {what} {path}: {existing} is not a writable directory")
+
+
+def check_written(path, what):
+    """A file a script is about to announce must exist: refuse to claim one that does not."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise SystemExit(f"{what} {path} was not written")
+
+
+def error_chain(error):
+    """An exception and those it was raised from or during, innermost last."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 def discard_stdout():

@@ -16,6 +16,8 @@ import re
 import numpy as np
 import tiktoken
 
+from cli import check_input_file
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
@@ -199,11 +201,19 @@ def shard_fingerprint(paths):
 
 
 def recorded_max_tokens(data_dir):
-    """{shard name: (bytes, largest token id)} from fineweb.py's manifest, where it has one."""
+    """{shard name: its largest token id} from fineweb.py's manifest, for the shards that are
+    still as fineweb.py wrote them: the size and modification time it recorded."""
     try:
         with open(os.path.join(data_dir, "manifest.json")) as f:
             shards = json.load(f).get("shards", [])
-        return {s["name"]: (s["bytes"], s["max_token"]) for s in shards if "max_token" in s}
+        recorded = {}
+        for s in shards:
+            path = os.path.join(data_dir, s["name"])
+            if "max_token" in s and os.path.isfile(path):
+                stat = os.stat(path)
+                if (stat.st_size, stat.st_mtime_ns) == (s["bytes"], s.get("mtime_ns")):
+                    recorded[s["name"]] = s["max_token"]
+        return recorded
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return {}
 
@@ -307,8 +317,7 @@ def iterate_examples(split="val", path=None):
     A file that is not HellaSwag's jsonl ends in one line naming the file and the line."""
     if path is None:
         path = download_hellaswag(split)
-    if not os.path.isfile(path):
-        raise SystemExit(f"HellaSwag file {path} does not exist")
+    check_input_file(path, "HellaSwag file")
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):

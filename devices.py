@@ -35,6 +35,13 @@ def check_device(device):
     return device
 
 
+def out_of_memory(error):
+    """Whether an exception says the device (or the host) ran out of memory."""
+    if isinstance(error, MemoryError | torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
 def autocast_dtype(requested, device_type):
     """bf16 where the hardware has it, fp16 (with loss scaling) on older GPUs, else fp32."""
     if requested != "auto":

@@ -8,10 +8,17 @@ that transformers pipelines and lm-evaluation-harness run on it offline.
 """
 
 import os
+import shutil
 
 import torch
 
-from cli import ArgumentParser, quiet_exit_when_stdout_closes
+from cli import (
+    ArgumentParser,
+    check_output_dir,
+    check_written,
+    error_chain,
+    quiet_exit_when_stdout_closes,
+)
 from datafiles import EOT, GPT2_VOCAB_SIZE, HERE
 from hf_gpt2 import CONV1D_WEIGHTS, MASK_BUFFERS
 from train_gpt2 import load_model_from_checkpoint
@@ -23,6 +30,9 @@ HF_TOKENIZER_DIR = os.path.join(HERE, "data", "gpt2-hf")
 def export_hf(model, out_dir):
     """Write `model` (a GPT) to out_dir as GPT2LMHeadModel weights, config and tokenizer files."""
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # a bar for one file: stderr is kept for what went wrong
 
     n_vocab = GPT2_VOCAB_SIZE  # drop the padding rows: 50304 -> 50257
     c = model.config
@@ -69,8 +79,25 @@ def check_out_dir(out_dir):
     """The export writes into a new or empty directory only: never over other files."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SystemExit(f"{out_dir} is a file: name a new or empty directory to export into")
+    check_output_dir(out_dir, "the export")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise SystemExit(f"{out_dir} is not empty: name a new or empty directory to export into")
+
+
+def export_atomically(model, out_dir):
+    """export_hf into a temporary directory beside out_dir, renamed to out_dir once complete: a
+    failure (a full disk, say) leaves nothing behind that would block the same command again."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    tmp = os.path.join(parent, f".{name}.{os.getpid()}.tmp")
+    try:
+        export_hf(model, tmp)
+        os.replace(tmp, out_dir)  # onto a missing or empty directory
+    except Exception as e:  # transformers and safetensors report a failed write in their own types
+        cause = next((c for c in error_chain(e) if isinstance(c, OSError)), e)
+        reason = getattr(cause, "strerror", None) or str(cause).strip().splitlines()[0]
+        raise SystemExit(f"could not write {out_dir}: {reason}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv=None):
@@ -82,10 +109,8 @@ def main(argv=None):
     check_out_dir(args.out_dir)
     model, ckpt = load_model_from_checkpoint(args.checkpoint, args.log_dir)
     with torch.no_grad():
-        try:
-            export_hf(model, args.out_dir)
-        except OSError as e:
-            raise SystemExit(f"could not write {args.out_dir}: {e.strerror or e}") from None
+        export_atomically(model, args.out_dir)
+    check_written(os.path.join(args.out_dir, "model.safetensors"), "the export's weights")
     print(f"wrote {args.out_dir} from {ckpt['path']} (step {ckpt['step']})")
 
 

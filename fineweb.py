@@ -23,14 +23,23 @@ import json
 import multiprocessing as mp
 import os
 import re
+import signal
 import sys
 import time
 import unicodedata
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
-from cli import ArgumentParser, quiet_exit_when_stdout_closes
+from cli import (
+    check_input_file,
+    check_output_dir,
+    error_chain,
+    parse_settings,
+    quiet_exit_when_stdout_closes,
+    setting,
+)
 from datafiles import (
     EOT,
     atomic_open,
@@ -63,8 +72,7 @@ class InputError(Exception):
 
 def check_input(path):
     """Fail early, before anything is written, on an input that cannot be read."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"input file {path} does not exist")
+    check_input_file(path, "input file")
     if not path.endswith(INPUT_KINDS):
         raise SystemExit(f"input file {path}: expected a .parquet, .jsonl or .txt file")
     if path.endswith(".parquet"):
@@ -193,12 +201,6 @@ TRANSIENT_ERRORS = {
 }
 DOWNLOAD_ATTEMPTS = 8
 MAX_BACKOFF_S = 120
-
-
-def error_chain(error):
-    while error is not None:
-        yield error
-        error = error.__cause__ or error.__context__
 
 
 def is_transient(error):
@@ -421,6 +423,9 @@ def completed_shards(out, settings):
         raise SystemExit(f"{path} is not valid JSON: delete {out} and start afresh") from None
     if not isinstance(manifest, dict) or not {*settings, "shards", "complete"} <= manifest.keys():
         raise SystemExit(f"{path} was not written by fineweb.py: choose another --output_dir")
+    if not manifest["shards"]:  # a run that wrote no shard (a bad input): nothing to keep
+        check_unknown_shards(out, settings)
+        return [], False
     for key in ("shard_size", "format"):
         if manifest[key] != settings[key]:
             raise SystemExit(
@@ -512,6 +517,9 @@ class ShardWriter:
                 "name": name,
                 "tokens": self.fill,
                 "bytes": os.path.getsize(path),
+                # a shard changed since (same size, other tokens) has another mtime: train_gpt2.py
+                # then scans it rather than trust max_token
+                "mtime_ns": os.stat(path).st_mtime_ns,
                 # the largest token id, so that train_gpt2.py need not scan the shard for it
                 "max_token": int(self.buffer[: self.fill].max()),
                 "next_document": next_document,
@@ -545,59 +553,39 @@ def report(out, manifest):
 # main()
 
 
-def parse_args(argv=None):
-    parser = ArgumentParser(
-        description="Tokenize FineWeb-Edu (or local files) into GPT-2 token shards."
-    )
-    parser.add_argument(
-        "--input",
+@dataclass
+class FinewebConfig:
+    """Every setting of fineweb.py; each field is also a command-line flag (--name value)."""
+
+    input: list | None = setting(
+        None,
+        "local .parquet, .jsonl or .txt files (a .txt file is one document; parquet and jsonl "
+        "need a 'text' column) (default: none, the download)",
         nargs="+",
-        metavar="FILE",
-        help="local .parquet, .jsonl or .txt files (a .txt file is one document) instead of "
-        "the download; parquet and jsonl need a 'text' column",
     )
-    parser.add_argument(
-        "--dataset",
-        default=DEFAULT_DATASET,
-        help="Hugging Face dataset: HuggingFaceFW/fineweb-edu (default) or HuggingFaceFW/fineweb",
+    dataset: str = setting(DEFAULT_DATASET, "Hugging Face dataset (or HuggingFaceFW/fineweb)")
+    remote_name: str = setting(
+        DEFAULT_REMOTE_NAME, "its config: sample-100BT, sample-350BT, or a dump (CC-MAIN-2024-10)"
     )
-    parser.add_argument(
-        "--remote_name",
-        default=DEFAULT_REMOTE_NAME,
-        help="its config: sample-10BT (default), sample-100BT, sample-350BT, or a dump such as "
-        "CC-MAIN-2024-10",
+    output_dir: str = setting(DEFAULT_OUTPUT_DIR, "where the shards go; train_gpt2.py's --data_dir")
+    shard_size: int = setting(10**8, "tokens per shard", minimum=1)
+    num_proc: int = setting(
+        max(1, (os.cpu_count() or 2) // 2), "tokenizing processes (1: this process)", minimum=1
     )
-    parser.add_argument(
-        "--output_dir",
-        default=DEFAULT_OUTPUT_DIR,
-        help="where the shards go; train_gpt2.py's --data_dir (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--shard_size", type=int, default=10**8, help="tokens per shard (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--num_proc",
-        type=int,
-        default=max(1, (os.cpu_count() or 2) // 2),
-        help="tokenizing processes; 1 tokenizes in this process (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--format",
-        default="npy",
-        choices=("npy", "bin"),
-        help="numpy .npy (default) or llm.c .bin shards",
-    )
-    parser.add_argument(
-        "--decontaminate",
+    format: str = setting("npy", "numpy .npy or llm.c .bin shards", choices=("npy", "bin"))
+    decontaminate: str | None = setting(
+        None,
+        "drop training documents sharing a 13-gram with this eval set (default: none)",
         choices=("hellaswag",),
-        help="drop training documents that share a 13-gram with this evaluation set",
     )
-    parser.add_argument(
-        "--hellaswag_path",
-        help="local hellaswag_val.jsonl for --decontaminate (default: hellaswag.py's cache, "
-        "downloaded if missing)",
+    hellaswag_path: str | None = setting(
+        None, "local hellaswag_val.jsonl for --decontaminate (default: downloaded)"
     )
-    return parser.parse_args(argv)
+
+
+def parse_args(argv=None):
+    description = "Tokenize FineWeb-Edu (or local files) into GPT-2 token shards."
+    return parse_settings(FinewebConfig, description, argv)
 
 
 def main(argv=None):
@@ -611,14 +599,19 @@ def main(argv=None):
         ) from None
 
 
+def leave_ctrl_c_to_parent():
+    """A pool worker ignores Ctrl-C (the terminal sends it to every process of the group): the
+    parent stops the pool and says so, once, without a traceback from each worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_shards(args):
     """Tokenize the documents into the shards of args.output_dir, continuing an earlier run."""
-    if args.shard_size < 1 or args.num_proc < 1:
-        raise SystemExit("--shard_size and --num_proc must be positive")
     if args.format == "bin" and args.shard_size >= 2**31:
         raise SystemExit("a .bin header counts tokens in an int32: --shard_size must be < 2**31")
     if args.hellaswag_path and not args.decontaminate:
         raise SystemExit("--hellaswag_path is for --decontaminate hellaswag")
+    check_output_dir(args.output_dir, "--output_dir")  # before a download, not after it
     inputs = [os.path.abspath(p) for p in args.input or []]
     for path in inputs:
         check_input(path)
@@ -629,8 +622,7 @@ def build_shards(args):
     eval_path = decontaminate = None
     if args.decontaminate:
         eval_path = os.path.abspath(args.hellaswag_path or download_hellaswag("val"))
-        if not os.path.isfile(eval_path):
-            raise SystemExit(f"HellaSwag file {eval_path} does not exist")
+        check_input_file(eval_path, "HellaSwag file")
         ngrams = len(hellaswag_index(eval_path))
         if not ngrams:
             raise SystemExit(f"{eval_path} holds no {NGRAM}-gram to decontaminate against")
@@ -643,8 +635,6 @@ def build_shards(args):
         "decontaminate": decontaminate,
     }
     out = args.output_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"--output_dir {out} is a file, not a directory")
     shards, complete = completed_shards(out, settings)
     manifest = dict(settings, shards=shards, complete=False)
     if complete:
@@ -671,15 +661,17 @@ def build_shards(args):
     t0 = time.perf_counter()
     tokenized = 0
     document = start_document
-    with contextlib.ExitStack() as stack:
-        if args.num_proc > 1:
-            pool = stack.enter_context(mp.Pool(args.num_proc))
-            # imap streams: the documents are read as the workers need them, in order
-            results = pool.imap(work, texts, chunksize=CHUNKSIZE)
-        else:
-            results = map(work, texts)
-        bar = stack.enter_context(tqdm(unit="tok", unit_scale=True, desc=f"shard {writer.index}"))
-        try:
+    try:
+        with contextlib.ExitStack() as stack:  # the bar and the pool are closed before a message
+            if args.num_proc > 1:
+                pool = mp.Pool(args.num_proc, initializer=leave_ctrl_c_to_parent)
+                stack.enter_context(pool)
+                # imap streams: the documents are read as the workers need them, in order
+                results = pool.imap(work, texts, chunksize=CHUNKSIZE)
+            else:
+                results = map(work, texts)
+            bar = tqdm(unit="tok", unit_scale=True, desc=f"shard {writer.index}")
+            stack.enter_context(bar)
             for tokens, contaminated in results:
                 offset = start_offset if document == start_document else 0
                 writer.add(tokens, document, offset, contaminated)
@@ -687,13 +679,15 @@ def build_shards(args):
                 tokenized += len(tokens) - offset
                 bar.update(len(tokens) - offset)
                 bar.set_description_str(f"shard {writer.index}", refresh=False)
-        except InputError as e:
-            raise SystemExit(str(e)) from None
-        except KeyboardInterrupt:
-            raise SystemExit(
-                f"interrupted with {writer.index} shards complete: run the same command again "
-                "to continue"
-            ) from None
+    except InputError as e:
+        raise SystemExit(str(e)) from None
+    except KeyboardInterrupt:
+        print(
+            f"interrupted with {writer.index} shards complete: run the same command again to "
+            "continue",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + signal.SIGINT) from None
     if writer.fill:
         writer.flush(document)
     elif writer.index == 0:

@@ -67,7 +67,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         raise NonFiniteLogits("the model's logits are not finite")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # shifted so that the largest is 0 before the division: a tiny temperature then gives -inf
+    # to the others, never inf - inf (NaN) in the softmax
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

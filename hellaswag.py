@@ -6,18 +6,22 @@ mean loss per token.
 
     python hellaswag.py --model_type gpt2                  # a transformers model: hub name or dir
     python hellaswag.py --checkpoint log/model_19073.pt    # a checkpoint of train_gpt2.py
+    python hellaswag.py --checkpoint latest                # the newest in --log_dir (log)
     python hellaswag.py --model_type gpt2 --input hellaswag_val.jsonl --limit 500   # offline
 
 Reference figures (val, 10042 examples): OpenAI gpt2 (124M) acc 0.2859, acc_norm 0.2955;
 gpt2-xl (1558M) acc_norm about 0.4893.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 import hellaswag_eval
-from cli import ArgumentParser, quiet_exit_when_stdout_closes
+from cli import ON_OFF, parse_settings, quiet_exit_when_stdout_closes, setting
 from datafiles import HELLASWAG_SPLITS, get_tokenizer, iterate_examples
-from devices import autocast_context, autocast_dtype, default_device
+from devices import autocast_context, autocast_dtype, check_device, default_device
+from generation import NonFiniteLogits
 from hellaswag_eval import render_example
 from hf_gpt2 import load_hf_gpt2
 from train_gpt2 import load_model_from_checkpoint
@@ -26,10 +30,10 @@ from train_gpt2 import load_model_from_checkpoint
 __all__ = ["iterate_examples", "main", "render_example", "scored_model"]
 
 
-def scored_model(model_type, checkpoint, device):
+def scored_model(model_type, checkpoint, log_dir, device):
     """(hidden_fn, head_fn, description) of a transformers model or one of our checkpoints."""
     if checkpoint:
-        model, ckpt = load_model_from_checkpoint(checkpoint)
+        model, ckpt = load_model_from_checkpoint(checkpoint, log_dir)
         model.to(device).eval()
         return model.hidden, model.head, f"{ckpt['path']} (step {ckpt['step']})"
     model = load_hf_gpt2(model_type)
@@ -37,56 +41,55 @@ def scored_model(model_type, checkpoint, device):
     return (lambda tokens: model.transformer(tokens).last_hidden_state), model.lm_head, model_type
 
 
-def parse_args(argv=None):
-    parser = ArgumentParser(description="Score a model on HellaSwag.")
-    parser.add_argument(
-        "-m", "--model_type", default="gpt2", help="transformers model: hub name or local dir"
+@dataclass
+class HellaSwagConfig:
+    """Every setting of hellaswag.py; each field is also a command-line flag (--name value)."""
+
+    model_type: str = setting("gpt2", "transformers model: hub name or local dir", aliases=["-m"])
+    checkpoint: str = setting(
+        "", "a train_gpt2.py checkpoint, or 'latest' in --log_dir (instead of -m)", aliases=["-c"]
     )
-    parser.add_argument(
-        "-c", "--checkpoint", default="", help="a train_gpt2.py checkpoint (instead of -m)"
-    )
-    parser.add_argument("--split", default="val", choices=HELLASWAG_SPLITS)
-    parser.add_argument("--input", default=None, help="local hellaswag jsonl file (no download)")
-    parser.add_argument("--limit", type=int, default=0, help="score only the first N examples")
-    parser.add_argument(
-        "--device", default="", help="cuda, mps or cpu (default: the best available)"
-    )
-    parser.add_argument(
-        "--batch_tokens",
-        type=int,
-        default=None,
-        help=f"tokens per forward pass (default: {hellaswag_eval.GPU_BATCH_TOKENS} on CUDA, else "
+    log_dir: str = setting("log", "where --checkpoint latest looks")
+    split: str = setting("val", "HellaSwag split", choices=HELLASWAG_SPLITS)
+    input: str | None = setting(None, "local hellaswag jsonl file (default: downloaded)")
+    limit: int = setting(0, "score only the first N examples (0: all)", minimum=0)
+    device: str = setting("", "cuda, cuda:1, mps or cpu (default: the best available)")
+    batch_tokens: int | None = setting(
+        None,
+        f"tokens per forward pass (default: {hellaswag_eval.GPU_BATCH_TOKENS} on CUDA, else "
         f"{hellaswag_eval.CPU_BATCH_TOKENS})",
+        minimum=1,
     )
-    parser.add_argument(
-        "--compile", type=int, default=0, choices=(0, 1), help="torch.compile the scorer"
-    )
-    args = parser.parse_args(argv)
-    if args.limit < 0:
-        raise SystemExit(f"--limit {args.limit}: expected 0 (all examples) or a positive count")
-    if args.batch_tokens is not None and args.batch_tokens < 1:
-        raise SystemExit(f"--batch_tokens {args.batch_tokens}: expected a positive count")
-    return args
+    compile: int = setting(0, "torch.compile the scorer", choices=ON_OFF)
+
+
+def parse_args(argv=None):
+    return parse_settings(HellaSwagConfig, "Score a model on HellaSwag.", argv)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    device = args.device or default_device()
+    cfg = parse_args(argv)
+    device = check_device(cfg.device or default_device())
     device_type = device.split(":")[0]
     # bf16 on GPUs as in training; fp32 elsewhere
     dtype = autocast_dtype("auto", device_type) if device_type == "cuda" else torch.float32
     autocast = autocast_context(dtype, device_type)
     torch.set_float32_matmul_precision("high")
-    examples = list(iterate_examples(args.split, args.input))[: args.limit or None]
+    examples = list(iterate_examples(cfg.split, cfg.input))[: cfg.limit or None]
     if not examples:
         raise SystemExit("no examples to score")
-    hidden_fn, head_fn, name = scored_model(args.model_type, args.checkpoint, device)
-    batch_tokens = args.batch_tokens or hellaswag_eval.batch_tokens_for(device)
+    hidden_fn, head_fn, name = scored_model(cfg.model_type, cfg.checkpoint, cfg.log_dir, device)
+    batch_tokens = cfg.batch_tokens or hellaswag_eval.batch_tokens_for(device)
     packed = hellaswag_eval.pack_examples(examples, get_tokenizer(), batch_tokens)
-    scorer = hellaswag_eval.make_scorer(hidden_fn, head_fn, bool(args.compile))
-    correct, correct_norm, total = hellaswag_eval.evaluate(scorer, packed, device, autocast)
+    scorer = hellaswag_eval.make_scorer(hidden_fn, head_fn, bool(cfg.compile))
+    try:
+        correct, correct_norm, total = hellaswag_eval.evaluate(scorer, packed, device, autocast)
+    except NonFiniteLogits as e:
+        raise SystemExit(
+            f"{name}: {e}: the model has diverged, there is nothing to score"
+        ) from None
     print(
-        f"{name} on HellaSwag {args.split}, {total} examples: acc {correct / total:.4f}, "
+        f"{name} on HellaSwag {cfg.split}, {total} examples: acc {correct / total:.4f}, "
         f"acc_norm {correct_norm / total:.4f}"
     )
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from datafiles import ENDINGS, GPT2_VOCAB_SIZE, get_tokenizer, iterate_examples
+from generation import NonFiniteLogits
 
 # rows x width per forward pass: 16k tokens keep an H100 busy; on a CPU, whose logits are float32
 # (200KB per token), 2k tokens are as fast per token and need 8 times less memory
@@ -199,8 +200,12 @@ def row_losses(scorer, packed, device, autocast=None, rank=0, world_size=1, shou
 
 
 def predictions(sums, packed):
-    """(sum losses, mean losses, pred, pred_norm) per example, on the CPU: one synchronization."""
+    """(sum losses, mean losses, pred, pred_norm) per example, on the CPU: one synchronization.
+    A diverged model's losses are not finite: NonFiniteLogits, rather than picks that would all
+    be the first ending."""
     sums = sums.double().cpu().view(-1, ENDINGS)
+    if not torch.isfinite(sums).all():
+        raise NonFiniteLogits("the model's logits are not finite")
     means = sums / packed.ending_lengths.view(-1, ENDINGS)
     return sums, means, sums.argmin(dim=1), means.argmin(dim=1)
 

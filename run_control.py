@@ -101,10 +101,10 @@ def agree(env, action):
 
 def once_per_node(action):
     """action(), whose errors every process of a torchrun node would print alike (the flags, the
-    files are the same): printed by local rank 0 only, the others exit with 1."""
+    files are the same): a message is printed by local rank 0 only, the others exit with 1."""
     try:
         return action()
     except SystemExit as e:
-        if e.code not in (0, None) and os.environ.get("LOCAL_RANK", "0") != "0":
+        if isinstance(e.code, str) and os.environ.get("LOCAL_RANK", "0") != "0":
             raise SystemExit(1) from None
         raise

@@ -10,6 +10,7 @@ import re
 import subprocess
 import time
 
+from cli import check_output_dir
 from datafiles import atomic_open, remove_stale_temporaries
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,6 +35,12 @@ def latest_checkpoint(log_dir):
     return checkpoint_path(log_dir, steps[-1]) if steps else None
 
 
+def last_saved(log_dir):
+    """Where a run that must stop can be taken up again, said truthfully."""
+    path = latest_checkpoint(log_dir)
+    return f"the last checkpoint saved is {path}" if path else "no checkpoint was saved"
+
+
 def read_log(path):
     """The lines of a log.txt, each checked to be one of ours (so that a resume never trims a
     file it does not understand)."""
@@ -54,8 +61,7 @@ def check_log_dir(log_dir, checkpoint):
     checkpoint's directory only from the latest checkpoint there (a later one would be
     overwritten); into any other directory it branches off, and that directory must be free.
     """
-    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
-        raise SystemExit(f"--log_dir {log_dir} is a file, not a directory")
+    check_output_dir(log_dir, "--log_dir")
     steps = checkpoint_steps(log_dir)
     log_lines = read_log(os.path.join(log_dir, "log.txt"))
     if checkpoint is not None:

@@ -7,7 +7,7 @@ OpenAI's weights, generated with a key/value cache and streamed to the terminal 
     python sample.py --checkpoint latest --log_dir log          # the newest checkpoint
     python sample.py --init_from gpt2 --prompt "..."             # OpenAI's weights: a name or a dir
     python sample.py --checkpoint ... --prompt @file.txt          # the prompt from a file
-    python sample.py --checkpoint ... --interactive               # a prompt loop in the terminal
+    python sample.py --checkpoint ... --interactive 1             # a prompt loop in the terminal
 
 --seed makes the samples reproducible, --temperature 0 is greedy; tokens/s go to stderr at the end.
 """
@@ -20,9 +20,17 @@ from dataclasses import dataclass
 import torch
 
 import generation
-from cli import DTYPES, ON_OFF, parse_settings, quiet_exit_when_stdout_closes, setting
+from cli import (
+    DTYPES,
+    ON_OFF,
+    check_input_file,
+    parse_settings,
+    quiet_exit_when_stdout_closes,
+    setting,
+)
 from datafiles import EOT, get_tokenizer
-from devices import autocast_dtype, default_device, synchronize
+from devices import autocast_dtype, check_device, default_device, out_of_memory, synchronize
+from generation import NonFiniteLogits
 from rundir import latest_checkpoint
 from train_gpt2 import GPT, load_model_from_checkpoint
 
@@ -49,7 +57,7 @@ class SampleConfig:
         1, "1: print each sample as it comes; 0: all at once, batched", choices=ON_OFF
     )
     interactive: int = setting(0, "ask for prompts in the terminal until Ctrl-D", choices=ON_OFF)
-    seed: int = setting(1337, "seed of the sampling")
+    seed: int = setting(1337, "seed of the sampling", minimum=0, maximum=2**32 - 1)
     device: str = setting("", "cuda, cuda:1, mps or cpu (default: the best available)")
     dtype: str = setting("auto", "auto: bf16 where the device has it", choices=("auto", *DTYPES))
     compile: int = setting(0, "torch.compile the model (pays on a GPU)", choices=ON_OFF)
@@ -77,6 +85,7 @@ def read_prompt(text):
     """The prompt's text: the flag's value, or the contents of the file after @."""
     if not text.startswith("@"):
         return text
+    check_input_file(text[1:], "the prompt file")
     try:
         with open(text[1:], encoding="utf-8") as f:
             return f.read()
@@ -168,7 +177,7 @@ def interact(model, cfg, generator, device):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    device = cfg.device or default_device()
+    device = check_device(cfg.device or default_device())
     dtype = autocast_dtype(cfg.dtype, device.split(":")[0])
     if not cfg.interactive:
         prompt_text = read_prompt(cfg.prompt)
@@ -197,6 +206,17 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\n(stopped)", file=sys.stderr)
         raise SystemExit(130) from None
+    except NonFiniteLogits as e:
+        raise SystemExit(
+            f"{name}: {e}: the model has diverged, there is nothing to sample"
+        ) from None
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        raise SystemExit(
+            f"out of memory generating {cfg.num_samples} samples of {cfg.max_new_tokens} tokens "
+            "at once: use fewer (--num_samples) or one after another (--stream 1)"
+        ) from None
     print(
         f"{new_tokens} tokens in {seconds:.2f}s: {new_tokens / seconds:.1f} tokens/s",
         file=sys.stderr,

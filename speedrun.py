@@ -228,13 +228,15 @@ def newton_schulz(G, steps=5):
 
 def make_optimizer(model, cfg, device_type, dtype, log=print):
     """The recipe's optimizer for train_gpt2.py: Muon, its Newton-Schulz in the right dtype."""
-    return model.configure_optimizers(cfg, newton_schulz_dtype(device_type, dtype), log)
+    weights = model.lm_head.weight.dtype
+    return model.configure_optimizers(cfg, newton_schulz_dtype(device_type, dtype, weights), log)
 
 
-def newton_schulz_dtype(device_type, dtype):
+def newton_schulz_dtype(device_type, dtype, weights=torch.float32):
     """Muon's Newton-Schulz in bf16 on GPUs that train in bf16 (its purpose needs no more
-    precision); else float32: a CPU multiplies these shapes in bf16 up to 50 times slower."""
-    return torch.bfloat16 if device_type == "cuda" and dtype == torch.bfloat16 else torch.float32
+    precision); else in the weights' dtype: a CPU multiplies these shapes in bf16 up to 50 times
+    slower."""
+    return torch.bfloat16 if device_type == "cuda" and dtype == torch.bfloat16 else weights
 
 
 def muon_shares(sizes, world):

@@ -280,9 +280,8 @@ class DataLoaderLite:
 
     def check_token_ids(self, recorded):
         for i, (path, shard) in enumerate(zip(self.paths, self.shards)):
-            name, size = os.path.basename(path), os.path.getsize(path)
-            if name in recorded and recorded[name][0] == size:
-                top = recorded[name][1]
+            if os.path.basename(path) in recorded:
+                top = recorded[os.path.basename(path)]
             elif i % self.num_processes == self.process_rank:
                 top = int(shard.max()) if len(shard) else 0
             else:
@@ -590,12 +589,16 @@ class Evaluator:
         )
         if val_loss is None:
             return
-        self.state.val_loss = val_loss
+        self.state.val_loss = self.state.last_loss = val_loss
         env.print0(f"validation loss: {val_loss:.4f}")
         self.log.write(step, "val", f"{val_loss:.4f}")
         if self.hella is not None:
             args = (self.scorer, self.hella, env.device, self.autocast, env.rank, env.world_size)
-            result = hellaswag_eval.evaluate(*args, should_stop=requested)
+            try:
+                result = hellaswag_eval.evaluate(*args, should_stop=requested)
+            except NonFiniteLogits as e:  # a diverged model: no accuracy to log, no samples
+                env.print0(f"HellaSwag skipped: {e}")
+                return
             if result is None:  # a stop request cut it short
                 return
             _, correct_norm, total = result
@@ -634,13 +637,22 @@ CHECKPOINT_KEYS += ("val_loss", "loader", "rng")
 
 
 def save_checkpoint(path, checkpoint):
-    """Atomically: a crash mid-save leaves the previous checkpoint as the latest complete one."""
+    """Atomically: a crash mid-save leaves the previous checkpoint as the latest complete one.
+
+    torch.save reports a write that failed (a full disk, or a second Ctrl-C that came during it)
+    as a RuntimeError of its zip writer; the cause is that error's context.
+    """
     try:
         with datafiles.atomic_open(path) as f:
             torch.save(checkpoint, f)
-    except OSError as e:
+    except Exception as e:
+        cause = next((c for c in cli.error_chain(e) if isinstance(c, OSError | StopNow)), None)
+        if isinstance(cause, StopNow):
+            raise cause from None
+        if cause is None:
+            raise
         raise SystemExit(
-            f"could not save {path}: {e.strerror or e}; the earlier checkpoints are intact"
+            f"could not save {path}: {cause.strerror or cause}; the earlier checkpoints are intact"
         ) from None
 
 
@@ -650,8 +662,7 @@ def load_checkpoint(path, log_dir, keys=CHECKPOINT_KEYS):
         path = rundir.latest_checkpoint(log_dir)
         if path is None:
             raise SystemExit(f"no checkpoint (model_*.pt) in {log_dir} for 'latest'")
-    if not os.path.isfile(path):
-        raise SystemExit(f"checkpoint {path} does not exist")
+    cli.check_input_file(path, "checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
@@ -676,7 +687,10 @@ def model_config_of(checkpoint):
 
 
 def model_from_checkpoint(checkpoint):
-    """The model (of its recipe) that a checkpoint describes, with its weights."""
+    """The model (of its recipe) that a checkpoint describes, with its weights: finite ones (a
+    diverged run's would make every loss and sample NaN)."""
+    if not all(torch.isfinite(w).all() for w in checkpoint["model"].values()):
+        raise SystemExit(f"checkpoint {checkpoint['path']} holds weights that are not finite")
     config = model_config_of(checkpoint)
     model = get_recipe(config.recipe).model(config)
     try:
@@ -733,6 +747,7 @@ class TrainingState:
     cfg: "TrainConfig"
     tokens_seen: int = 0
     val_loss: float | None = None
+    last_loss: float = 0.0  # the model's latest loss, train or val (not saved): is it diverged?
 
     def state_dict(self, step):
         return {
@@ -763,9 +778,20 @@ class TrainingState:
         return checkpoint["step"]
 
     def save(self, step, env):
+        """Write the checkpoint of `step`, on the master. No checkpoint holds a diverged model:
+        every rank (they agree on the weights and losses) stops instead when a weight, or the
+        model's latest loss, is not finite."""
+        finite = all(torch.isfinite(p).all() for p in self.model.parameters())
+        if not (finite and math.isfinite(self.last_loss)):
+            what = "its loss is" if finite else "its weights are"
+            raise SystemExit(
+                f"the model has diverged after step {step - 1} ({what} not finite): not saved; "
+                f"lower --max_lr ({rundir.last_saved(self.cfg.log_dir)})"
+            )
         if env.master_process:
             path = rundir.checkpoint_path(self.cfg.log_dir, step)
             save_checkpoint(path, self.state_dict(step))
+            cli.check_written(path, "checkpoint")
             env.print0(f"saved {path}")
 
 
@@ -831,30 +857,19 @@ class TrainConfig:
         None, "torch.compile the model (default: on CUDA)", choices=ON_OFF
     )
     shuffle: int = setting(1, "shuffle shards and sequences each epoch", choices=ON_OFF)
-    seed: int = setting(1337, "seed of the model init, data order and sampling")
+    seed: int = setting(1337, "seed of init, data order, samples", minimum=0, maximum=2**32 - 1)
 
 
-# A small model for the bundled ~300k-token corpus, tuned on a 2-core CPU (docs/recipes.md): the
+# A small model for the bundled ~300k-token corpus, sized for a 2-core CPU (docs/recipes.md): the
 # lm_head and softmax over 50304 ids dominate a step, so depth and width cost little; small
 # batches of many steps learn most from the few minutes.
+# fmt: off
 BUNDLED_DEFAULTS = dict(
-    n_layer=4,
-    n_head=4,
-    n_embd=128,
-    block_size=256,
-    B=4,
-    T=256,
-    total_batch_size=1024,
-    max_lr=2e-3,
-    warmup_steps=20,
-    max_steps=1000,
-    eval_interval=100,
-    val_loss_steps=32,  # the whole held-out 33k tokens
-    checkpoint_interval=1000,
-    hellaswag=0,
-    compile=0,
-    num_return_sequences=2,
-)
+    n_layer=4, n_head=4, n_embd=128, block_size=256, B=4, T=256, total_batch_size=1024,
+    max_lr=2e-3, warmup_steps=20, max_steps=1000, checkpoint_interval=1000, compile=0,
+    eval_interval=100, val_loss_steps=32, hellaswag=0, num_return_sequences=2,
+)  # val_loss_steps=32: the whole held-out 33k tokens
+# fmt: on
 
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "recipe")
 
@@ -875,6 +890,10 @@ def resolve_config(overrides):
     """
     checkpoint = None
     base = TrainConfig()
+    if overrides.get("resume") and overrides.get("init_from"):
+        raise SystemExit(
+            "--resume and --init_from exclude each other: a resumed run has its weights"
+        )
     if overrides.get("resume"):
         checkpoint = load_checkpoint(overrides["resume"], overrides.get("log_dir", base.log_dir))
         known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -1051,20 +1070,15 @@ def make_loaders(cfg, env, data_dir):
 
     def loaders():
         common = dict(process_rank=env.rank, num_processes=env.world_size, data_dir=data_dir)
-        train = DataLoaderLite(
-            cfg.B, cfg.T, split="train", shuffle=bool(cfg.shuffle), seed=cfg.seed, **common
-        )
-        val = DataLoaderLite(cfg.B, cfg.T, split="val", **common)
-        return train, val
+        shuffled = dict(shuffle=bool(cfg.shuffle), seed=cfg.seed)
+        train = DataLoaderLite(cfg.B, cfg.T, split="train", **shuffled, **common)
+        return train, DataLoaderLite(cfg.B, cfg.T, split="val", **common)
 
     train_loader, val_loader = agree(env, loaders)
     if env.ddp:
         seen = [None] * env.world_size
-        loaders = (train_loader, val_loader)
-        mine = tuple(len(loader.paths) for loader in loaders) + tuple(
-            x.fingerprint for x in loaders
-        )
-        dist.all_gather_object(seen, mine, group=env.cpu_group)
+        mine = (len(train_loader.paths), len(val_loader.paths), train_loader.fingerprint)
+        dist.all_gather_object(seen, mine + (val_loader.fingerprint,), group=env.cpu_group)
         if len(set(seen)) > 1:
             counts = ", ".join(f"rank {r}: {s[0]} + {s[1]} shards" for r, s in enumerate(seen))
             message = f"the ranks see different shards in {data_dir} ({counts}): every node needs"
@@ -1157,6 +1171,7 @@ def train(cfg, env, checkpoint, stop, start_time):
 
         t0 = time.time()
         lr = run.recipe.set_learning_rate(state.optimizer, step, cfg)
+        check_finite_rates(state.optimizer, step)
         grad_accum_steps = grad_accum_steps_at(state.tokens_seen, cfg, env.world_size)
         result = train_step(
             run.model,
@@ -1175,6 +1190,7 @@ def train(cfg, env, checkpoint, stop, start_time):
         dt = time.time() - t0
         stop.defer()  # a step is done: from now on a stop saves it first
         loss, norm, updated = result
+        state.last_loss = loss
         tokens = grad_accum_steps * cfg.B * cfg.T * env.world_size
         state.tokens_seen += tokens
         if updated:
@@ -1203,6 +1219,13 @@ NEXT_STEPS = (
 )
 
 
+def check_finite_rates(optimizer, step):
+    """No step is taken with a learning rate or weight decay that is not a finite number."""
+    rates = [(g["lr"], g.get("weight_decay", 0.0)) for g in optimizer.param_groups]
+    if not all(math.isfinite(r) for pair in rates for r in pair):
+        raise SystemExit(f"step {step}: a learning rate or weight decay is not finite: {rates}")
+
+
 def report_skipped_step(step, loss, norm, in_a_row, cfg, env):
     """Say that a step was skipped; stop the run after max_skipped_steps of them in a row."""
     env.print0(
@@ -1212,7 +1235,7 @@ def report_skipped_step(step, loss, norm, in_a_row, cfg, env):
     if in_a_row >= cfg.max_skipped_steps:
         raise SystemExit(
             f"stopping: {in_a_row} non-finite steps in a row at step {step}; lower --max_lr "
-            "or resume from an earlier checkpoint"
+            f"({rundir.last_saved(cfg.log_dir)})"
         )
 
 
@@ -1235,9 +1258,15 @@ def stop_run(state, step, start_step, stop, env):
 
 
 def main(argv=None):
+    """Train, as the command line says. Under torchrun every process of a node fails alike, and
+    only the node's first says why, in one line."""
+    once_per_node(lambda: run(argv))
+
+
+def run(argv):
     start_time = time.time()
     try:
-        cfg, checkpoint = once_per_node(lambda: resolve_config(parse_args(argv)))
+        cfg, checkpoint = resolve_config(parse_args(argv))
         env = setup_distributed(cfg.device)
         if env.device_type == "cpu":
             devices.keep_freed_cpu_memory()

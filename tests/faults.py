@@ -2,6 +2,7 @@
 they cannot monkeypatch: torchrun's workers, or a run that must receive a signal at an exact
 point. The FAULT environment variable names the fault and where it strikes, NAME:ARG[:RANK]
 (RANK: the only rank it strikes; every rank if absent); the arguments are train_gpt2.py's.
+FLOAT64=1 makes every float tensor float64, for comparisons that float32's rounding would blur.
 
     FAULT=signal_at_step:4 python tests/faults.py --max_steps 12 ...
 
@@ -16,11 +17,13 @@ Faults:
     signal_in_val:N         the same with the N-th val micro-batch
     hellaswag_offline       the HellaSwag download fails
     disk_full_writing_shards  tokenizing the bundled corpus anew, writing its shards fails (ENOSPC)
-    disk_full_at_save       writing a checkpoint fails with ENOSPC
+    disk_full_at_save       writing a checkpoint fails with ENOSPC partway (inside torch.save)
+    two_sigints_at_save:STEP  Ctrl-C as step STEP begins, and again while its checkpoint is written
     fewer_shards            list_shards misses the last train shard
     slow_start:SECONDS      start-up (making the data loaders) takes this long
 """
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -94,6 +97,35 @@ def disk_full(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+class FailingFile:
+    """A file that calls fail() once `after` bytes have been written to it, as a disk that
+    fills up does: torch.save's zip writer meets it in the middle of a checkpoint."""
+
+    def __init__(self, f, fail, after=1 << 16):
+        self.f, self.fail, self.left = f, fail, after
+
+    def write(self, data):
+        self.left -= len(data)
+        if self.left < 0:
+            self.fail()
+        return self.f.write(data)
+
+    def flush(self):
+        return self.f.flush()
+
+
+def failing_checkpoint_writes(fail, name=".pt"):
+    """Checkpoints whose file name ends in `name` are written to a FailingFile."""
+    atomic_open = datafiles.atomic_open
+
+    @contextlib.contextmanager
+    def patched(path, mode="wb"):
+        with atomic_open(path, mode) as f:
+            yield FailingFile(f, fail) if path.endswith(name) else f
+
+    datafiles.atomic_open = patched
+
+
 def inject(name, arg):
     if name == "signal_at_step":
         at_step(int(arg), lambda: kill_self(signal.SIGTERM))
@@ -124,7 +156,12 @@ def inject(name, arg):
         datafiles.BUNDLED_SHARDS_DIR = os.path.abspath("corpus_shards")
         datafiles.write_shard = disk_full
     elif name == "disk_full_at_save":
-        tg.torch.save = disk_full
+        failing_checkpoint_writes(disk_full)
+    elif name == "two_sigints_at_save":
+        at_step(int(arg), lambda: kill_self(signal.SIGINT))
+        once = []  # the second Ctrl-C, once, in the middle of the save
+        second = lambda: once or once.append(kill_self(signal.SIGINT))
+        failing_checkpoint_writes(second, f"model_{int(arg):05d}.pt")
     elif name == "fewer_shards":
         list_shards = datafiles.list_shards
         datafiles.list_shards = lambda data_dir, split: list_shards(data_dir, split)[
@@ -143,6 +180,8 @@ def inject(name, arg):
 
 
 if __name__ == "__main__":
+    if os.environ.get("FLOAT64"):  # every float tensor in float64: nothing blurred by rounding
+        tg.torch.set_default_dtype(tg.torch.float64)
     name, _, rest = os.environ.get("FAULT", "").partition(":")
     arg, _, rank = rest.partition(":")
     if name and (not rank or int(rank) == int(os.environ.get("RANK", "0"))):

@@ -8,7 +8,7 @@ import torch
 
 import bench
 import speedrun
-from conftest import ROOT
+from conftest import ROOT, run_in_process
 from train_gpt2 import DataLoaderLite, DistEnv, GPTConfig
 
 TINY = ["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--B", "2"]
@@ -187,3 +187,36 @@ def test_bench_script_prints_every_column(tmp_path):
     assert figures["val_loss"]["tokens_per_sec"] > 0
     assert any(line.startswith("val loss: ") and "20 x 2**19 tokens in" in line for line in lines)
     assert any(line.startswith("HellaSwag: ") and "examples/s" in line for line in lines)
+
+
+def test_bad_outputs_and_settings_are_refused_before_the_benchmark(tmp_path):
+    # refused at once, before a row is measured: nothing of the benchmark is printed
+    (tmp_path / "a_file").write_text("")
+    cases = [
+        (["--json", "missing/x.json"], "--json missing/x.json: "),
+        (["--profile", "missing/p.json"], "--profile missing/p.json: "),
+        (["--profile", "a_file/p.json"], "is not a directory"),
+        (["--generate", "1", "--gen_tokens", "0"], "--gen_tokens 0: must be positive"),
+        (["--generate", "1", "--gen_batch", "0"], "--gen_batch 0: must be positive"),
+        (["--generate", "1", "--gen_tokens", "2000"], "exceed the model's context of 1024 tokens"),
+        (["--device", "banana"], "--device banana is not available on this machine"),
+    ]
+    for flags, expected in cases:
+        args = [a for a in TINY if a not in ("--device", "cpu")] + flags
+        code, out, err = run_in_process("bench.py", args, tmp_path)
+        assert isinstance(code, str) and expected in code and out == "" and err == "", code
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+def test_a_benchmark_where_no_row_runs_says_so(tmp_path):
+    # at T=99999 every row's (T, T) attention matrix is out of memory: the rows are skipped, and
+    # so are the measurements that would use the last row's model, instead of failing after them
+    args = ["--device", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--B", "1"]
+    args += ["--T", "99999", "--flash", "0", "--compile", "0", "--warmup", "0", "--steps", "1"]
+    args += ["--loader_batches", "1", "--matmul_size", "128", "--hellaswag_examples", "4"]
+    code, out, err = run_in_process("bench.py", args + ["--json", "b.json"], tmp_path)
+    assert code == 0, (code, err[-2000:])
+    rows = json.load(open(tmp_path / "b.json"))["rows"]
+    assert all("can't allocate memory" in row["skipped"] or "FP8" in row["skipped"] for row in rows)
+    assert "val loss: skipped: no row of the table ran" in out
+    assert "HellaSwag: skipped: no row of the table ran" in out

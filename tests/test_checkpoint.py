@@ -168,6 +168,17 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, data):
     assert not [n for n in os.listdir(log_dir) if n.endswith(".tmp")]
 
 
+def test_a_second_ctrl_c_while_saving_stops_at_once_in_one_line(tmp_path, data):
+    # the second Ctrl-C lands inside torch.save, which reports it as its own RuntimeError: the
+    # run still stops at once, in one line, with 130, and leaves no half-written file
+    log_dir = tmp_path / "log"
+    code, out, err, _ = run_with_fault("two_sigints_at_save:4", args_for(data, log_dir, 12))
+    assert code == 128 + signal.SIGINT and "Traceback" not in err, err
+    assert err.strip().splitlines() == ["stopped at once by a second Ctrl-C, without saving"]
+    assert rundir.checkpoint_steps(str(log_dir)) == [3]  # the scheduled one only
+    assert not [n for n in os.listdir(log_dir) if n.endswith(".tmp")]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_during_start_up_exits_at_once_in_one_line(tmp_path, data, signum):
     proc = subprocess.Popen(

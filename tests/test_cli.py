@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import rundir
 import train_gpt2 as tg
 from conftest import ROOT, TINY, fails_in_one_line, make_shards
 
@@ -175,11 +176,65 @@ def test_unavailable_device(workdir):
         (["--B", "many"], "argument --B: expected a number or 'auto', not 'many'"),
         (["--max_length", "100"], "--max_length 100 is longer than block_size"),
         (["--fp8", "1", "--T", "24"], "--fp8 needs n_embd and T divisible by 16, not 32 and 24"),
+        # not finite, or outside what numpy and torch accept: refused before anything runs
+        (["--max_lr", "inf"], "--max_lr inf: must be a finite number"),
+        (["--max_lr", "nan"], "--max_lr nan: must be a finite number"),
+        (["--weight_decay", "nan"], "--weight_decay nan: must be a finite number"),
+        (["--recipe", "speedrun", "--muon_lr", "nan"], "--muon_lr nan: must be a finite number"),
+        (["--grad_clip", "inf"], "--grad_clip inf: must be a finite number"),
+        (["--min_lr_ratio", "nan"], "--min_lr_ratio nan: must be a finite number"),
+        (["--seed", "-1"], "--seed -1: must be between 0 and 4294967295"),
+        (["--seed", "99999999999"], "--seed 99999999999: must be between 0 and 4294967295"),
+        (
+            ["--resume", "x.pt", "--init_from", "gpt2"],
+            "--resume and --init_from exclude each other",
+        ),
     ],
 )
 def test_bad_settings(workdir, flags, expected):
     fails(with_data(workdir, *flags), workdir, expected)
     assert not os.path.exists(workdir / "new")
+
+
+def test_a_directory_where_a_file_is_expected(workdir):
+    (workdir / "a_dir.pt").mkdir(exist_ok=True)
+    fails(["--resume", str(workdir / "a_dir.pt")], workdir, "a_dir.pt is a directory, not a file")
+    args = ["--hellaswag", "1", "--hellaswag_path", str(workdir), "--block_size", "256"]
+    fails(with_data(workdir, *args), workdir, f"HellaSwag file {workdir} is a directory")
+
+
+def test_a_diverged_model_is_never_saved(workdir, tmp_path, monkeypatch):
+    # a rate that makes the loss infinite after one step: the run stops at its first checkpoint
+    # instead of writing the diverged model, and names the last good checkpoint, or none
+    log_dir = tmp_path / "log"
+    args = TINY + ["--data_dir", str(workdir / "data"), "--log_dir", str(log_dir)]
+    args += ["--total_batch_size", "64", "--eval_interval", "2", "--val_loss_steps", "1"]
+    args += ["--checkpoint_interval", "2", "--warmup_steps", "1", "--max_steps", "10"]
+    with pytest.raises(SystemExit) as e:
+        tg.main(args + ["--max_lr", "1e30"])
+    assert str(e.value) == (
+        "the model has diverged after step 1 (its loss is not finite): not saved; lower --max_lr "
+        "(no checkpoint was saved)"
+    )
+    assert rundir.checkpoint_steps(str(log_dir)) == []
+    # a run that saved step 2, resumed at that rate, keeps step 2 and says so
+    TEN = ["--max_steps", "10"]
+    shutil.rmtree(log_dir)
+    tg.main(args + ["--max_steps", "2"])
+    with pytest.raises(SystemExit, match=r"\(the last checkpoint saved is .*model_00002.pt\)"):
+        tg.main(["--resume", "latest", "--log_dir", str(log_dir), "--max_lr", "1e30"] + TEN)
+    assert rundir.checkpoint_steps(str(log_dir)) == [2]
+    # weights made infinite by an optimizer step whose loss was finite: caught at the save
+    step = torch.optim.AdamW.step
+
+    def infinite_step(self, *a, **k):
+        step(self, *a, **k)
+        self.param_groups[0]["params"][0].data.fill_(float("inf"))
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", infinite_step)
+    with pytest.raises(SystemExit, match=r"after step 3 \(its weights are not finite\): not saved"):
+        tg.main(["--resume", "latest", "--log_dir", str(log_dir), "--max_steps", "4"])
+    assert rundir.checkpoint_steps(str(log_dir)) == [2]
 
 
 def test_unreadable_shards(workdir):
@@ -250,3 +305,20 @@ def test_broken_hellaswag_file(workdir):
     fails(with_data(workdir, *args), workdir, "line 1 is not a HellaSwag example")
     broken.write_text("{not json\n")
     fails(with_data(workdir, *args), workdir, "line 1 is not JSON")
+
+
+@pytest.mark.parametrize(
+    "script, args, expected",
+    [
+        ("train_gpt2.py", ["--max_lr", "nan"], "--max_lr nan: must be a finite number"),
+        ("train_gpt2.py", ["--recipe", "gpt3"], "argument --recipe: invalid choice: 'gpt3'"),
+        ("sample.py", ["--device", "banana"], "--device banana is not available"),
+        ("hellaswag.py", ["--input", "missing.jsonl"], "HellaSwag file missing.jsonl does not"),
+        ("fineweb.py", ["--num_proc", "0"], "--num_proc 0: must be positive"),
+        ("bench.py", ["--json", "missing/x.json"], "--json missing/x.json: "),
+        ("export_hf.py", ["missing.pt", "out"], "checkpoint missing.pt does not exist"),
+    ],
+)
+def test_every_script_refuses_bad_input_in_one_line_with_status_1(tmp_path, script, args, expected):
+    # the end-to-end check, in a process of its own (the others run main() in this one)
+    fails_in_one_line(script, args, tmp_path, expected, in_process=False)

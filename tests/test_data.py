@@ -269,15 +269,30 @@ def test_token_ids_are_checked_up_front_each_rank_a_share(tmp_path):
     DataLoaderLite(2, 8, 0, 2, "train", str(tmp_path))
     with pytest.raises(SystemExit, match="test_train_000002.npy: token id 50300 is outside"):
         DataLoaderLite(2, 8, 1, 2, "train", str(tmp_path))
-    # fineweb.py's manifest records every shard's largest id: a shard it vouches for is not read
+    # fineweb.py's manifest records every shard's largest id, size and modification time: a
+    # shard it vouches for, unchanged since, is not read
     names = sorted(os.listdir(tmp_path))
-    shards = [{"name": n, "bytes": os.path.getsize(tmp_path / n), "max_token": 100} for n in names]
+    shards = [
+        {"name": n, "bytes": s.st_size, "mtime_ns": s.st_mtime_ns, "max_token": 100}
+        for n, s in ((n, os.stat(tmp_path / n)) for n in names)
+    ]
     (tmp_path / "manifest.json").write_text(json.dumps({"shards": shards}))
     DataLoaderLite(2, 8, 1, 2, "train", str(tmp_path))
     assert shards[2]["name"] == "test_train_000003.npy"  # sorted: train shards, then val
     shards[2]["max_token"] = 50257
     (tmp_path / "manifest.json").write_text(json.dumps({"shards": shards}))
     with pytest.raises(SystemExit, match="token id 50257 is outside"):
+        DataLoaderLite(2, 8, 0, 1, "train", str(tmp_path))
+    # a shard edited after the manifest was written (same size, a later time) is read again
+    shards[2]["max_token"] = 100
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": shards}))
+    edited = np.load(tmp_path / "test_train_000003.npy")
+    edited[5] = 60000
+    np.save(tmp_path / "test_train_000003.npy", edited)
+    later = shards[2]["mtime_ns"] + 3600 * 10**9  # an edit an hour on, as a user would make it
+    os.utime(tmp_path / "test_train_000003.npy", ns=(later, later))
+    assert os.path.getsize(tmp_path / "test_train_000003.npy") == shards[2]["bytes"]
+    with pytest.raises(SystemExit, match="test_train_000003.npy: token id 60000 is outside"):
         DataLoaderLite(2, 8, 0, 1, "train", str(tmp_path))
 
 

@@ -4,8 +4,10 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import fineweb
-from conftest import HELLASWAG_SLICE, ROOT, fails_in_one_line
+from conftest import HELLASWAG_SLICE, ROOT, fails_in_one_line, run_in_process
 from datafiles import EOT, get_tokenizer
 from train_gpt2 import DataLoaderLite
 
@@ -75,6 +77,16 @@ def snapshot(out):
         with open(path, "rb") as f:
             result[name] = (f.read(), st.st_ino, st.st_mtime_ns)
     return result
+
+
+def contents(out):
+    """Each file's bytes; of the manifest, all but the shards' modification times (the one thing
+    a resumed run records differently: it wrote the files at other times)."""
+    result = {name: data for name, (data, _, _) in snapshot(out).items()}
+    manifest = json.loads(result.pop("manifest.json"))
+    for record in manifest["shards"]:
+        assert record.pop("mtime_ns") == os.stat(os.path.join(out, record["name"])).st_mtime_ns
+    return dict(result, manifest=manifest)
 
 
 def write_inputs(directory, docs, kind):
@@ -163,7 +175,7 @@ def test_rerun_keeps_complete_shards_and_rebuilds_missing_ones(tmp_path, capsys)
     inputs = write_inputs(tmp_path / "in", corpus_docs(), "parquet")
     out = tmp_path / "out"
     run(inputs, out, shard_size=2000, num_proc=1)
-    first = snapshot(out)
+    first, first_contents = snapshot(out), contents(out)
     assert len([n for n in first if SHARD.match(n)]) >= 4
     run(inputs, out, shard_size=2000, num_proc=1)
     assert "already holds all" in capsys.readouterr().out
@@ -172,7 +184,7 @@ def test_rerun_keeps_complete_shards_and_rebuilds_missing_ones(tmp_path, capsys)
     os.remove(out / "edufineweb_train_000002.npy")
     run(inputs, out, shard_size=2000, num_proc=1)
     again = snapshot(out)
-    assert {n: v[0] for n, v in again.items()} == {n: v[0] for n, v in first.items()}
+    assert contents(out) == first_contents
     for name in ("edufineweb_val_000000.npy", "edufineweb_train_000001.npy"):
         assert again[name] == first[name]
 
@@ -275,9 +287,7 @@ def test_interrupted_run_resumes_to_the_same_shards(tmp_path, monkeypatch, capsy
     resumed = capsys.readouterr().out.splitlines()
 
     after = snapshot(tmp_path / "resumed")
-    assert {n: v[0] for n, v in after.items()} == {
-        n: v[0] for n, v in snapshot(tmp_path / "whole").items()
-    }
+    assert contents(tmp_path / "resumed") == contents(tmp_path / "whole")
     for name in before:
         if SHARD.match(name):  # written before the crash, kept as they were
             assert after[name] == before[name]
@@ -500,7 +510,8 @@ def test_shards_without_manifest_are_refused(made, tmp_path):
 
 def test_bad_flags(tmp_path):
     out = tmp_path / "out"
-    fails(argv(None, out, shard_size=0), tmp_path, "--shard_size and --num_proc must be positive")
+    fails(argv(None, out, shard_size=0), tmp_path, "--shard_size 0: must be positive")
+    fails(argv(None, out, num_proc=0), tmp_path, "--num_proc 0: must be positive")
     fails(
         argv(None, out, hellaswag_path=HELLASWAG_SLICE), tmp_path, "for --decontaminate hellaswag"
     )
@@ -530,8 +541,7 @@ def test_output_that_cannot_be_written(tmp_path, monkeypatch):
     assert len(read_shards(tmp_path / "full")) == 2
     monkeypatch.setattr(fineweb, "write_shard", write_shard)
     run(inputs, tmp_path / "full", shard_size=3000, num_proc=1)
-    whole, full = snapshot(tmp_path / "whole"), snapshot(tmp_path / "full")
-    assert {n: v[0] for n, v in full.items()} == {n: v[0] for n, v in whole.items()}
+    assert contents(tmp_path / "full") == contents(tmp_path / "whole")
 
 
 def test_the_manifest_records_each_shards_largest_token(tmp_path):
@@ -541,3 +551,70 @@ def test_the_manifest_records_each_shards_largest_token(tmp_path):
     for record in manifest["shards"]:
         tokens = np.load(tmp_path / "out" / record["name"])
         assert record["max_token"] == int(tokens.max())
+
+
+def test_ctrl_c_stops_the_pool_in_one_line(tmp_path):
+    # Ctrl-C reaches every process of the terminal's group, the workers too: only the parent
+    # says so, once, and exits with 130; the same command then continues
+    text = open(os.path.join(ROOT, "data", "corpus", "lcet10.txt"), encoding="utf-8").read()
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    with open(tmp_path / "big.jsonl", "w") as f:
+        for _ in range(40):
+            f.writelines(json.dumps({"text": p}) + "\n" for p in paragraphs)
+    args = argv([tmp_path / "big.jsonl"], tmp_path / "out", shard_size=20000, num_proc=2)
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        start_new_session=True,  # its own process group, as a terminal gives
+    )
+    manifest = tmp_path / "out" / "manifest.json"
+    deadline = time.monotonic() + 60
+    while not (manifest.exists() and json.loads(manifest.read_text() or "{}").get("shards")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted with ")
+    assert not json.loads(manifest.read_text())["complete"]
+
+
+def test_a_run_that_wrote_no_shard_does_not_block_its_directory(tmp_path):
+    # the input fails before the first shard is complete: the manifest it leaves records no
+    # shards, and another input may then use the directory
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "one"}\n{"content": "no text"}\n')
+    code, _, err = run_in_process("fineweb.py", argv([bad], tmp_path / "out"), tmp_path)
+    assert code.endswith("line 2 has no 'text' field (it has: content)") and "Traceback" not in err
+    inputs = write_inputs(tmp_path / "in", corpus_docs(), "jsonl")
+    run(inputs, tmp_path / "out", shard_size=3000, num_proc=1)
+    assert np.array_equal(concatenated(tmp_path / "out"), reference(corpus_docs()))
+
+
+def test_a_directory_given_as_the_hellaswag_file(tmp_path):
+    inputs = write_inputs(tmp_path / "in", corpus_docs(), "jsonl")
+    args = argv(inputs, tmp_path / "out", decontaminate="hellaswag", hellaswag_path=tmp_path)
+    fails(args, tmp_path, f"HellaSwag file {tmp_path} is a directory, not a file")
+
+
+def test_a_shard_edited_after_it_was_written_is_read_again(tmp_path):
+    # train_gpt2.py trusts the manifest's largest token id only for a shard still as fineweb.py
+    # wrote it: one edited later, to the same size, is scanned, and its bad id refused at start
+    inputs = write_inputs(tmp_path / "in", corpus_docs(), "jsonl")
+    run(inputs, tmp_path / "out", shard_size=3000, num_proc=1)
+    path = tmp_path / "out" / "edufineweb_train_000002.npy"
+    DataLoaderLite(2, 32, 0, 1, "train", str(tmp_path / "out"))
+    written = os.stat(path)
+    tokens = np.load(path)
+    tokens[7] = 60000
+    np.save(path, tokens)
+    later = written.st_mtime_ns + 3600 * 10**9  # edited an hour on, as a user would
+    os.utime(path, ns=(later, later))
+    assert os.path.getsize(path) == written.st_size
+    with pytest.raises(SystemExit, match="edufineweb_train_000002.npy: token id 60000 is outside"):
+        DataLoaderLite(2, 32, 0, 1, "train", str(tmp_path / "out"))

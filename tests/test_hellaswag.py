@@ -12,7 +12,7 @@ import export_hf
 import hellaswag
 import hellaswag_eval
 import train_gpt2 as tg
-from conftest import HELLASWAG_SLICE, ROOT, TINY, fails_in_one_line, make_shards
+from conftest import HELLASWAG_SLICE, ROOT, TINY, fails_in_one_line, make_shards, run_in_process
 from train_gpt2 import GPT, GPTConfig
 
 EXAMPLES = [json.loads(line) for line in open(HELLASWAG_SLICE)]
@@ -147,8 +147,8 @@ def test_export_round_trip(trained):
 
 def test_checkpoint_and_its_export_score_the_same(trained, capsys):
     checkpoint, hf_dir = trained
-    *ours, _ = hellaswag.scored_model("", checkpoint, "cpu")
-    *theirs, _ = hellaswag.scored_model(hf_dir, "", "cpu")
+    *ours, _ = hellaswag.scored_model("", checkpoint, "log", "cpu")
+    *theirs, _ = hellaswag.scored_model(hf_dir, "", "log", "cpu")
     a, b = score_examples(*ours, EXAMPLES), score_examples(*theirs, EXAMPLES)
     assert [(s.pred, s.pred_norm) for s in a] == [(s.pred, s.pred_norm) for s in b]
     for s, t in zip(a, b):
@@ -224,7 +224,7 @@ def test_compiled_training_logs_hellaswag(tmp_path):
 
 def test_packed_scoring_makes_the_plain_loops_choices():
     # float32, batches of the CPU's size: rounding differs from the unbatched loop, the choices
-    # not (README: the same held on all 200 examples against the previous implementation)
+    # not (docs/data.md: the same held on all 200 examples against the previous implementation)
     examples = [json.loads(line) for line in open(HELLASWAG_200)][100:148]
     torch.manual_seed(1)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=50304))
@@ -263,9 +263,12 @@ def test_packing_keeps_the_shapes_few_and_every_row_once():
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        (["--limit", "-1"], "--limit -1: expected 0 (all examples) or a positive count"),
-        (["--batch_tokens", "0"], "--batch_tokens 0: expected a positive count"),
+        (["--limit", "-1"], "--limit -1: out of range (must be >= 0)"),
+        (["--batch_tokens", "0"], "--batch_tokens 0: must be positive"),
         (["--input", "missing.jsonl"], "HellaSwag file missing.jsonl does not exist"),
+        (["--input", "."], "HellaSwag file . is a directory, not a file"),
+        (["--device", "banana"], "--device banana is not available on this machine"),
+        (["--device", "cuda"], "--device cuda is not available on this machine"),
         (["--input", "bad.jsonl"], "bad.jsonl line 2 is not JSON"),
         (
             ["--checkpoint", "nope.pt", "--input", HELLASWAG_SLICE],
@@ -287,3 +290,48 @@ def test_export_refuses_to_write_over_files(trained, tmp_path):
     (tmp_path / "full" / "notes.txt").write_text("mine")
     fails_in_one_line("export_hf.py", [checkpoint, str(tmp_path / "full")], tmp_path, "not empty")
     assert target.read_text() == "keep me" and os.listdir(tmp_path / "full") == ["notes.txt"]
+
+
+def test_export_on_a_full_disk_leaves_nothing_behind(trained, tmp_path, monkeypatch):
+    # safetensors reports ENOSPC in its own exception type, after writing part of the file: the
+    # export says so in one line and leaves no partial directory to block the same command later
+    import safetensors
+    import transformers.modeling_utils
+
+    checkpoint, _ = trained
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 1000)
+        raise safetensors.SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+            'space left on device" })'
+        )
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    out = tmp_path / "hf"
+    fails_in_one_line(
+        "export_hf.py", [checkpoint, out], tmp_path, f"could not write {out}: Error while seria"
+    )
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    export_hf.main([checkpoint, str(out)])  # the same command, once there is room
+    assert "model.safetensors" in os.listdir(out)
+
+
+def test_hellaswag_py_reads_latest_in_the_log_dir_and_refuses_a_diverged_model(trained, tmp_path):
+    checkpoint, _ = trained
+    log_dir = os.path.dirname(checkpoint)
+    code, out, _ = run_in_process(
+        "hellaswag.py",
+        ["--checkpoint", "latest", "--log_dir", log_dir, "--input", HELLASWAG_SLICE],
+        tmp_path,
+    )
+    assert code == 0 and f"{checkpoint} (step 3) on HellaSwag val, 64 examples: acc " in out
+    for value, expected in ((float("nan"), "holds weights that are not finite"), (1e30, "")):
+        ckpt = torch.load(checkpoint, weights_only=True)
+        ckpt["model"] = {k: v * value for k, v in ckpt["model"].items()}
+        torch.save(ckpt, tmp_path / "diverged.pt")
+        args = ["--checkpoint", "diverged.pt", "--input", HELLASWAG_SLICE, "--device", "cpu"]
+        expected = expected or "(step 3): the model's logits are not finite: the model has diverged"
+        fails_in_one_line("hellaswag.py", args, tmp_path, expected)

@@ -1,8 +1,9 @@
-"""Generation: GPT.generate with its key/value cache against a full recompute of every step,
+"""Generation: generation.generate with its key/value cache against a full recompute of every step,
 batches of prompts of different lengths, top-k / top-p filtering, and sample.py's command line."""
 
 import contextlib
 import os
+import resource
 import subprocess
 import sys
 
@@ -219,7 +220,7 @@ def test_sample_py_is_reproducible_and_greedy_at_temperature_zero(checkpoint, tm
     assert first == again and first != other
     assert first.count("--- sample") == 2 and first.count("Hello, I'm a language model,") == 2
     assert "model_00002.pt (step 2, gpt2)" in err and "40 tokens in" in err and "tokens/s" in err
-    # greedy: what GPT.generate gives, streamed or all at once in a batch
+    # greedy: what generation.generate gives, streamed or all at once in a batch
     model, _ = tg.load_model_from_checkpoint(str(checkpoint))
     prompt = tg.get_tokenizer().encode("Once upon a time")
     want = tg.get_tokenizer().decode(generate(model, [prompt], 20, temperature=0)[0])
@@ -257,13 +258,74 @@ def test_sample_py_errors(checkpoint, tmp_path):
 
     fails(["--checkpoint", "missing.pt"], "checkpoint missing.pt does not exist")
     fails(["--log_dir", "empty"], "no checkpoint (model_*.pt) in empty: train first")
-    fails(["--checkpoint", str(checkpoint), "--prompt", "@nope.txt"], "cannot read the prompt file")
+    fails(
+        ["--checkpoint", str(checkpoint), "--prompt", "@nope.txt"], "prompt file nope.txt does not"
+    )
     (tmp_path / "long.txt").write_text("word " * 80)  # the tiny model's context is 64 tokens
     fails(["--checkpoint", str(checkpoint), "--prompt", "@long.txt"], "the prompt has 81 tokens")
     fails(["--checkpoint", str(checkpoint), "--top_p", "0"], "--top_p 0.0: must be in (0, 1]")
     fails(["--checkpoint", str(checkpoint), "--num_samples", "0"], "must be positive")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     fails(["--checkpoint", "junk.pt"], "is corrupt or not a checkpoint of ours")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 not UTF-8")
+    fails(["--checkpoint", str(checkpoint), "--prompt", "@binary.txt"], "cannot read the prompt")
+    fails(["--checkpoint", str(checkpoint), "--prompt", "@."], "prompt file . is a directory")
+    fails(["--checkpoint", str(checkpoint), "--temperature", "nan"], "--temperature nan: must be")
+    fails(["--checkpoint", str(checkpoint), "--seed", "-1"], "--seed -1: must be between 0 and")
+    for device in ("banana", "cuda:7"):  # no such device here (no GPU on the test machines)
+        fails(["--checkpoint", str(checkpoint), "--device", device], f"--device {device} is not")
+
+
+def test_a_tiny_temperature_samples_the_likeliest_token(checkpoint, tmp_path):
+    # 1e-40 divides the logits into inf; they are shifted first, so it is greedy decoding
+    args = ["--checkpoint", str(checkpoint), "--max_new_tokens", "12", "--dtype", "float32"]
+    greedy, _ = sample(args + ["--temperature", "0"], tmp_path)
+    tiny, _ = sample(args + ["--temperature", "1e-40"], tmp_path)
+    assert tiny == greedy
+
+
+def diverged_checkpoint(checkpoint, path, value):
+    """A copy of the checkpoint with every weight scaled by `value`: NaN, or finite but so large
+    that every logit overflows, as after a run that diverged."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["model"] = {k: v * value for k, v in ckpt["model"].items()}
+    torch.save(ckpt, path)
+    return path
+
+
+def test_a_diverged_model_is_not_sampled(checkpoint, tmp_path):
+    nan = diverged_checkpoint(checkpoint, tmp_path / "nan.pt", float("nan"))
+    args = ["--device", "cpu", "--checkpoint", nan]
+    fails_in_one_line("sample.py", args, tmp_path, "nan.pt holds weights that are not finite")
+    # finite weights whose logits are not: found as the first token is drawn, said in one line
+    huge = diverged_checkpoint(checkpoint, tmp_path / "huge.pt", 1e30)
+    for stream in ("1", "0"):
+        args = ["--device", "cpu", "--checkpoint", huge, "--stream", stream, "--num_samples", "2"]
+        code, out, err = run_in_process("sample.py", args, tmp_path)
+        assert code == (
+            f"{huge} (step 2, gpt2): the model's logits are not finite: the model has diverged, "
+            "there is nothing to sample"
+        )
+
+
+def test_out_of_memory_ends_in_one_line(checkpoint, tmp_path):
+    # 100,000 samples at once, in a process allowed 4GB of address space: their logits alone
+    # would need 10GB
+    def four_gigabytes():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    args = ["--checkpoint", str(checkpoint), "--num_samples", "100000", "--stream", "0"]
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "sample.py"), "--device", "cpu", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        preexec_fn=four_gigabytes,
+        timeout=120,
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[-1].startswith("out of memory generating 100000 ")
 
 
 def test_sample_py_into_head_exits_quietly(checkpoint, tmp_path):
