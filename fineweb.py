@@ -619,15 +619,7 @@ def build_shards(args):
         source = {"input": [[p, os.path.getsize(p)] for p in inputs]}
     else:
         source = {"dataset": args.dataset, "remote_name": args.remote_name}
-    eval_path = decontaminate = None
-    if args.decontaminate:
-        eval_path = os.path.abspath(args.hellaswag_path or download_hellaswag("val"))
-        check_input_file(eval_path, "HellaSwag file")
-        ngrams = len(hellaswag_index(eval_path))
-        if not ngrams:
-            raise SystemExit(f"{eval_path} holds no {NGRAM}-gram to decontaminate against")
-        decontaminate = {"eval_set": "hellaswag val", "sha256": file_sha256(eval_path)}
-        print(f"decontaminating the train shards against {ngrams:,} {NGRAM}-grams of {eval_path}")
+    eval_path, decontaminate = decontamination_set(args) if args.decontaminate else (None, None)
     settings = {
         "source": source,
         "shard_size": args.shard_size,
@@ -643,11 +635,10 @@ def build_shards(args):
         return
 
     last = shards[-1] if shards else {"next_document": 0, "next_offset": 0}
-    start_document, start_offset = last["next_document"], last["next_offset"]
     if inputs:
-        texts = iter_documents(inputs, start_document)
+        texts = iter_documents(inputs, last["next_document"])
     else:
-        texts = iter_remote(load_remote(args.dataset, args.remote_name), start_document)
+        texts = iter_remote(load_remote(args.dataset, args.remote_name), last["next_document"])
     os.makedirs(out, exist_ok=True)
     for name in os.listdir(out):
         if TEMPORARY_FILE.match(name):  # left by a run that was killed while writing
@@ -655,16 +646,39 @@ def build_shards(args):
     write_json(os.path.join(out, MANIFEST), manifest)
     if shards:
         print(f"{len(shards)} shards of {out} are complete: continuing with shard {len(shards)}")
-
-    writer = ShardWriter(out, manifest)
-    work = functools.partial(tokenize, eval_path=eval_path)
     t0 = time.perf_counter()
+    tokenized = write_documents(texts, ShardWriter(out, manifest), last, eval_path, args.num_proc)
+    manifest["complete"] = True
+    write_json(os.path.join(out, MANIFEST), manifest)
+    seconds = time.perf_counter() - t0
+    report(out, manifest)
+    print(
+        f"tokenized {tokenized:,} tokens in {seconds:.2f}s: {tokenized / seconds:,.0f} tokens/s "
+        f"with --num_proc {args.num_proc}"
+    )
+
+
+def decontamination_set(args):
+    """(path, manifest record) of the evaluation set whose 13-grams the train shards avoid."""
+    eval_path = os.path.abspath(args.hellaswag_path or download_hellaswag("val"))
+    check_input_file(eval_path, "HellaSwag file")
+    ngrams = len(hellaswag_index(eval_path))
+    if not ngrams:
+        raise SystemExit(f"{eval_path} holds no {NGRAM}-gram to decontaminate against")
+    print(f"decontaminating the train shards against {ngrams:,} {NGRAM}-grams of {eval_path}")
+    return eval_path, {"eval_set": "hellaswag val", "sha256": file_sha256(eval_path)}
+
+
+def write_documents(texts, writer, last, eval_path, num_proc):
+    """Tokenize the documents (from the one `last` says comes next) into the writer's shards,
+    in a pool of num_proc processes; returns the number of tokens written."""
+    work = functools.partial(tokenize, eval_path=eval_path)
+    document = start_document = last["next_document"]
     tokenized = 0
-    document = start_document
     try:
         with contextlib.ExitStack() as stack:  # the bar and the pool are closed before a message
-            if args.num_proc > 1:
-                pool = mp.Pool(args.num_proc, initializer=leave_ctrl_c_to_parent)
+            if num_proc > 1:
+                pool = mp.Pool(num_proc, initializer=leave_ctrl_c_to_parent)
                 stack.enter_context(pool)
                 # imap streams: the documents are read as the workers need them, in order
                 results = pool.imap(work, texts, chunksize=CHUNKSIZE)
@@ -673,7 +687,7 @@ def build_shards(args):
             bar = tqdm(unit="tok", unit_scale=True, desc=f"shard {writer.index}")
             stack.enter_context(bar)
             for tokens, contaminated in results:
-                offset = start_offset if document == start_document else 0
+                offset = last["next_offset"] if document == start_document else 0
                 writer.add(tokens, document, offset, contaminated)
                 document += 1
                 tokenized += len(tokens) - offset
@@ -692,14 +706,7 @@ def build_shards(args):
         writer.flush(document)
     elif writer.index == 0:
         raise SystemExit("the input holds no documents")
-    manifest["complete"] = True
-    write_json(os.path.join(out, MANIFEST), manifest)
-    seconds = time.perf_counter() - t0
-    report(out, manifest)
-    print(
-        f"tokenized {tokenized:,} tokens in {seconds:.2f}s: {tokenized / seconds:,.0f} tokens/s "
-        f"with --num_proc {args.num_proc}"
-    )
+    return tokenized
 
 
 if __name__ == "__main__":

@@ -217,6 +217,7 @@ def test_a_benchmark_where_no_row_runs_says_so(tmp_path):
     code, out, err = run_in_process("bench.py", args + ["--json", "b.json"], tmp_path)
     assert code == 0, (code, err[-2000:])
     rows = json.load(open(tmp_path / "b.json"))["rows"]
-    assert all("can't allocate memory" in row["skipped"] or "FP8" in row["skipped"] for row in rows)
+    assert all(row["skipped"] for row in rows)
+    assert sum("can't allocate memory" in row["skipped"] for row in rows) >= 5
     assert "val loss: skipped: no row of the table ran" in out
     assert "HellaSwag: skipped: no row of the table ran" in out

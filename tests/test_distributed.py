@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import rundir
@@ -41,50 +42,39 @@ def log_lines(log_dir, kind):
     return [(int(s), float(v)) for s, k, v in (line.split() for line in lines) if k == kind]
 
 
-def test_two_processes_equal_one_with_twice_the_accumulation(tmp_path):
-    data = tmp_path / "data"
-    make_shards(data, [6000, 30000])
-    hella = tmp_path / "hella.jsonl"
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The same 12 steps run by one process and by two under torchrun, with HellaSwag, and the
+    arguments: 512 tokens per step, 4 micro-steps of B*T = 2*32 on each of 2 ranks, or 8 on one."""
+    root = tmp_path_factory.mktemp("two_runs")
+    make_shards(root / "data", [6000, 30000])
+    hella = root / "hella.jsonl"
     hella.write_text("".join(open(HELLASWAG_SLICE).readlines()[:10]))
-    # 512 tokens per step: 4 micro-steps of B*T = 2*32 on each of 2 ranks, or 8 on one
-    args = TINY + [
-        "--data_dir",
-        str(data),
-        "--total_batch_size",
-        "512",
-        "--max_steps",
-        "4",
-        "--eval_interval",
-        "2",
-        "--val_loss_steps",
-        "1",
-        "--checkpoint_interval",
-        "4",
-        "--block_size",
-        "128",
-        "--hellaswag",
-        "1",
-        "--hellaswag_path",
-        str(hella),
-        "--num_return_sequences",
-        "1",
-    ]
-    out1 = run(args + ["--log_dir", str(tmp_path / "one")], 1, tmp_path)
-    out2 = run(args + ["--log_dir", str(tmp_path / "two")], 2, tmp_path)
+    args = TINY + ["--data_dir", str(root / "data"), "--total_batch_size", "512"]
+    args += ["--max_steps", "12", "--eval_interval", "5", "--val_loss_steps", "1"]
+    args += ["--checkpoint_interval", "4", "--block_size", "128", "--hellaswag", "1"]
+    args += ["--hellaswag_path", str(hella), "--num_return_sequences", "1"]
+    out1 = run(args + ["--log_dir", str(root / "one")], 1, root)
+    out2 = run(args + ["--log_dir", str(root / "two")], 2, root)
+    return root, args, out1, out2
+
+
+def test_two_processes_equal_one_with_twice_the_accumulation(two_runs):
+    root, _, out1, out2 = two_runs
     for kind in ("train", "val"):
-        one, two = log_lines(tmp_path / "one", kind), log_lines(tmp_path / "two", kind)
-        assert [s for s, _ in one] == [s for s, _ in two]
+        one, two = log_lines(root / "one", kind), log_lines(root / "two", kind)
+        assert [s for s, _ in one] == [s for s, _ in two] and len(one) >= 4
         assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(one, two)), (kind, one, two)
     # HellaSwag: examples split over the ranks, counts summed
-    assert log_lines(tmp_path / "one", "hella") == log_lines(tmp_path / "two", "hella")
+    assert log_lines(root / "one", "hella") == log_lines(root / "two", "hella")
     counts = [line for line in out2.splitlines() if line.startswith("HellaSwag accuracy")]
     assert counts and all(
         c.endswith(f"/10={int(c.split(': ')[1].split('/')[0]) / 10:.4f}") for c in counts
     )
     # only the master prints its steps
     assert out2.count("step     3 |") == 1 and out1.count("step     3 |") == 1
-    a = torch.load(tmp_path / "one" / "model_00004.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "two" / "model_00004.pt", weights_only=True)["model"]
+    a = torch.load(root / "one" / "model_00004.pt", weights_only=True)["model"]
+    b = torch.load(root / "two" / "model_00004.pt", weights_only=True)["model"]
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
@@ -166,21 +156,15 @@ def test_hellaswag_unavailable_on_rank_0_only_is_off_on_every_rank(tmp_path):
     assert log_lines(tmp_path / "log", "hella") == []
 
 
-def test_sigterm_to_one_rank_stops_all_at_the_same_step_and_resumes(tmp_path):
-    data = tmp_path / "data"
-    make_shards(data, [6000, 30000])
-    # 2 micro-steps of 2 x 32 tokens on each rank
-    args = TINY + ["--data_dir", str(data), "--total_batch_size", "256", "--max_steps", "12"]
-    args += ["--eval_interval", "5", "--val_loss_steps", "1", "--checkpoint_interval", "12"]
-    args += ["--num_return_sequences", "1"]
-    run(args + ["--log_dir", str(tmp_path / "full")], 2, tmp_path)
-    expected = open(tmp_path / "full" / "log.txt").read()
+def test_sigterm_to_one_rank_stops_all_at_the_same_step_and_resumes(two_runs, tmp_path):
+    root, args, _, _ = two_runs
+    expected = open(root / "two" / "log.txt").read()
     # a preemption of rank 1 alone, as its step 6 begins: the ranks agree between micro-steps
     log_dir = tmp_path / "stopped"
     code, out, _ = torchrun(args + ["--log_dir", str(log_dir)], tmp_path, "signal_at_step:6:1")
     assert code != 0 and no_traceback_of_ours(out)
     assert out.count("stopped by SIGTERM after step 5") == 1 and "--resume latest" in out
-    assert rundir.checkpoint_steps(str(log_dir)) == [6]
+    assert rundir.checkpoint_steps(str(log_dir)) == [4, 6]  # the scheduled one, and the stop's
     run(["--resume", "latest", "--log_dir", str(log_dir)], 2, tmp_path)
     assert open(log_dir / "log.txt").read() == expected
 
