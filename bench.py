@@ -27,7 +27,6 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
-import itertools
 import json
 import math
 import os
@@ -43,13 +42,14 @@ from torch.overrides import TorchFunctionMode
 import hellaswag_eval
 from cli import (
     ON_OFF,
+    check_input_file,
     check_output_file,
     check_written,
     parse_settings,
     quiet_exit_when_stdout_closes,
     setting,
 )
-from datafiles import GPT2_VOCAB_SIZE, HERE, get_tokenizer, iterate_examples, write_shard
+from datafiles import GPT2_VOCAB_SIZE, HERE, write_shard
 from devices import (
     autocast_context,
     autocast_dtype,
@@ -330,15 +330,9 @@ def hellaswag_rate(config, variant, device, dtype, path, limit):
     """(examples per second, examples) of HellaSwag scoring as the training loop runs it: the
     examples packed once, the scorer compiled when the variant compiles, the autocast of
     training; the first pass (which compiles) is not timed. (None, reason) where it cannot run."""
-    examples = list(itertools.islice(iterate_examples("val", path), limit))
-    if not examples:
-        return None, f"no examples in {path}"
     try:
-        batch_tokens = hellaswag_eval.batch_tokens_for(device)
-        packed = hellaswag_eval.pack_examples(
-            examples, get_tokenizer(), batch_tokens, max_width=config.block_size
-        )
-    except SystemExit as e:
+        packed = hellaswag_eval.load_packed(path, device, config.block_size, limit)
+    except SystemExit as e:  # an empty file, examples longer than the model's context
         return None, str(e)
     model = row_model(config, variant, device)
     device_type = device.split(":")[0]
@@ -348,7 +342,7 @@ def hellaswag_rate(config, variant, device, dtype, path, limit):
         hellaswag_eval.evaluate(scorer, packed, device, autocast)
         t0 = time.perf_counter()
         hellaswag_eval.evaluate(scorer, packed, device, autocast)
-    return len(examples) / (time.perf_counter() - t0), len(examples)
+    return len(packed) / (time.perf_counter() - t0), len(packed)
 
 
 def val_loss_rate(config, variant, device, dtype, loader, steps):
@@ -587,6 +581,8 @@ def main(argv=None):
     for path, what in ((cfg.json, "--json"), (cfg.profile, "--profile")):
         if path:  # refused now, not after the whole benchmark
             check_output_file(path, what)
+    if cfg.hellaswag:
+        check_input_file(cfg.hellaswag_path, "HellaSwag file")
     env = DistEnv(False, 0, 0, 1, device, True)
     if env.device_type == "cpu":
         keep_freed_cpu_memory()

@@ -19,7 +19,7 @@ import torch
 
 import hellaswag_eval
 from cli import ON_OFF, parse_settings, quiet_exit_when_stdout_closes, setting
-from datafiles import HELLASWAG_SPLITS, get_tokenizer, iterate_examples
+from datafiles import HELLASWAG_SPLITS, iterate_examples
 from devices import autocast_context, autocast_dtype, check_device, default_device
 from generation import NonFiniteLogits
 from hellaswag_eval import render_example
@@ -75,12 +75,9 @@ def main(argv=None):
     dtype = autocast_dtype("auto", device_type) if device_type == "cuda" else torch.float32
     autocast = autocast_context(dtype, device_type)
     torch.set_float32_matmul_precision("high")
-    examples = list(iterate_examples(cfg.split, cfg.input))[: cfg.limit or None]
-    if not examples:
-        raise SystemExit("no examples to score")
+    limit, tokens = cfg.limit or None, cfg.batch_tokens
+    packed = hellaswag_eval.load_packed(cfg.input, device, None, limit, cfg.split, tokens)
     hidden_fn, head_fn, name = scored_model(cfg.model_type, cfg.checkpoint, cfg.log_dir, device)
-    batch_tokens = cfg.batch_tokens or hellaswag_eval.batch_tokens_for(device)
-    packed = hellaswag_eval.pack_examples(examples, get_tokenizer(), batch_tokens)
     scorer = hellaswag_eval.make_scorer(hidden_fn, head_fn, bool(cfg.compile))
     try:
         correct, correct_norm, total = hellaswag_eval.evaluate(scorer, packed, device, autocast)

@@ -83,13 +83,15 @@ def batch_tokens_for(device):
     return GPU_BATCH_TOKENS if str(device).startswith("cuda") else CPU_BATCH_TOKENS
 
 
-def load_packed(path, device, max_width=None, limit=None, split="val"):
-    """The examples of a HellaSwag file (the downloaded split's if path is None, the first
-    `limit` if given) packed for scoring on the device."""
+def load_packed(path, device, max_width=None, limit=None, split="val", batch_tokens=None):
+    """The examples of a HellaSwag file (the downloaded split's if path is None; the first
+    `limit` if given) packed for scoring on the device, in batches of about batch_tokens tokens
+    (by default the device's)."""
     examples = list(iterate_examples(split, path))[:limit]
-    packed = pack_examples(examples, get_tokenizer(), batch_tokens_for(device), max_width)
+    batch_tokens = batch_tokens or batch_tokens_for(device)
+    packed = pack_examples(examples, get_tokenizer(), batch_tokens, max_width)
     if not len(packed):
-        raise SystemExit(f"HellaSwag file {path} holds no examples")
+        raise SystemExit(f"HellaSwag file {path or split} holds no examples")
     return packed
 
 

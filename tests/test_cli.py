@@ -1,5 +1,6 @@
 """Bad input (SPEC S11): one clear line on stderr, a non-zero exit, no traceback, nothing lost."""
 
+import math
 import os
 import shutil
 import subprocess
@@ -201,6 +202,20 @@ def test_a_directory_where_a_file_is_expected(workdir):
     fails(["--resume", str(workdir / "a_dir.pt")], workdir, "a_dir.pt is a directory, not a file")
     args = ["--hellaswag", "1", "--hellaswag_path", str(workdir), "--block_size", "256"]
     fails(with_data(workdir, *args), workdir, f"HellaSwag file {workdir} is a directory")
+
+
+def test_no_step_is_taken_with_a_rate_that_is_not_finite(workdir, tmp_path, monkeypatch):
+    # the settings are finite (checked at start), but should a schedule ever make a rate that is
+    # not, the step is not taken and the run stops, its weights as the last step left them
+    get_lr = tg.get_lr
+    monkeypatch.setattr(
+        tg, "get_lr", lambda step, cfg: math.inf if step == 1 else get_lr(step, cfg)
+    )
+    args = TINY + ["--data_dir", str(workdir / "data"), "--log_dir", str(tmp_path / "log")]
+    args += ["--total_batch_size", "64", "--eval_interval", "10", "--max_steps", "3"]
+    with pytest.raises(SystemExit, match=r"step 1: a learning rate or weight decay is not finite"):
+        tg.main(args)
+    assert [line.split()[:2] for line in open(tmp_path / "log" / "log.txt")][-1] == ["0", "train"]
 
 
 def test_a_diverged_model_is_never_saved(workdir, tmp_path, monkeypatch):
