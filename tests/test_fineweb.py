@@ -569,6 +569,8 @@ def test_ctrl_c_stops_the_pool_in_one_line(tmp_path):
         text=True,
         env=dict(os.environ, PYTHONPATH=ROOT),
         start_new_session=True,  # its own process group, as a terminal gives
+        # as from a terminal's shell: a job started in the background inherits SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen = ""
     while "shard 0" not in seen:  # the bar: the pool is working
