@@ -64,7 +64,7 @@ def greedy_by_recompute(model, prompt, n):
 
 @pytest.mark.parametrize(
     "recipe, shape, n",
-    [("gpt2", TINY_SHAPE, 200), ("speedrun", TINY_SHAPE, 200), ("gpt2", GPT2_124M_SHAPE, 24)],
+    [("gpt2", TINY_SHAPE, 200), ("speedrun", TINY_SHAPE, 200), ("gpt2", GPT2_124M_SHAPE, 12)],
 )
 def test_cached_generation_equals_recomputing_every_step(recipe, shape, n):
     model = random_model(recipe, shape=shape)
