@@ -69,7 +69,6 @@ def add_flags(parser, settings_class):
 def parse_settings(settings_class, description, argv=None):
     """A settings dataclass from the command line: its defaults, with the flags given."""
     parser = add_flags(ArgumentParser(description=description), settings_class)
-    assert "(default: None)" not in parser.format_help(), "a help to write: what None means"
     settings = settings_class(**vars(parser.parse_args(argv)))
     check_ranges(settings)
     return settings

@@ -77,8 +77,6 @@ def export_hf(model, out_dir):
 
 def check_out_dir(out_dir):
     """The export writes into a new or empty directory only: never over other files."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise SystemExit(f"{out_dir} is a file: name a new or empty directory to export into")
     check_output_dir(out_dir, "the export")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise SystemExit(f"{out_dir} is not empty: name a new or empty directory to export into")

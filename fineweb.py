@@ -661,8 +661,7 @@ def build_shards(args):
 def decontamination_set(args):
     """(path, manifest record) of the evaluation set whose 13-grams the train shards avoid."""
     eval_path = os.path.abspath(args.hellaswag_path or download_hellaswag("val"))
-    check_input_file(eval_path, "HellaSwag file")
-    ngrams = len(hellaswag_index(eval_path))
+    ngrams = len(hellaswag_index(eval_path))  # iterate_examples checks the file
     if not ngrams:
         raise SystemExit(f"{eval_path} holds no {NGRAM}-gram to decontaminate against")
     print(f"decontaminating the train shards against {ngrams:,} {NGRAM}-grams of {eval_path}")
