@@ -11,7 +11,7 @@ attention, and each row counts its positions from its own first token.
 import torch
 import torch.nn.functional as F
 
-from datafiles import GPT2_VOCAB_SIZE
+from datafiles import GPT2_VOCAB_SIZE, get_tokenizer
 
 
 class NonFiniteLogits(Exception):
@@ -147,3 +147,26 @@ def stream(
         if all(done) or i == max_new_tokens - 1:
             return
         logits, _ = model(next_tokens.unsqueeze(1), cache=cache)
+
+
+SAMPLE_PROMPT = "Hello, I'm a language model,"
+
+
+def print_samples(model, cfg, env, autocast):
+    """num_return_sequences continuations of SAMPLE_PROMPT, top-k 50, with a generator of their
+    own so that sampling never moves the training RNG."""
+    if cfg.num_return_sequences == 0:
+        return
+    enc = get_tokenizer()
+    prompt = enc.encode(SAMPLE_PROMPT)
+    generator = torch.Generator(device=env.device).manual_seed(cfg.seed + env.rank)
+    new_tokens = max(0, cfg.max_length - len(prompt))
+    try:
+        with autocast:
+            prompts = [prompt] * cfg.num_return_sequences
+            rows = generate(model, prompts, new_tokens, top_k=50, generator=generator)
+    except NonFiniteLogits as e:
+        env.print0(f"samples skipped: {e}")
+        return
+    for row in rows:
+        env.print0(f"sample: {enc.decode(row)}")

@@ -1,6 +1,6 @@
 """
 HellaSwag (Zellers et al. 2019) scored on a device: pick the most likely of four endings for a
-context. The training loop evaluates with it every eval_interval steps, and hellaswag.py (the
+context. The training loop evaluates with it every eval_interval steps (load_hellaswag), and hellaswag.py (the
 command line) scores any model with it.
 
 Every ending is scored by the cross-entropy of its tokens given the context: `acc` picks the
@@ -16,13 +16,16 @@ last batch: one host synchronization per pass.
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+import datafiles
 from datafiles import ENDINGS, GPT2_VOCAB_SIZE, get_tokenizer, iterate_examples
 from generation import NonFiniteLogits
+from run_control import agree
 
 # rows x width per forward pass: 16k tokens keep an H100 busy; on a CPU, whose logits are float32
 # (200KB per token), 2k tokens are as fast per token and need 8 times less memory
@@ -222,3 +225,28 @@ def evaluate(scorer, packed, device, autocast=None, rank=0, world_size=1, should
     correct = int((pred == packed.labels).sum())
     correct_norm = int((pred_norm == packed.labels).sum())
     return correct, correct_norm, len(packed)
+
+
+def load_hellaswag(cfg, env, bundled):
+    """The HellaSwag val examples packed for scoring, or None when HellaSwag is off for this run.
+
+    By default it runs with FineWeb data only, and a missing file that cannot be downloaded
+    turns it off with a message; asked for explicitly (--hellaswag 1), that is an error. Local
+    rank 0 of each node downloads, and every rank agrees on the outcome before going on.
+    """
+    if not (cfg.hellaswag if cfg.hellaswag is not None else not bundled):
+        return None
+    path = cfg.hellaswag_path or os.path.join(datafiles.HELLASWAG_CACHE_DIR, "hellaswag_val.jsonl")
+
+    def download():
+        if env.local_rank == 0 and not cfg.hellaswag_path:
+            datafiles.download_hellaswag("val")
+
+    try:
+        agree(env, download)
+        return agree(env, lambda: load_packed(path, env.device, cfg.block_size))
+    except SystemExit as e:
+        if cfg.hellaswag == 1:
+            raise
+        env.print0(f"HellaSwag is off for this run: {e}")
+        return None

@@ -41,8 +41,8 @@ import hf_gpt2
 import rundir
 import speedrun
 from cli import ON_OFF, setting
-from datafiles import BUNDLED, GPT2_VOCAB_SIZE, get_tokenizer
-from generation import NonFiniteLogits, generate
+from datafiles import BUNDLED, GPT2_VOCAB_SIZE
+from generation import NonFiniteLogits, print_samples
 from kernels import check_fp8_device, linear_cross_entropy, use_fp8_matmuls
 from run_control import StopNow, StopSignal, agree, once_per_node
 
@@ -524,34 +524,6 @@ def to_device(t, device):
     return t.to(device)
 
 
-def load_hellaswag(cfg, env, bundled):
-    """The HellaSwag val examples packed for scoring, or None when HellaSwag is off for this run.
-
-    By default it runs with FineWeb data only, and a missing file that cannot be downloaded
-    turns it off with a message; asked for explicitly (--hellaswag 1), that is an error. Local
-    rank 0 of each node downloads, and every rank agrees on the outcome before going on.
-    """
-    if not (cfg.hellaswag if cfg.hellaswag is not None else not bundled):
-        return None
-    path = cfg.hellaswag_path or os.path.join(datafiles.HELLASWAG_CACHE_DIR, "hellaswag_val.jsonl")
-
-    def download():
-        if env.local_rank == 0 and not cfg.hellaswag_path:
-            datafiles.download_hellaswag("val")
-
-    try:
-        agree(env, download)
-        return agree(env, lambda: hellaswag_eval.load_packed(path, env.device, cfg.block_size))
-    except SystemExit as e:
-        if cfg.hellaswag == 1:
-            raise
-        env.print0(f"HellaSwag is off for this run: {e}")
-        return None
-
-
-SAMPLE_PROMPT = "Hello, I'm a language model,"
-
-
 class Evaluator:
     """What every eval_interval steps measures and prints: the val loss (on the compiled model,
     which has the training shapes), HellaSwag (its own compiled scorer) and samples. Each part
@@ -606,26 +578,6 @@ class Evaluator:
             self.log.write(step, "hella", f"{correct_norm / total:.4f}")
         if step > 0 and not requested() and env.master_process:
             print_samples(self.state.model, self.cfg, env, self.autocast)
-
-
-def print_samples(model, cfg, env, autocast):
-    """num_return_sequences continuations of SAMPLE_PROMPT, top-k 50, with a generator of their
-    own so that sampling never moves the training RNG."""
-    if cfg.num_return_sequences == 0:
-        return
-    enc = get_tokenizer()
-    prompt = enc.encode(SAMPLE_PROMPT)
-    generator = torch.Generator(device=env.device).manual_seed(cfg.seed + env.rank)
-    new_tokens = max(0, cfg.max_length - len(prompt))
-    try:
-        with autocast:
-            prompts = [prompt] * cfg.num_return_sequences
-            rows = generate(model, prompts, new_tokens, top_k=50, generator=generator)
-    except NonFiniteLogits as e:
-        env.print0(f"samples skipped: {e}")
-        return
-    for row in rows:
-        env.print0(f"sample: {enc.decode(row)}")
 
 
 # -----------------------------------------------------------------------------
@@ -1127,7 +1079,7 @@ def start_run(cfg, env, checkpoint, stop):
 
     # data, evaluation and the state a checkpoint holds
     train_loader, val_loader = make_loaders(cfg, env, data_dir)
-    hella = load_hellaswag(cfg, env, bundled=cfg.data_dir == BUNDLED)
+    hella = hellaswag_eval.load_hellaswag(cfg, env, bundled=cfg.data_dir == BUNDLED)
     state = TrainingState(raw_model, optimizer, scaler, train_loader, cfg)
     start_step = state.load_state_dict(checkpoint, print0) if checkpoint else 0
     if checkpoint:

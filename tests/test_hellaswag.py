@@ -21,7 +21,7 @@ Score = collections.namedtuple("Score", "label sum_losses mean_losses pred pred_
 
 def score_examples(hidden_fn, head_fn, examples, batch_tokens=hellaswag_eval.CPU_BATCH_TOKENS):
     """Each example's losses and picks, as the packed scorer of the training loop makes them."""
-    packed = hellaswag_eval.pack_examples(examples, tg.get_tokenizer(), batch_tokens)
+    packed = hellaswag_eval.pack_examples(examples, datafiles.get_tokenizer(), batch_tokens)
     scorer = hellaswag_eval.make_scorer(hidden_fn, head_fn)
     sums = hellaswag_eval.row_losses(scorer, packed, "cpu")
     sums, means, pred, pred_norm = hellaswag_eval.predictions(sums, packed)
@@ -43,7 +43,9 @@ def hf_tokenizer():
 def test_render_example():
     hf = hf_tokenizer()  # an independent implementation of the same BPE
     for example in EXAMPLES[:10]:
-        data, tokens, mask, label = hellaswag_eval.render_example(example, tg.get_tokenizer())
+        data, tokens, mask, label = hellaswag_eval.render_example(
+            example, datafiles.get_tokenizer()
+        )
         assert label == example["label"] == data["label"]
         ctx = hf(example["ctx"])["input_ids"]
         rows = [ctx + hf(" " + ending)["input_ids"] for ending in example["endings"]]
@@ -56,14 +58,14 @@ def test_render_example():
                 width - len(row)
             )
     # the first example, by hand: "A man is sitting on a roof. he" + " is using wrap to ..."
-    _, tokens, mask, _ = hellaswag_eval.render_example(EXAMPLES[0], tg.get_tokenizer())
+    _, tokens, mask, _ = hellaswag_eval.render_example(EXAMPLES[0], datafiles.get_tokenizer())
     assert tokens[0, :9].tolist() == [32, 582, 318, 5586, 319, 257, 9753, 13, 339]
     assert mask[0, :10].tolist() == [0] * 9 + [1]
 
 
 def reference_losses(model, example):
     """Each ending scored alone, without padding or batching, by a plain log-softmax."""
-    enc = tg.get_tokenizer()
+    enc = datafiles.get_tokenizer()
     ctx = enc.encode(example["ctx"])
     sums, means = [], []
     for ending in example["endings"]:
@@ -100,7 +102,7 @@ def test_scoring_matches_a_plain_loop():
         assert score.pred_norm == min(range(4), key=means.__getitem__)
         preds.add((score.pred, score.pred_norm))
     assert len(preds) > 1  # the model is not degenerate: the test could catch a mix-up
-    packed = hellaswag_eval.pack_examples(EXAMPLES[:12], tg.get_tokenizer())
+    packed = hellaswag_eval.pack_examples(EXAMPLES[:12], datafiles.get_tokenizer())
     scorer = hellaswag_eval.make_scorer(model.hidden, model.head)
     correct, correct_norm, total = hellaswag_eval.evaluate(scorer, packed, "cpu")
     assert total == 12
@@ -142,7 +144,7 @@ def test_export_round_trip(trained):
 
     text = open(os.path.join(ROOT, "data", "corpus", "alice29.txt")).read()[:20000]
     exported = GPT2TokenizerFast.from_pretrained(hf_dir)
-    assert exported(text)["input_ids"] == tg.get_tokenizer().encode(text)
+    assert exported(text)["input_ids"] == datafiles.get_tokenizer().encode(text)
 
 
 def test_checkpoint_and_its_export_score_the_same(trained, capsys):
@@ -202,10 +204,10 @@ def test_default_hellaswag_turns_itself_off_when_the_file_cannot_be_had(tmp_path
     monkeypatch.setattr(datafiles, "HELLASWAG_CACHE_DIR", str(tmp_path / "cache"))
     cfg = tg.TrainConfig(hellaswag=None)
     env = tg.DistEnv(False, 0, 0, 1, "cpu", True)
-    assert tg.load_hellaswag(cfg, env, bundled=False) is None
+    assert hellaswag_eval.load_hellaswag(cfg, env, bundled=False) is None
     with pytest.raises(SystemExit, match="could not download"):
-        tg.load_hellaswag(tg.TrainConfig(hellaswag=1), env, bundled=False)
-    assert tg.load_hellaswag(tg.TrainConfig(hellaswag=None), env, bundled=True) is None
+        hellaswag_eval.load_hellaswag(tg.TrainConfig(hellaswag=1), env, bundled=False)
+    assert hellaswag_eval.load_hellaswag(tg.TrainConfig(hellaswag=None), env, bundled=True) is None
 
 
 def test_compiled_training_logs_hellaswag(tmp_path):
@@ -243,7 +245,7 @@ def test_packed_scoring_makes_the_plain_loops_choices():
 
 def test_packing_keeps_the_shapes_few_and_every_row_once():
     examples = [json.loads(line) for line in open(HELLASWAG_200)]
-    packed = hellaswag_eval.pack_examples(examples, tg.get_tokenizer(), batch_tokens=2048)
+    packed = hellaswag_eval.pack_examples(examples, datafiles.get_tokenizer(), batch_tokens=2048)
     shapes = {tuple(b.tokens.shape) for b in packed.batches}
     assert len(shapes) <= 4 and all(w % 32 == 0 and r == 2048 // w for r, w in shapes)
     # every ending token once, at the position before it: flat index p + 1 is its token
@@ -257,7 +259,7 @@ def test_packing_keeps_the_shapes_few_and_every_row_once():
     padding = sum(int((b.tokens == 0).sum()) for b in packed.batches)
     assert padding < 0.5 * sum(b.tokens.numel() for b in packed.batches)
     with pytest.raises(SystemExit, match="HellaSwag needs block_size >= 93, the model has 64"):
-        hellaswag_eval.pack_examples(examples, tg.get_tokenizer(), max_width=64)
+        hellaswag_eval.pack_examples(examples, datafiles.get_tokenizer(), max_width=64)
 
 
 @pytest.mark.parametrize(

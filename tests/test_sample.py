@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import datafiles
 import generation
 import train_gpt2 as tg
 from conftest import ROOT, TINY, fails_in_one_line, make_shards, run_in_process
@@ -175,10 +176,10 @@ def test_in_loop_samples_leave_the_global_rng_alone(capsys):
     env = tg.DistEnv(False, 0, 0, 1, "cpu", True)
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    tg.print_samples(model, cfg, env, contextlib.nullcontext())
+    generation.print_samples(model, cfg, env, contextlib.nullcontext())
     assert torch.equal(torch.get_rng_state(), state)
     first = capsys.readouterr().out
-    tg.print_samples(model, cfg, env, contextlib.nullcontext())
+    generation.print_samples(model, cfg, env, contextlib.nullcontext())
     assert capsys.readouterr().out == first  # their own generator, seeded from cfg.seed
     assert first.count("sample: Hello, I'm a language model,") == 2
 
@@ -188,7 +189,9 @@ def test_samples_of_a_diverged_model_are_skipped_in_one_line(capsys):
     with torch.no_grad():
         model.lm_head.weight[7] = float("inf")
     cfg = tg.TrainConfig(num_return_sequences=2, max_length=20)
-    tg.print_samples(model, cfg, tg.DistEnv(False, 0, 0, 1, "cpu", True), contextlib.nullcontext())
+    generation.print_samples(
+        model, cfg, tg.DistEnv(False, 0, 0, 1, "cpu", True), contextlib.nullcontext()
+    )
     assert capsys.readouterr().out == "samples skipped: the model's logits are not finite\n"
 
 
@@ -222,8 +225,8 @@ def test_sample_py_is_reproducible_and_greedy_at_temperature_zero(checkpoint, tm
     assert "model_00002.pt (step 2, gpt2)" in err and "40 tokens in" in err and "tokens/s" in err
     # greedy: what generation.generate gives, streamed or all at once in a batch
     model, _ = tg.load_model_from_checkpoint(str(checkpoint))
-    prompt = tg.get_tokenizer().encode("Once upon a time")
-    want = tg.get_tokenizer().decode(generate(model, [prompt], 20, temperature=0)[0])
+    prompt = datafiles.get_tokenizer().encode("Once upon a time")
+    want = datafiles.get_tokenizer().decode(generate(model, [prompt], 20, temperature=0)[0])
     greedy = args + ["--temperature", "0", "--prompt", "Once upon a time", "--dtype", "float32"]
     streamed, _ = sample(greedy + ["--num_samples", "1"], tmp_path)
     batched, _ = sample(greedy + ["--num_samples", "3", "--stream", "0"], tmp_path)
