@@ -1,7 +1,7 @@
 """
 HellaSwag (Zellers et al. 2019) scored on a device: pick the most likely of four endings for a
-context. The training loop evaluates with it every eval_interval steps (load_hellaswag), and hellaswag.py (the
-command line) scores any model with it.
+context. The training loop evaluates with it every eval_interval steps (load_hellaswag), and
+hellaswag.py (the command line) scores any model with it.
 
 Every ending is scored by the cross-entropy of its tokens given the context: `acc` picks the
 ending with the lowest summed loss, `acc_norm` the lowest mean loss per token (the completion-style
