@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import tiktoken
@@ -88,12 +89,17 @@ def atomic_open(path, mode="wb"):
 
 def remove_stale_temporaries(directory, names):
     """Delete atomic_open's temporary files of the given names left by killed processes (a
-    SIGKILL during a save leaves one as large as the checkpoint), never those of a live one."""
+    SIGKILL during a save leaves one as large as the checkpoint), and the temporary directories of
+    sharded checkpoints named alike, never those of a live process."""
     for entry in os.listdir(directory):
         m = TEMPORARY_FILE.match(entry)
         if m and re.fullmatch(names, m["name"]) and not process_alive(int(m["pid"])):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(directory, entry))
+            path = os.path.join(directory, entry)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
 
 
 def process_alive(pid):

@@ -184,21 +184,22 @@ def row_losses(scorer, packed, device, autocast=None, rank=0, world_size=1, shou
     # float64 where the device has it: the sums stay as exact as the losses, even of a float64 model
     dtype = torch.float32 if str(device).startswith("mps") else torch.float64
     sums = torch.zeros(len(packed.ending_lengths), dtype=dtype, device=device)
-    rounds = math.ceil(len(packed.batches) / world_size)  # the same number on every rank
+    # the same number of batches on every rank (a sharded model's ranks gather its weights
+    # together): a rank past the last batch scores the last one again and keeps nothing of it
+    rounds = math.ceil(len(packed.batches) / world_size)
     for i in range(rounds):
         if should_stop is not None and should_stop():
             return None
         k = i * world_size + rank
-        if k >= len(packed.batches):
-            continue
-        batch = packed.batches[k]
+        batch = packed.batches[min(k, len(packed.batches) - 1)]
         tokens, positions, targets, rows = (
             t.to(device, non_blocking=True)
             for t in (batch.tokens, batch.positions, batch.targets, batch.rows)
         )
         with autocast:
             losses = scorer(tokens, positions, targets)
-        sums.index_add_(0, rows, losses.to(dtype))
+        if k < len(packed.batches):
+            sums.index_add_(0, rows, losses.to(dtype))
     if world_size > 1:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     return sums

@@ -14,6 +14,8 @@ GPT2_PRESETS = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
+# GPT-3 paper, table 2.1: the peak learning rate of the GPT-3 model nearest in size to each
+GPT3_LEARNING_RATES = {"gpt2": 6e-4, "gpt2-medium": 3e-4, "gpt2-large": 2.5e-4, "gpt2-xl": 2e-4}
 # Hugging Face's GPT-2 implements these as Conv1D layers, which store weights as (in, out);
 # nn.Linear stores (out, in), so they are transposed on the way in and out.
 CONV1D_WEIGHTS = (
@@ -24,6 +26,12 @@ CONV1D_WEIGHTS = (
 )
 # older transformers versions keep the causal mask in the state dict: buffers, not weights
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
+
+
+def preset_settings(name, with_lr=True):
+    """train_gpt2.py's settings for one of the four sizes: its shape, and its learning rate."""
+    settings = dict(GPT2_PRESETS[name], block_size=1024)
+    return dict(settings, max_lr=GPT3_LEARNING_RATES[name]) if with_lr else settings
 
 
 def check_name(name_or_path):

@@ -1,5 +1,6 @@
 """
-What the ranks of a run decide together: whether to stop, and whether each one's start-up worked.
+What a run needs to stop and go on exactly: what its ranks decide together (whether to stop, and
+whether each one's start-up worked), and the random-number state that a checkpoint carries.
 
 Stop requests while training are preemption (SIGTERM), Ctrl-C (SIGINT), a reader of stdout that
 has gone (SIGPIPE) and a terminal that has closed (SIGHUP). train_gpt2.py asks for them between
@@ -10,8 +11,10 @@ GPU.
 """
 
 import os
+import random
 import signal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -108,3 +111,29 @@ def once_per_node(action):
         if isinstance(e.code, str) and os.environ.get("LOCAL_RANK", "0") != "0":
             raise SystemExit(1) from None
         raise
+
+
+def rng_state():
+    state = {
+        "python": random.getstate(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", state["numpy"].numpy(), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,7 +1,8 @@
 """
-A run's directory (--log_dir), without torch: the names of its checkpoints (model_{step:05d}.pt),
-log.txt and run.json, and the rules that keep a run from overwriting or mixing with another run's
-files. train_gpt2.py writes the checkpoints themselves.
+A run's directory (--log_dir), without torch: the names of its checkpoints (model_{step:05d}.pt,
+or the directory model_{step:05d}.dcp of a sharded one), log.txt and run.json, and the rules that
+keep a run from overwriting or mixing with another run's files. train_gpt2.py writes the
+checkpoints themselves.
 """
 
 import json
@@ -14,25 +15,31 @@ from cli import check_output_dir
 from datafiles import atomic_open, remove_stale_temporaries
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CHECKPOINT_FILE = re.compile(r"model_(\d+)\.pt")
+CHECKPOINT_FILE = re.compile(r"model_(\d+)\.(pt|dcp)")  # .dcp: a sharded one (sharding.py)
 LOG_LINE = re.compile(r"(\d+) (train|val|hella) \S+")
 
 
-def checkpoint_path(log_dir, step):
-    return os.path.join(log_dir, f"model_{step:05d}.pt")
+def checkpoint_path(log_dir, step, sharded=False):
+    return os.path.join(log_dir, f"model_{step:05d}.{'dcp' if sharded else 'pt'}")
+
+
+def checkpoints(log_dir):
+    """{step: path} of the checkpoints in log_dir."""
+    if not os.path.isdir(log_dir):
+        return {}
+    found = (CHECKPOINT_FILE.fullmatch(n) for n in os.listdir(log_dir))
+    return {int(m[1]): os.path.join(log_dir, m[0]) for m in found if m}
 
 
 def checkpoint_steps(log_dir):
     """The steps of the checkpoints in log_dir, in order."""
-    if not os.path.isdir(log_dir):
-        return []
-    return sorted(int(m[1]) for n in os.listdir(log_dir) if (m := CHECKPOINT_FILE.fullmatch(n)))
+    return sorted(checkpoints(log_dir))
 
 
 def latest_checkpoint(log_dir):
     """The checkpoint of the highest step in log_dir, or None."""
-    steps = checkpoint_steps(log_dir)
-    return checkpoint_path(log_dir, steps[-1]) if steps else None
+    found = checkpoints(log_dir)
+    return found[max(found)] if found else None
 
 
 def last_saved(log_dir):
@@ -71,7 +78,7 @@ def check_log_dir(log_dir, checkpoint):
             later = [s for s in steps if s > step]
             if later:
                 raise SystemExit(
-                    f"{checkpoint_path(log_dir, later[-1])} is later than the checkpoint to "
+                    f"{checkpoints(log_dir)[later[-1]]} is later than the checkpoint to "
                     f"resume (step {step}): resume the latest with --resume latest, or branch off "
                     f"step {step} into a new --log_dir"
                 )
@@ -124,7 +131,7 @@ class RunLog:
         )
         try:
             os.makedirs(self.dir, exist_ok=True)
-            remove_stale_temporaries(self.dir, r"model_\d+\.pt|log\.txt|run\.json")
+            remove_stale_temporaries(self.dir, r"model_\d+\.(pt|dcp)|log\.txt|run\.json")
             run = dict(run_info, resumes=[])
             lines = []
             if checkpoint is not None:

@@ -13,13 +13,14 @@ defaults are the GPT-2 124M reproduction (10B tokens, 19073 steps of 2**19 token
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 \\
         --rdzv_backend=c10d --rdzv_endpoint=10.0.0.1:29500 train_gpt2.py
     python train_gpt2.py --resume latest                     # continue from the newest checkpoint
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py --model gpt2-xl --shard fsdp \\
+        --activation_checkpointing 1                         # GPT-2 XL, sharded (sharding.py)
 """
 
 import contextlib
 import dataclasses
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -38,7 +39,9 @@ import datafiles
 import devices
 import hellaswag_eval
 import hf_gpt2
+import run_control
 import rundir
+import sharding
 import speedrun
 from cli import ON_OFF, setting
 from datafiles import BUNDLED, GPT2_VOCAB_SIZE
@@ -468,22 +471,25 @@ class DistEnv:
                 cli.discard_stdout()  # on the SIGPIPE or SIGHUP that came with it (StopSignal)
 
 
-def setup_distributed(device=""):
-    """One process per device under torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE), else one."""
+def setup_distributed(device="", sharded=False):
+    """One process per device under torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE), else one:
+    a process group of its own where the model is sharded (FSDP needs one)."""
     device = devices.check_device(device or devices.default_device())
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ and not sharded:
         return DistEnv(False, 0, 0, 1, device, True)
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    # torchrun's rendezvous, or for one process a store in its own memory
+    store = dict(store=dist.HashStore(), rank=0, world_size=1) if "RANK" not in os.environ else {}
     cpu_group = None
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl", device_id=torch.device(device))
+        dist.init_process_group(backend="nccl", device_id=torch.device(device), **store)
         cpu_group = dist.new_group(backend="gloo")
     elif device == "cpu":
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo", **store)
     else:
         raise SystemExit(f"distributed training needs cuda (nccl) or cpu (gloo), not {device}")
     return DistEnv(True, rank, local_rank, world_size, device, rank == 0, cpu_group)
@@ -576,7 +582,9 @@ class Evaluator:
             _, correct_norm, total = result
             env.print0(f"HellaSwag accuracy: {correct_norm}/{total}={correct_norm / total:.4f}")
             self.log.write(step, "hella", f"{correct_norm / total:.4f}")
-        if step > 0 and not requested() and env.master_process:
+        # a sharded model generates on every rank (each gathers the weights), the master prints
+        sharded = sharding.is_sharded(self.state.model)
+        if step > 0 and not requested() and (env.master_process or sharded):
             print_samples(self.state.model, self.cfg, env, self.autocast)
 
 
@@ -609,14 +617,17 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path, log_dir, keys=CHECKPOINT_KEYS):
-    """Read a checkpoint (a path, or 'latest' in log_dir) onto the CPU; it must hold `keys`."""
+    """Read a checkpoint (a path, or 'latest' in log_dir) onto the CPU; it must hold `keys`. Of a
+    sharded one (a directory: sharding.py) only the progress: its tensors are read when needed."""
     if path == "latest":
         path = rundir.latest_checkpoint(log_dir)
         if path is None:
-            raise SystemExit(f"no checkpoint (model_*.pt) in {log_dir} for 'latest'")
-    cli.check_input_file(path, "checkpoint")
+            raise SystemExit(f"no checkpoint (model_*.pt or .dcp) in {log_dir} for 'latest'")
+    sharded = sharding.is_sharded_checkpoint(path)
+    file = os.path.join(path, sharding.META_FILE) if sharded else path
+    cli.check_input_file(file, "checkpoint")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
         raise SystemExit(
             f"checkpoint {path} is corrupt or not a checkpoint of ours ({type(e).__name__})"
@@ -624,9 +635,11 @@ def load_checkpoint(path, log_dir, keys=CHECKPOINT_KEYS):
     if not isinstance(checkpoint, dict):
         raise SystemExit(f"checkpoint {path} is not a checkpoint of train_gpt2.py")
     missing = [k for k in keys if k not in checkpoint]
+    if sharded:
+        missing = [k for k in missing if k not in sharding.TENSOR_KEYS]
     if missing:
         raise SystemExit(f"checkpoint {path} is incomplete: it has no {', '.join(missing)}")
-    checkpoint["path"] = path
+    checkpoint["path"], checkpoint["sharded"] = path, sharded
     return checkpoint
 
 
@@ -639,19 +652,22 @@ def model_config_of(checkpoint):
 
 
 def model_from_checkpoint(checkpoint):
-    """The model (of its recipe) that a checkpoint describes, with its weights: finite ones (a
-    diverged run's would make every loss and sample NaN)."""
-    if not all(torch.isfinite(w).all() for w in checkpoint["model"].values()):
-        raise SystemExit(f"checkpoint {checkpoint['path']} holds weights that are not finite")
+    """The model (of its recipe) that a checkpoint describes, whole, with its weights: finite ones
+    (a diverged run's would make every loss and sample NaN)."""
     config = model_config_of(checkpoint)
     model = get_recipe(config.recipe).model(config)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as e:
-        first_line = str(e).strip().splitlines()[0]
-        raise SystemExit(
-            f"checkpoint {checkpoint['path']} does not fit the model it describes: {first_line}"
-        ) from None
+    if checkpoint.get("sharded"):
+        sharding.load_weights(checkpoint["path"], model)
+    else:
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as e:
+            first_line = str(e).strip().splitlines()[0]
+            raise SystemExit(
+                f"checkpoint {checkpoint['path']} does not fit the model it describes: {first_line}"
+            ) from None
+    if not all(torch.isfinite(w).all() for w in model.state_dict().values()):
+        raise SystemExit(f"checkpoint {checkpoint['path']} holds weights that are not finite")
     return model
 
 
@@ -659,32 +675,6 @@ def load_model_from_checkpoint(path, log_dir="."):
     """(model with the checkpoint's weights, the checkpoint): the one way every script reads one."""
     checkpoint = load_checkpoint(path, log_dir, keys=("model", "model_config", "step"))
     return model_from_checkpoint(checkpoint), checkpoint
-
-
-def rng_state():
-    state = {
-        "python": random.getstate(),
-        "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
-        "numpy_pos": int(np.random.get_state()[2]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(("MT19937", state["numpy"].numpy(), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -702,9 +692,12 @@ class TrainingState:
     last_loss: float = 0.0  # the model's latest loss, train or val (not saved): is it diverged?
 
     def state_dict(self, step):
+        model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
+        return {"model": model, "optimizer": optimizer, **self.progress(step)}
+
+    def progress(self, step):
+        """All but the weights and the optimizer state."""
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "model_config": dataclasses.asdict(self.model.config),
             "train_config": dataclasses.asdict(self.cfg),
@@ -712,12 +705,18 @@ class TrainingState:
             "tokens_seen": self.tokens_seen,
             "val_loss": self.val_loss,
             "loader": self.loader.state_dict(),
-            "rng": rng_state(),
+            "rng": run_control.rng_state(),
         }
 
     def load_state_dict(self, checkpoint, print0=print):
-        """Restore a checkpoint; returns its step, the next one to run."""
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        """Restore a checkpoint (the model has its weights already); returns its step, the next one
+        to run. The optimizer state is resharded where this run shards otherwise."""
+        if checkpoint.get("sharded"):
+            sharding.load_optimizer_state(checkpoint["path"], self.model, self.optimizer)
+        elif sharding.is_sharded(self.model):
+            sharding.load_whole_optimizer_state(self.model, self.optimizer, checkpoint["optimizer"])
+        else:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         if checkpoint["loader"].get("data") == self.loader.fingerprint:
             self.loader.load_state_dict(checkpoint["loader"])
@@ -725,26 +724,29 @@ class TrainingState:
             print0("the shards differ from the checkpoint's: the new data starts at its beginning")
         else:
             self.loader.load_state_dict(checkpoint["loader"])  # refuses, saying why
-        set_rng_state(checkpoint["rng"])
+        run_control.set_rng_state(checkpoint["rng"])
         self.tokens_seen, self.val_loss = checkpoint["tokens_seen"], checkpoint["val_loss"]
         return checkpoint["step"]
 
     def save(self, step, env):
-        """Write the checkpoint of `step`, on the master. No checkpoint holds a diverged model:
-        every rank (they agree on the weights and losses) stops instead when a weight, or the
-        model's latest loss, is not finite."""
-        finite = all(torch.isfinite(p).all() for p in self.model.parameters())
+        """Write the checkpoint of `step`: on the master, or a sharded model's on every rank. No
+        checkpoint holds a diverged model: every rank (they agree on the weights and losses)
+        stops instead when a weight, or the model's latest loss, is not finite."""
+        finite = sharding.all_finite(self.model.parameters())
         if not (finite and math.isfinite(self.last_loss)):
             what = "its loss is" if finite else "its weights are"
             raise SystemExit(
                 f"the model has diverged after step {step - 1} ({what} not finite): not saved; "
                 f"lower --max_lr ({rundir.last_saved(self.cfg.log_dir)})"
             )
-        if env.master_process:
-            path = rundir.checkpoint_path(self.cfg.log_dir, step)
+        sharded = sharding.is_sharded(self.model)
+        path = rundir.checkpoint_path(self.cfg.log_dir, step, sharded)
+        if sharded:
+            sharding.save_checkpoint(path, self.progress(step), self.model, self.optimizer, env)
+        elif env.master_process:
             save_checkpoint(path, self.state_dict(step))
             cli.check_written(path, "checkpoint")
-            env.print0(f"saved {path}")
+        env.print0(f"saved {path}")
 
 
 # -----------------------------------------------------------------------------
@@ -752,6 +754,8 @@ class TrainingState:
 
 
 RECIPES = ("gpt2", "speedrun")
+SHARDING = ("ddp", "fsdp")
+MODEL_HELP = "a GPT-2 shape, and GPT-3's lr for its size (default: the --n_* flags)"
 MICRO_BATCH_HELP = "micro-batch size; auto: the largest that fits on CUDA, else 64 (default: auto)"
 
 
@@ -766,6 +770,7 @@ class TrainConfig:
     data_dir: str = setting("edu_fineweb10B", "token shards made by fineweb.py, or 'bundled'")
     log_dir: str = setting("log", "where log.txt, run.json and checkpoints go")
     recipe: str = setting("gpt2", "gpt2: the lecture's; speedrun: speedrun.py's", choices=RECIPES)
+    model: str = setting("", MODEL_HELP, choices=tuple(hf_gpt2.GPT2_PRESETS))
     n_layer: int = setting(12, "transformer blocks", minimum=1)
     n_head: int = setting(12, "attention heads", minimum=1)
     n_embd: int = setting(768, "embedding width", minimum=1)
@@ -808,6 +813,8 @@ class TrainConfig:
     compile: int | None = setting(
         None, "torch.compile the model (default: on CUDA)", choices=ON_OFF
     )
+    shard: str = setting("ddp", "ddp: a whole model per rank; fsdp: sharded", choices=SHARDING)
+    activation_checkpointing: int = setting(0, "recompute blocks in backward", choices=ON_OFF)
     shuffle: int = setting(1, "shuffle shards and sequences each epoch", choices=ON_OFF)
     seed: int = setting(1337, "seed of init, data order, samples", minimum=0, maximum=2**32 - 1)
 
@@ -842,6 +849,8 @@ def resolve_config(overrides):
     """
     checkpoint = None
     base = TrainConfig()
+    if overrides.get("model"):
+        overrides = with_model_preset(overrides)
     if overrides.get("resume") and overrides.get("init_from"):
         raise SystemExit(
             "--resume and --init_from exclude each other: a resumed run has its weights"
@@ -890,6 +899,16 @@ def resolve_config(overrides):
     return cfg, checkpoint
 
 
+def with_model_preset(overrides):
+    """--model: the shape of one of OpenAI's four GPT-2s, and its GPT-3 learning rate unless
+    --max_lr is given or the run resumes (its checkpoint has one)."""
+    given = [f"--{k}" for k in ("n_layer", "n_head", "n_embd", "init_from") if k in overrides]
+    if given:
+        raise SystemExit(f"--model {overrides['model']} sets the shape: drop {', '.join(given)}")
+    preset = hf_gpt2.preset_settings(overrides["model"], with_lr=not overrides.get("resume"))
+    return {**preset, **overrides}
+
+
 def init_shape(cfg):
     """The GPTConfig of the weights --init_from names: a checkpoint of ours, OpenAI's GPT-2 or a
     Hugging Face directory."""
@@ -913,6 +932,11 @@ def check_config(cfg, world_size):
         raise SystemExit(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
     if cfg.fp8 and (cfg.n_embd % 16 or cfg.T % 16):
         raise SystemExit(f"--fp8 needs n_embd and T divisible by 16, not {cfg.n_embd} and {cfg.T}")
+    if cfg.shard == "fsdp" and (cfg.recipe == "speedrun" or cfg.fp8 or cfg.dtype == "float16"):
+        raise SystemExit(
+            "--shard fsdp trains the gpt2 recipe in bf16 or fp32, without --fp8: use DDP for the "
+            "speedrun recipe (Muon orthogonalizes whole matrices), fp8 and float16"
+        )
     if cfg.batch_ramp_tokens > 0 and cfg.batch_ramp_start < 1:
         raise SystemExit("--batch_ramp_start must be positive")
     if cfg.B is not None and cfg.total_batch_size % (cfg.B * cfg.T * world_size):
@@ -944,6 +968,8 @@ def build_model(cfg, checkpoint):
     model.fused_loss = bool(cfg.fused_loss)
     if cfg.fp8:
         use_fp8_matmuls(model)
+    if cfg.activation_checkpointing:
+        sharding.checkpoint_activations(model)
     return model
 
 
@@ -968,9 +994,12 @@ def train_step(
             return None
         x, y = loader.next_batch()
         x, y = to_device(x, env.device), to_device(y, env.device)
-        # DDP all-reduces gradients during backward; only the last micro-step needs that
+        # DDP all-reduces (FSDP reduce-scatters) gradients in backward; only the last micro-step
+        # needs that
         last = micro_step == grad_accum_steps - 1
-        with contextlib.nullcontext() if last or not env.ddp else model.no_sync():
+        if sharding.is_sharded(model):
+            sharding.accumulate_gradients(model, last)
+        with contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
             with autocast:
                 _, loss = model(x, y)
             # cross-entropy is a mean over its micro-batch; dividing by the number of micro-batches
@@ -980,7 +1009,7 @@ def train_step(
             scaler.scale(loss).backward()
     all_reduce_mean(loss_accum, env)
     scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = sharding.full(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     # the loss is reduced over ranks and the gradients synchronized, so every rank agrees here
     loss, norm = torch.stack([loss_accum, norm.float()]).tolist()
     if math.isfinite(loss) and (scaler.is_enabled() or math.isfinite(norm)):
@@ -1058,7 +1087,7 @@ def start_run(cfg, env, checkpoint, stop):
     print0 = env.print0
     if cfg.fp8:
         check_fp8_device(env.device)
-    seed_everything(cfg.seed)
+    run_control.seed_everything(cfg.seed)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     data_dir = prepare_data(cfg, env)
 
@@ -1069,10 +1098,12 @@ def start_run(cfg, env, checkpoint, stop):
     dtype = devices.autocast_dtype(cfg.dtype, env.device_type)
     autocast = devices.autocast_context(dtype, env.device_type)
     cfg = devices.resolve_micro_batch(cfg, env, raw_model, autocast)
-    compiled = torch.compile(raw_model) if use_compile else raw_model
-    model = compiled
-    if env.ddp:
-        model = DDP(compiled, device_ids=[env.local_rank] if env.device_type == "cuda" else None)
+    if cfg.shard == "fsdp":  # in place: raw_model is the sharded model
+        model = compiled = sharding.shard_model(raw_model, dtype, use_compile)
+    else:
+        compiled = torch.compile(raw_model) if use_compile else raw_model
+        device_ids = [env.local_rank] if env.device_type == "cuda" else None
+        model = DDP(compiled, device_ids=device_ids) if env.ddp else compiled
     # fp16 needs loss scaling so that small gradients do not underflow; bf16 has fp32's range
     scaler = torch.amp.GradScaler(env.device_type, enabled=dtype == torch.float16)
     optimizer = recipe.make_optimizer(raw_model, cfg, env.device_type, dtype, print0)
@@ -1142,6 +1173,8 @@ def train(cfg, env, checkpoint, stop, start_time):
         dt = time.time() - t0
         stop.defer()  # a step is done: from now on a stop saves it first
         loss, norm, updated = result
+        if step == run.start_step:  # the gradients and the optimizer state exist from now on
+            env.print0(sharding.memory_line(state.model, state.optimizer, env.world_size))
         state.last_loss = loss
         tokens = grad_accum_steps * cfg.B * cfg.T * env.world_size
         state.tokens_seen += tokens
@@ -1219,7 +1252,7 @@ def run(argv):
     start_time = time.time()
     try:
         cfg, checkpoint = resolve_config(parse_args(argv))
-        env = setup_distributed(cfg.device)
+        env = setup_distributed(cfg.device, sharded=cfg.shard == "fsdp")
         if env.device_type == "cpu":
             devices.keep_freed_cpu_memory()
         try:

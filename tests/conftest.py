@@ -4,6 +4,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from unittest import mock
 
 import numpy as np
@@ -18,6 +19,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 HELLASWAG_SLICE = os.path.join(ROOT, "tests", "data", "hellaswag_val_head64.jsonl")
+TRAIN_SCRIPT = os.path.join(ROOT, "train_gpt2.py")
+FAULTS = os.path.join(ROOT, "tests", "faults.py")
 
 # A model small enough to train in a second on a CPU, with GPT-2's real (padded) vocabulary.
 TINY = [
@@ -135,3 +138,71 @@ def tiny_hf_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_gpt2")
     model.save_pretrained(path)
     return str(path)
+
+
+def run_training(args, nproc, cwd, script=TRAIN_SCRIPT, **env):
+    """train_gpt2.py (or a script that wraps it) in nproc CPU processes under torchrun, or one
+    without; its stdout, after checking that it succeeded."""
+    launcher = (
+        [sys.executable, script]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            script,
+        ]
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **env)
+    out = subprocess.run(
+        launcher + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def log_lines(log_dir, kind):
+    lines = open(os.path.join(log_dir, "log.txt")).read().splitlines()
+    return [(int(s), float(v)) for s, k, v in (line.split() for line in lines) if k == kind]
+
+
+def torchrun(args, cwd, fault="", timeout=120):
+    """2 CPU processes under torchrun, optionally with a fault of tests/faults.py:
+    (exit code, output, seconds)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, FAULT=fault)
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        launcher + [FAULTS] + args,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return out.returncode, out.stdout + out.stderr, time.perf_counter() - t0
+
+
+def no_traceback_of_ours(output):
+    # torchrun prints a traceback of its own when a worker fails; ours must not appear
+    return 'train_gpt2.py", line' not in output and 'faults.py", line' not in output
+
+
+@pytest.fixture(scope="session")
+def two_runs(tmp_path_factory):
+    """The same 12 steps run by one process and by two under torchrun (DDP), with HellaSwag, and
+    the arguments: 512 tokens per step, 4 micro-steps of B*T = 2*32 on each of 2 ranks, or 8 on
+    one. test_distributed.py and test_sharding.py compare other runs with these."""
+    root = tmp_path_factory.mktemp("two_runs")
+    make_shards(root / "data", [6000, 30000])
+    hella = root / "hella.jsonl"
+    hella.write_text("".join(open(HELLASWAG_SLICE).readlines()[:10]))
+    args = TINY + ["--data_dir", str(root / "data"), "--total_batch_size", "512"]
+    args += ["--max_steps", "12", "--eval_interval", "5", "--val_loss_steps", "1"]
+    args += ["--checkpoint_interval", "4", "--block_size", "128", "--hellaswag", "1"]
+    args += ["--hellaswag_path", str(hella), "--num_return_sequences", "1"]
+    out1 = run_training(args + ["--log_dir", str(root / "one")], 1, root)
+    out2 = run_training(args + ["--log_dir", str(root / "two")], 2, root)
+    return root, args, out1, out2

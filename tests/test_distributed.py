@@ -1,62 +1,18 @@
 """torchrun with gloo on the CPU: 2 processes must train exactly like 1 process with twice the
 gradient accumulation (same data per step, same averaged gradients)."""
 
-import os
-import subprocess
-import sys
-import time
-
-import pytest
 import torch
 
 import rundir
-from conftest import HELLASWAG_SLICE, ROOT, TINY, make_shards
-
-SCRIPT = os.path.join(ROOT, "train_gpt2.py")
-FAULTS = os.path.join(ROOT, "tests", "faults.py")
-
-
-def run(args, nproc, cwd, script=SCRIPT, **env):
-    launcher = (
-        [sys.executable, script]
-        if nproc == 1
-        else [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            script,
-        ]
-    )
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **env)
-    out = subprocess.run(
-        launcher + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
-
-
-def log_lines(log_dir, kind):
-    lines = open(os.path.join(log_dir, "log.txt")).read().splitlines()
-    return [(int(s), float(v)) for s, k, v in (line.split() for line in lines) if k == kind]
-
-
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    """The same 12 steps run by one process and by two under torchrun, with HellaSwag, and the
-    arguments: 512 tokens per step, 4 micro-steps of B*T = 2*32 on each of 2 ranks, or 8 on one."""
-    root = tmp_path_factory.mktemp("two_runs")
-    make_shards(root / "data", [6000, 30000])
-    hella = root / "hella.jsonl"
-    hella.write_text("".join(open(HELLASWAG_SLICE).readlines()[:10]))
-    args = TINY + ["--data_dir", str(root / "data"), "--total_batch_size", "512"]
-    args += ["--max_steps", "12", "--eval_interval", "5", "--val_loss_steps", "1"]
-    args += ["--checkpoint_interval", "4", "--block_size", "128", "--hellaswag", "1"]
-    args += ["--hellaswag_path", str(hella), "--num_return_sequences", "1"]
-    out1 = run(args + ["--log_dir", str(root / "one")], 1, root)
-    out2 = run(args + ["--log_dir", str(root / "two")], 2, root)
-    return root, args, out1, out2
+from conftest import (
+    FAULTS,
+    TINY,
+    log_lines,
+    make_shards,
+    no_traceback_of_ours,
+    run_training,
+    torchrun,
+)
 
 
 def test_two_processes_equal_one_with_twice_the_accumulation(two_runs):
@@ -76,28 +32,6 @@ def test_two_processes_equal_one_with_twice_the_accumulation(two_runs):
     a = torch.load(root / "one" / "model_00004.pt", weights_only=True)["model"]
     b = torch.load(root / "two" / "model_00004.pt", weights_only=True)["model"]
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-
-
-def torchrun(args, cwd, fault="", timeout=120):
-    """2 CPU processes under torchrun, optionally with a fault of tests/faults.py:
-    (exit code, output, seconds)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, FAULT=fault)
-    t0 = time.perf_counter()
-    out = subprocess.run(
-        launcher + [FAULTS] + args,
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return out.returncode, out.stdout + out.stderr, time.perf_counter() - t0
-
-
-def no_traceback_of_ours(output):
-    # torchrun prints a traceback of its own when a worker fails; ours must not appear
-    return 'train_gpt2.py", line' not in output and 'faults.py", line' not in output
 
 
 SMALL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--B", "2", "--T", "64"]
@@ -165,7 +99,7 @@ def test_sigterm_to_one_rank_stops_all_at_the_same_step_and_resumes(two_runs, tm
     assert code != 0 and no_traceback_of_ours(out)
     assert out.count("stopped by SIGTERM after step 5") == 1 and "--resume latest" in out
     assert rundir.checkpoint_steps(str(log_dir)) == [4, 6]  # the scheduled one, and the stop's
-    run(["--resume", "latest", "--log_dir", str(log_dir)], 2, tmp_path)
+    run_training(["--resume", "latest", "--log_dir", str(log_dir)], 2, tmp_path)
     assert open(log_dir / "log.txt").read() == expected
 
 
@@ -179,8 +113,8 @@ def test_speedrun_two_processes_equal_one_with_twice_the_accumulation(tmp_path):
     # dividing by the gradient's size) amplify the rounding differences of the two ways of summing
     # the tiny early gradients (the blocks' outputs and the head start at zero) to about 1e-3 of
     # the weights, by an amount that depends on the CPU's instruction set
-    run(args + ["--log_dir", str(tmp_path / "one")], 1, tmp_path, FAULTS, FLOAT64="1")
-    run(args + ["--log_dir", str(tmp_path / "two")], 2, tmp_path, FAULTS, FLOAT64="1")
+    run_training(args + ["--log_dir", str(tmp_path / "one")], 1, tmp_path, FAULTS, FLOAT64="1")
+    run_training(args + ["--log_dir", str(tmp_path / "two")], 2, tmp_path, FAULTS, FLOAT64="1")
     for kind in ("train", "val"):
         one, two = log_lines(tmp_path / "one", kind), log_lines(tmp_path / "two", kind)
         assert [s for s, _ in one] == [s for s, _ in two]

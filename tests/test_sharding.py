@@ -1,0 +1,214 @@
+"""FSDP2 (sharding.py) on the CPU with gloo: a sharded run trains as DDP does and as one process
+that accumulates twice the gradients, each rank holds its share of the memory, and a sharded
+checkpoint resumes on any number of ranks where the run stopped. The references are the DDP and
+one-process runs of conftest's two_runs."""
+
+import re
+
+import pytest
+import torch
+import transformers
+
+import rundir
+import sharding
+import train_gpt2 as tg
+from conftest import (
+    TINY,
+    fails_in_one_line,
+    log_lines,
+    no_traceback_of_ours,
+    run_in_process,
+    run_training,
+    torchrun,
+)
+from train_gpt2 import GPT, GPTConfig
+
+MEMORY = re.compile(
+    r"rank 0 holds ([\d.]+) MiB of parameters, ([\d.]+) MiB of gradients and ([\d.]+) MiB of "
+    r"optimizer state"
+)
+
+
+def held(output):
+    """MiB of parameters, gradients and optimizer state that rank 0 said it holds."""
+    return sum(float(x) for x in MEMORY.search(output).groups())
+
+
+def close(a, b, tolerance):
+    """Two runs' log lines of one kind: the same steps, values within tolerance."""
+    assert [s for s, _ in a] == [s for s, _ in b] and a, (a, b)
+    return max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < tolerance
+
+
+@pytest.fixture(scope="module")
+def sharded(two_runs):
+    """two_runs' 12 steps under FSDP on 2 ranks, without and with activation checkpointing."""
+    root, args, _, _ = two_runs
+    args = args + ["--shard", "fsdp"]
+    out = run_training(args + ["--log_dir", str(root / "fsdp")], 2, root)
+    ac = ["--activation_checkpointing", "1", "--log_dir", str(root / "fsdp_ac")]
+    return out, run_training(args + ac, 2, root)
+
+
+@pytest.fixture(scope="module")
+def resumed(two_runs, sharded):
+    """Step 4's checkpoints resumed on another number of ranks: {name: stdout}."""
+    root = two_runs[0]
+    fsdp_4, one_4 = str(root / "fsdp" / "model_00004.dcp"), str(root / "one" / "model_00004.pt")
+    runs = {
+        "2->1": (["--resume", fsdp_4, "--shard", "ddp"], 1),  # a whole model, in one process
+        "2->4": (["--resume", fsdp_4], 4),
+        "1->2": (["--resume", one_4, "--shard", "fsdp"], 2),
+    }
+    return {
+        name: run_training(args + ["--log_dir", str(root / name)], nproc, root)
+        for name, (args, nproc) in runs.items()
+    }
+
+
+def test_fsdp_trains_as_ddp_and_as_one_process(two_runs, sharded):
+    root, _, _, out_ddp = two_runs
+    for kind in ("train", "val"):
+        fsdp = log_lines(root / "fsdp", kind)
+        assert len(fsdp) == (12 if kind == "train" else 4)
+        assert close(fsdp, log_lines(root / "two", kind), 1e-5), kind
+        assert close(fsdp, log_lines(root / "one", kind), 1e-5), kind
+        # activation checkpointing recomputes the same values
+        assert close(fsdp, log_lines(root / "fsdp_ac", kind), 1e-6), kind
+    # HellaSwag and the samples run on every rank (each gathers the weights); the master prints
+    assert log_lines(root / "fsdp", "hella") == log_lines(root / "two", "hella") != []
+    assert sharded[0].count("sample: ") == out_ddp.count("sample: ") == 3
+    # the sharded checkpoint, read whole in this process, holds one process's weights
+    model, checkpoint = tg.load_model_from_checkpoint(str(root / "fsdp" / "model_00012.dcp"))
+    reference = torch.load(root / "one" / "model_00012.pt", weights_only=True)["model"]
+    assert checkpoint["sharded"] and checkpoint["step"] == 12
+    weights = model.state_dict()
+    assert weights.keys() == reference.keys()
+    assert max((weights[k] - reference[k]).abs().max().item() for k in reference) < 1e-5
+
+
+def test_each_rank_holds_its_share_of_the_memory(two_runs, sharded, resumed):
+    # parameters, gradients and AdamW's moments, counted from the tensors each rank holds
+    ddp = held(two_runs[3])
+    assert "whole copies, 2 ranks" in two_runs[3]
+    assert "its shards, 2 ranks" in sharded[0] and "its shards, 4 ranks" in resumed["2->4"]
+    assert held(sharded[0]) <= 0.55 * ddp
+    assert held(resumed["2->4"]) <= 0.3 * ddp
+
+
+def test_checkpoints_resume_on_another_number_of_ranks(two_runs, resumed):
+    root = two_runs[0]
+    references = {"2->1": "fsdp", "2->4": "fsdp", "1->2": "one"}
+    for name, reference in references.items():
+        assert f"resumed from {root / reference}" in resumed[name]
+        for kind in ("train", "val"):
+            # the steps before 4 come from the checkpoint's log, the later ones are trained again:
+            # the same data, weights and optimizer state, to float32's rounding
+            assert close(log_lines(root / name, kind), log_lines(root / reference, kind), 1e-5)
+    # a sharded run saves sharded checkpoints, an unsharded run single files, whatever it resumed
+    assert (root / "1->2" / "model_00012.dcp").is_dir()
+    assert (root / "2->1" / "model_00012.pt").is_file()
+
+
+def test_sigterm_to_one_rank_saves_and_resumes_exactly(two_runs, sharded, tmp_path):
+    root, args, _, _ = two_runs
+    log_dir = tmp_path / "stopped"
+    args = args + ["--shard", "fsdp", "--log_dir", str(log_dir)]
+    code, out, _ = torchrun(args, tmp_path, "signal_at_step:6:1")
+    assert code != 0 and no_traceback_of_ours(out)
+    assert out.count("stopped by SIGTERM after step 5") == 1 and "--resume latest" in out
+    assert rundir.checkpoint_steps(str(log_dir)) == [4, 6]
+    assert rundir.latest_checkpoint(str(log_dir)) == str(log_dir / "model_00006.dcp")
+    run_training(["--resume", "latest", "--log_dir", str(log_dir)], 2, tmp_path)
+    assert open(log_dir / "log.txt").read() == open(root / "fsdp" / "log.txt").read()
+
+
+def test_the_scripts_read_a_sharded_checkpoint(two_runs, sharded, tmp_path):
+    root = two_runs[0]
+    path = str(root / "fsdp" / "model_00012.dcp")
+    code, out, _ = run_in_process("export_hf.py", [path, tmp_path / "hf"], tmp_path)
+    assert code == 0
+    exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
+    model, _ = tg.load_model_from_checkpoint(path)
+    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(idx)[0], exported(idx).logits
+    assert (ours[..., :50257] - theirs).abs().max().item() < 1e-4
+    # HellaSwag scored by hellaswag.py is what the loop logged at step 12
+    hella = root / "hella.jsonl"
+    args = ["--checkpoint", path, "--input", hella, "--device", "cpu"]
+    code, out, _ = run_in_process("hellaswag.py", args, tmp_path)
+    logged = dict(log_lines(root / "fsdp", "hella"))[12]
+    assert code == 0 and f"acc_norm {logged:.4f}" in out, out
+    code, out, _ = run_in_process(
+        "sample.py", ["--checkpoint", path, "--max_new_tokens", 4], tmp_path
+    )
+    assert code == 0 and out.strip()
+
+
+def test_one_process_shards_too(tmp_path):
+    # FSDP on one device (a process group of its own, no torchrun): the same steps as unsharded
+    args = TINY + ["--data_dir", "bundled", "--max_steps", "3", "--total_batch_size", "128"]
+    args += ["--num_return_sequences", "0", "--val_loss_steps", "1"]
+    run_training(args + ["--log_dir", str(tmp_path / "plain")], 1, tmp_path)
+    out = run_training(args + ["--shard", "fsdp", "--log_dir", str(tmp_path / "fsdp")], 1, tmp_path)
+    assert "its shards, 1 rank" in out
+    for kind in ("train", "val"):
+        assert close(log_lines(tmp_path / "fsdp", kind), log_lines(tmp_path / "plain", kind), 1e-6)
+    assert rundir.checkpoint_steps(str(tmp_path / "fsdp")) == [3]
+
+
+def test_activation_checkpointing_keeps_less_for_the_same_gradients():
+    torch.manual_seed(0)
+    # a small vocabulary: the blocks' activations, not the logits, are most of what is kept
+    config = GPTConfig(block_size=64, vocab_size=64, n_layer=3, n_head=2, n_embd=64)
+    plain, recomputed = GPT(config), GPT(config)
+    recomputed.load_state_dict(plain.state_dict())
+    sharding.checkpoint_activations(recomputed)
+    idx = torch.randint(0, 64, (4, 64))
+
+    def saved_bytes_and_grads(model):
+        saved = []
+
+        def keep(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            _, loss = model(idx, idx)
+        loss.backward()
+        return sum(saved), {n: p.grad for n, p in model.named_parameters()}
+
+    plain_bytes, plain_grads = saved_bytes_and_grads(plain)
+    recomputed_bytes, grads = saved_bytes_and_grads(recomputed)
+    assert all(torch.allclose(grads[n], g, rtol=0, atol=1e-6) for n, g in plain_grads.items())
+    # a block keeps its input only: the activations inside the blocks are recomputed
+    assert recomputed_bytes < 0.6 * plain_bytes
+
+
+def test_model_presets_and_what_fsdp_refuses(tmp_path):
+    cfg, _ = tg.resolve_config(tg.parse_args(["--model", "gpt2-xl", "--data_dir", "bundled"]))
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (48, 25, 1600, 1024)
+    assert cfg.max_lr == 2e-4  # GPT-3 XL's (table 2.1)
+    cfg, _ = tg.resolve_config(tg.parse_args(["--model", "gpt2-medium", "--max_lr", "1e-4"]))
+    assert (cfg.n_layer, cfg.n_embd, cfg.max_lr) == (24, 1024, 1e-4)
+    errors = {
+        (
+            "--model",
+            "gpt2-large",
+            "--n_layer",
+            "4",
+        ): "--model gpt2-large sets the shape: drop --n_layer",
+        ("--model", "gpt3"): "argument --model: invalid choice: 'gpt3'",
+        ("--shard", "fsdp", "--recipe", "speedrun"): "use DDP for the speedrun recipe",
+        (
+            "--shard",
+            "fsdp",
+            "--dtype",
+            "float16",
+        ): "--shard fsdp trains the gpt2 recipe in bf16 or fp32",
+    }
+    for args, expected in errors.items():
+        fails_in_one_line(
+            "train_gpt2.py", list(args) + ["--data_dir", "bundled"], tmp_path, expected
+        )
