@@ -163,4 +163,10 @@ def test_checkpoints_keep_their_format(tmp_path, recipe):
     args += ["--n_embd", "64", "--block_size", "256", "--recipe", recipe, "--max_steps", "1"]
     args += ["--total_batch_size", "64", "--eval_interval", "10", "--val_loss_steps", "1"]
     tg.main(args)
-    assert checkpoint_format(tmp_path / "log" / "model_00001.pt") == expected[recipe]
+    found = checkpoint_format(tmp_path / "log" / "model_00001.pt")
+    # settings added since e2a0390 (the code of then and now ignores train_config keys it does
+    # not know, so checkpoints stay readable both ways)
+    added = {"model", "shard", "activation_checkpointing"}
+    assert added <= set(found["train_config"])
+    found["train_config"] = [k for k in found["train_config"] if k not in added]
+    assert found == expected[recipe]
