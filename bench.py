@@ -17,10 +17,16 @@ peak measured here, so that a CPU has one too), peak memory and the speed-up ove
     python bench.py --compile 0 --json bench.json      # any optimization off; figures as JSON too
     python bench.py --rows final --profile trace.json  # where the time goes (torch.profiler)
     python bench.py --rows none --preset gpt2 --generate 1   # generation: cache against none
+    torchrun --standalone --nproc_per_node=8 bench.py --shard 1 --preset gpt2-xl  # DDP vs FSDP
 
 It also measures the data loader, the val loss, HellaSwag evaluation and, with --generate 1,
 generation: tokens/s of generation.generate with its key/value cache (one stream, and a batch of
 streams) against the loop that runs the whole sequence again for every new token.
+
+With --shard 1 it measures, instead, the training step under DDP, under FSDP (sharding.py) and
+under FSDP with activation checkpointing, on every rank of torchrun (or on one process): tokens/s
+and the memory each rank holds for parameters, gradients and optimizer state, with the same
+memory computed for GPT-2's four sizes on 1 to 64 ranks.
 """
 
 import contextlib
@@ -36,10 +42,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.overrides import TorchFunctionMode
 
 import hellaswag_eval
+import sharding
 from cli import (
     ON_OFF,
     check_input_file,
@@ -73,6 +82,7 @@ from train_gpt2 import (
     TrainConfig,
     evaluate_val_loss,
     get_recipe,
+    setup_distributed,
     train_step,
 )
 
@@ -510,6 +520,7 @@ class BenchConfig:
     gen_batch: int = setting(64, "generation: streams of the batched measurement", minimum=1)
     json: str = setting("", "also write the figures to this file")
     profile: str = setting("", "profile the last row that ran and write its trace to this file")
+    shard: int = setting(0, "instead: DDP against FSDP, each rank's memory", choices=ON_OFF)
 
 
 def parse_args(argv=None):
@@ -593,6 +604,8 @@ def main(argv=None):
             f"context of {config.block_size} tokens"
         )
     dtype = autocast_dtype(cfg.dtype, env.device_type)
+    if cfg.shard:
+        return write_json(cfg.json, sharding_figures(cfg, config, T, dtype))
     plan = plan_rows(cfg, dtype, fp8_hardware(device))
     figures = dict(device=env.device_type, torch=torch.__version__, preset=preset, T=T)
     figures.update(model=dataclasses.asdict(config), settings=dataclasses.asdict(cfg))
@@ -633,10 +646,14 @@ def main(argv=None):
         figures["hellaswag"] = measure_or_skip(ran, hellaswag_figures, *args)
     if cfg.generate:
         figures["generation"] = generation_figures(config, device, dtype, cfg)
-    if cfg.json:
-        with open(cfg.json, "w") as f:
+    write_json(cfg.json, figures)
+
+
+def write_json(path, figures):
+    if path and figures is not None:
+        with open(path, "w") as f:
             json.dump(figures, f, indent=2)
-        check_written(cfg.json, "--json")
+        check_written(path, "--json")
 
 
 def measure_peaks(plan, cfg, device, dtype):
@@ -732,6 +749,92 @@ def generation_figures(config, device, dtype, cfg):
         f"{rates[f'cache_{cfg.gen_batch}']:,.0f} tokens/s summed over {cfg.gen_batch} streams"
     )
     return rates
+
+
+# -----------------------------------------------------------------------------
+# DDP against FSDP (--shard 1)
+
+SHARD_MODES = ("ddp", "fsdp", "fsdp + act. ckpt")
+MiB = 2**20
+
+
+def sharding_figures(cfg, config, T, dtype):
+    """Every rank times the same steps in each mode; rank 0 prints the table and returns the
+    figures (the other ranks None)."""
+    env = setup_distributed(cfg.device, sharded=True)
+    try:
+        if env.master_process:
+            print_computed_memory(env.world_size)
+        with tempfile.TemporaryDirectory() as tmp:
+            tokens = cfg.B * T * env.world_size * (cfg.warmup + cfg.steps) * cfg.grad_accum
+            data_dir = synthetic_shards(tmp, tokens + 1)
+            loader = DataLoaderLite(cfg.B, T, env.rank, env.world_size, "train", data_dir)
+            if env.master_process:
+                print(
+                    f"measured on {env.world_size} x {env.device} ({dtype}), n_layer="
+                    f"{config.n_layer}, n_embd={config.n_embd}, B={cfg.B}, T={T}, grad_accum="
+                    f"{cfg.grad_accum}: median of {cfg.steps} steps after {cfg.warmup}"
+                )
+            rows = [shard_row(mode, config, T, loader, env, dtype, cfg) for mode in SHARD_MODES]
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return dict(world_size=env.world_size, rows=rows) if env.master_process else None
+
+
+def print_computed_memory(world_size):
+    """Parameters, gradients and AdamW's two moments in fp32 are 16 bytes per parameter: each
+    rank holds all of them under DDP, 1/world_size of them under FSDP (activations, and the
+    weights FSDP gathers for the block that runs, come on top)."""
+    sizes = sorted({8, 64, world_size})
+    print("computed: GB per rank of parameters, gradients and AdamW's moments (16 bytes each)")
+    print(f"{'':<33}{'DDP':>8}" + "".join(f"{f'FSDP x{n}':>10}" for n in sizes))
+    for name, shape in GPT2_PRESETS.items():
+        with torch.device("meta"):
+            model = GPT(GPTConfig(vocab_size=PADDED_VOCAB_SIZE, **shape))
+            n = sum(p.numel() for p in model.parameters())
+        shards = "".join(f"{16 * n / w / 1e9:10.2f}" for w in sizes)
+        print(f"  {name:<12} {n / 1e6:6.0f}M parameters{16 * n / 1e9:8.2f}{shards}")
+
+
+def shard_row(mode, config, T, loader, env, dtype, cfg):
+    """One mode's step timed on every rank; its figures, printed by rank 0."""
+    gc.collect()
+    start = reset_peak_memory(env.device)
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(config, vocab_size=PADDED_VOCAB_SIZE)).to(env.device)
+    if mode.endswith("ckpt"):
+        sharding.checkpoint_activations(model)
+    if mode.startswith("fsdp"):
+        wrapped = sharding.shard_model(model, dtype, cfg.compile)
+    else:
+        wrapped = DDP(torch.compile(model) if cfg.compile else model)
+    optimizer = model.configure_optimizers(0.1, 6e-4, env.device_type, lambda *a: None)
+    autocast = autocast_context(dtype, env.device_type)
+    scaler = torch.amp.GradScaler(env.device_type, enabled=False)
+    loader.reset()
+
+    def step():
+        train_step(wrapped, optimizer, loader, cfg.grad_accum, env, autocast, scaler, 1.0)
+        synchronize(env.device)
+
+    times = time_steps(step, cfg.warmup, cfg.steps)
+    held = sharding.bytes_held(model, optimizer)
+    seconds = float(np.median(times))
+    tokens = cfg.B * T * cfg.grad_accum * env.world_size
+    row = dict(mode=mode, tokens_per_sec=tokens / seconds, ms_per_step=1000 * seconds)
+    row.update(zip(("parameter_bytes", "gradient_bytes", "optimizer_bytes"), held))
+    row["peak_memory_bytes"] = peak_memory(env.device, start)
+    if env.master_process:
+        peak = row["peak_memory_bytes"]
+        print(
+            f"{mode:<17} {row['tokens_per_sec']:10,.0f} tok/s {row['ms_per_step']:9.1f} ms | "
+            f"rank 0 holds {held[0] / MiB:8.1f} MiB parameters, {held[1] / MiB:8.1f} gradients, "
+            f"{held[2] / MiB:8.1f} optimizer state"
+            + (f" | peak mem {peak / MiB:,.0f} MiB" if peak is not None else ""),
+            flush=True,
+        )
+    return row
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 import bench
 import speedrun
 from conftest import ROOT, run_in_process
-from train_gpt2 import DataLoaderLite, DistEnv, GPTConfig
+from train_gpt2 import GPT, DataLoaderLite, DistEnv, GPTConfig
 
 TINY = ["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--B", "2"]
 TINY += ["--T", "32", "--warmup", "1", "--steps", "2", "--matmul_size", "256"]
@@ -221,3 +221,29 @@ def test_a_benchmark_where_no_row_runs_says_so(tmp_path):
     assert sum("can't allocate memory" in row["skipped"] for row in rows) >= 5
     assert "val loss: skipped: no row of the table ran" in out
     assert "HellaSwag: skipped: no row of the table ran" in out
+
+
+def test_ddp_against_fsdp_counts_each_ranks_memory(tmp_path):
+    # two ranks under torchrun: DDP's every rank holds the whole of it, FSDP's about half
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "bench.py"]
+    args += TINY + ["--shard", "1", "--compile", "0", "--json", str(tmp_path / "shard.json")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable] + args, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # GPT-2 XL: 50304 * 1600 + 1024 * 1600 + 48 * (12 * 1600^2 + 13 * 1600) + 2 * 1600
+    # = 1,557,686,400 parameters, 16 bytes each
+    assert "gpt2-xl        1558M parameters   24.92" in out.stdout
+    rows = {r["mode"]: r for r in json.load(open(tmp_path / "shard.json"))["rows"]}
+    assert list(rows) == ["ddp", "fsdp", "fsdp + act. ckpt"]
+    # counted by hand: the tiny model's parameters (the padded vocabulary), fp32, AdamW's two
+    # moments and one step counter per tensor (bench.py builds block_size 1024)
+    config = GPTConfig(block_size=1024, n_layer=2, n_head=2, n_embd=32, vocab_size=50304)
+    params = list(GPT(config).parameters())
+    n = sum(p.numel() for p in params)
+    ddp = rows["ddp"]
+    assert ddp["parameter_bytes"] == ddp["gradient_bytes"] == 4 * n
+    assert ddp["optimizer_bytes"] == 8 * n + 4 * len(params)
+    for mode in ("fsdp", "fsdp + act. ckpt"):
+        held = [rows[mode][k] for k in ("parameter_bytes", "gradient_bytes", "optimizer_bytes")]
+        assert sum(held) <= 0.55 * (16 * n + 4 * len(params))
+        assert rows[mode]["tokens_per_sec"] > 0
