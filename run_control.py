@@ -10,6 +10,7 @@ stop, and on every start-up step a rank takes alone, on a CPU (gloo) group that 
 GPU.
 """
 
+import contextlib
 import os
 import random
 import signal
@@ -17,6 +18,30 @@ import signal
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import cli
+
+
+@contextlib.contextmanager
+def checkpoint_write(path):
+    """Around the write of a checkpoint: a write that fails (a full disk) ends the run in one
+    line, and a second Ctrl-C that came during it stops the run at once (StopNow). torch.save
+    reports either as a RuntimeError of its zip writer, and torch.distributed.checkpoint as a
+    CheckpointException holding every rank's failure: the cause is found inside."""
+    try:
+        yield
+    except BaseException as e:
+        causes = list(cli.error_chain(e))
+        for failure, _ in getattr(e, "failures", {}).values():
+            causes += cli.error_chain(failure)
+        cause = next((c for c in causes if isinstance(c, OSError | StopNow)), None)
+        if isinstance(cause, StopNow):
+            raise cause from None
+        if cause is None:
+            raise
+        raise SystemExit(
+            f"could not save {path}: {cause.strerror or cause}; the earlier checkpoints are intact"
+        ) from None
 
 
 class StopNow(BaseException):

@@ -37,7 +37,7 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
-import cli
+from run_control import checkpoint_write
 
 SHARDED_SUFFIX = ".dcp"
 TENSOR_KEYS = ("model", "optimizer")  # written by every rank, in shards
@@ -147,15 +147,11 @@ def save_checkpoint(path, progress, model, optimizer, env):
         "optimizer": get_optimizer_state_dict(model, optimizer),
     }
     try:
-        dcp.save(tensors, checkpoint_id=tmp)
-        if env.master_process:
-            torch.save(progress, os.path.join(tmp, META_FILE))
-            replace_directory(tmp, path)
-    except dcp.CheckpointException as e:
-        cause = next((c for c in cli.error_chain(e) if isinstance(c, OSError)), e)
-        raise SystemExit(
-            f"could not save {path}: {cause}; the earlier checkpoints are intact"
-        ) from None
+        with checkpoint_write(path):
+            dcp.save(tensors, checkpoint_id=tmp)
+            if env.master_process:
+                torch.save(progress, os.path.join(tmp, META_FILE))
+                replace_directory(tmp, path)
     finally:
         if env.master_process and os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

@@ -597,23 +597,9 @@ CHECKPOINT_KEYS += ("val_loss", "loader", "rng")
 
 
 def save_checkpoint(path, checkpoint):
-    """Atomically: a crash mid-save leaves the previous checkpoint as the latest complete one.
-
-    torch.save reports a write that failed (a full disk, or a second Ctrl-C that came during it)
-    as a RuntimeError of its zip writer; the cause is that error's context.
-    """
-    try:
-        with datafiles.atomic_open(path) as f:
-            torch.save(checkpoint, f)
-    except Exception as e:
-        cause = next((c for c in cli.error_chain(e) if isinstance(c, OSError | StopNow)), None)
-        if isinstance(cause, StopNow):
-            raise cause from None
-        if cause is None:
-            raise
-        raise SystemExit(
-            f"could not save {path}: {cause.strerror or cause}; the earlier checkpoints are intact"
-        ) from None
+    """Atomically: a crash mid-save leaves the previous checkpoint as the latest complete one."""
+    with run_control.checkpoint_write(path), datafiles.atomic_open(path) as f:
+        torch.save(checkpoint, f)
 
 
 def load_checkpoint(path, log_dir, keys=CHECKPOINT_KEYS):

@@ -19,6 +19,9 @@ Faults:
     disk_full_writing_shards  tokenizing the bundled corpus anew, writing its shards fails (ENOSPC)
     disk_full_at_save       writing a checkpoint fails with ENOSPC partway (inside torch.save)
     two_sigints_at_save:STEP  Ctrl-C as step STEP begins, and again while its checkpoint is written
+    kill_in_sharded_save:STEP  SIGKILL once this rank has written its shards of step STEP's
+                            sharded checkpoint, before the checkpoint is complete
+    disk_full_in_sharded_save  writing a sharded checkpoint's shards fails with ENOSPC partway
     fewer_shards            list_shards misses the last train shard
     slow_start:SECONDS      start-up (making the data loaders) takes this long
 """
@@ -33,8 +36,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from torch.distributed.checkpoint.filesystem import FileSystem  # noqa: E402
+
 import datafiles  # noqa: E402
 import hellaswag_eval  # noqa: E402
+import sharding  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
 
 
@@ -113,6 +119,9 @@ class FailingFile:
     def flush(self):
         return self.f.flush()
 
+    def __getattr__(self, name):  # fileno, tell, ...: the real file's
+        return getattr(self.f, name)
+
 
 def failing_checkpoint_writes(fail, name=".pt"):
     """Checkpoints whose file name ends in `name` are written to a FailingFile."""
@@ -162,6 +171,24 @@ def inject(name, arg):
         once = []  # the second Ctrl-C, once, in the middle of the save
         second = lambda: once or once.append(kill_self(signal.SIGINT))
         failing_checkpoint_writes(second, f"model_{int(arg):05d}.pt")
+    elif name == "kill_in_sharded_save":
+        save = sharding.dcp.save
+
+        def killed_after(state, checkpoint_id):
+            save(state, checkpoint_id=checkpoint_id)
+            if f"model_{int(arg):05d}" in checkpoint_id:
+                kill_self(signal.SIGKILL)
+
+        sharding.dcp.save = killed_after
+    elif name == "disk_full_in_sharded_save":
+        create_stream = FileSystem.create_stream
+
+        @contextlib.contextmanager
+        def failing(self, path, mode):
+            with create_stream(self, path, mode) as f:
+                yield FailingFile(f, disk_full, after=1024)
+
+        FileSystem.create_stream = failing
     elif name == "fewer_shards":
         list_shards = datafiles.list_shards
         datafiles.list_shards = lambda data_dir, split: list_shards(data_dir, split)[

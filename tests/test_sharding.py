@@ -3,7 +3,11 @@ that accumulates twice the gradients, each rank holds its share of the memory, a
 checkpoint resumes on any number of ranks where the run stopped. The references are the DDP and
 one-process runs of conftest's two_runs."""
 
+import os
 import re
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +17,8 @@ import rundir
 import sharding
 import train_gpt2 as tg
 from conftest import (
+    FAULTS,
+    ROOT,
     TINY,
     fails_in_one_line,
     log_lines,
@@ -146,16 +152,51 @@ def test_the_scripts_read_a_sharded_checkpoint(two_runs, sharded, tmp_path):
     assert code == 0 and out.strip()
 
 
-def test_one_process_shards_too(tmp_path):
-    # FSDP on one device (a process group of its own, no torchrun): the same steps as unsharded
-    args = TINY + ["--data_dir", "bundled", "--max_steps", "3", "--total_batch_size", "128"]
-    args += ["--num_return_sequences", "0", "--val_loss_steps", "1"]
-    run_training(args + ["--log_dir", str(tmp_path / "plain")], 1, tmp_path)
-    out = run_training(args + ["--shard", "fsdp", "--log_dir", str(tmp_path / "fsdp")], 1, tmp_path)
-    assert "its shards, 1 rank" in out
+ONE_PROCESS = TINY + ["--data_dir", "bundled", "--max_steps", "6", "--total_batch_size", "128"]
+ONE_PROCESS += ["--num_return_sequences", "0", "--val_loss_steps", "1", "--eval_interval", "3"]
+ONE_PROCESS += ["--checkpoint_interval", "2"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """6 steps in one process, unsharded and sharded (FSDP with a process group of its own, as on
+    one GPU without torchrun): the log dirs and the sharded run's output."""
+    root = tmp_path_factory.mktemp("one_process")
+    run_training(ONE_PROCESS + ["--log_dir", str(root / "plain")], 1, root)
+    out = run_training(ONE_PROCESS + ["--shard", "fsdp", "--log_dir", str(root / "fsdp")], 1, root)
+    return root, out
+
+
+def test_one_process_shards_too(one_process):
+    root, out = one_process
+    assert "its shards, 1 rank)" in out
     for kind in ("train", "val"):
-        assert close(log_lines(tmp_path / "fsdp", kind), log_lines(tmp_path / "plain", kind), 1e-6)
-    assert rundir.checkpoint_steps(str(tmp_path / "fsdp")) == [3]
+        assert close(log_lines(root / "fsdp", kind), log_lines(root / "plain", kind), 1e-6)
+    assert rundir.checkpoint_steps(str(root / "fsdp")) == [2, 4, 6]
+
+
+def test_a_kill_during_a_sharded_save_keeps_the_earlier_checkpoints(one_process, tmp_path):
+    root, _ = one_process
+    args = ONE_PROCESS + ["--shard", "fsdp", "--log_dir", str(tmp_path / "log")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, FAULT="kill_in_sharded_save:4")
+    killed = subprocess.run([sys.executable, FAULTS] + args, cwd=tmp_path, env=env)
+    assert killed.returncode == -signal.SIGKILL
+    # step 4's shards were written, but the checkpoint was never completed
+    assert rundir.checkpoint_steps(str(tmp_path / "log")) == [2]
+    assert [n for n in os.listdir(tmp_path / "log") if n.startswith(".model_00004.dcp.")]
+    run_training(["--resume", "latest", "--log_dir", str(tmp_path / "log")], 1, tmp_path)
+    assert open(tmp_path / "log" / "log.txt").read() == open(root / "fsdp" / "log.txt").read()
+    assert sorted(os.listdir(tmp_path / "log")) == sorted(os.listdir(root / "fsdp"))
+    # a disk that fills up while the shards are written: one line, nothing half-written left
+    env["FAULT"] = "disk_full_in_sharded_save"
+    args = ONE_PROCESS + ["--shard", "fsdp", "--log_dir", str(tmp_path / "full")]
+    full = subprocess.run(
+        [sys.executable, FAULTS] + args, cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert full.returncode == 1 and "Traceback" not in full.stdout + full.stderr
+    message = f"could not save {tmp_path / 'full' / 'model_00002.dcp'}: No space left on device"
+    assert full.stderr.splitlines() == [f"{message}; the earlier checkpoints are intact"]
+    assert sorted(os.listdir(tmp_path / "full")) == ["log.txt", "run.json"]
 
 
 def test_activation_checkpointing_keeps_less_for_the_same_gradients():
