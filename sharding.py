@@ -39,7 +39,6 @@ from torch.distributed.tensor import DTensor
 
 from run_control import checkpoint_write
 
-SHARDED_SUFFIX = ".dcp"
 TENSOR_KEYS = ("model", "optimizer")  # written by every rank, in shards
 META_FILE = "meta.pt"  # the rest of a checkpoint (TrainingState.progress), by the master
 
@@ -132,7 +131,8 @@ def memory_line(model, optimizer, world_size):
 
 
 def is_sharded_checkpoint(path):
-    return path.endswith(SHARDED_SUFFIX) and os.path.isdir(path)
+    """A complete sharded checkpoint: a directory that has its progress file."""
+    return os.path.isfile(os.path.join(path, META_FILE))
 
 
 def save_checkpoint(path, progress, model, optimizer, env):

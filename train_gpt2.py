@@ -762,7 +762,7 @@ class TrainConfig:
     n_embd: int = setting(768, "embedding width", minimum=1)
     block_size: int = setting(1024, "longest context the model handles", minimum=1)
     vocab_size: int = setting(PADDED_VOCAB_SIZE, "GPT-2's 50257 padded to a multiple of 128")
-    init_from: str = setting("", "start from gpt2[-medium|-large|-xl], a HF dir or a .pt file")
+    init_from: str = setting("", "start from gpt2[-medium|-large|-xl], a HF dir, .pt or .dcp")
     B: int | None = setting(None, MICRO_BATCH_HELP, minimum=1, parse=cli.parse_auto_or_int)
     T: int = setting(1024, "sequence length of a training sample", minimum=1)
     total_batch_size: int = setting(524288, "tokens per optimizer step: 2**19 (0.5M)", minimum=1)
@@ -898,7 +898,7 @@ def with_model_preset(overrides):
 def init_shape(cfg):
     """The GPTConfig of the weights --init_from names: a checkpoint of ours, OpenAI's GPT-2 or a
     Hugging Face directory."""
-    if cfg.init_from.endswith(".pt"):
+    if cfg.init_from.endswith(".pt") or sharding.is_sharded_checkpoint(cfg.init_from):
         keys = ("model", "model_config", "step")
         return model_config_of(load_checkpoint(cfg.init_from, cfg.log_dir, keys))
     return GPTConfig(**hf_gpt2.pretrained_shape(cfg.init_from))
@@ -941,7 +941,7 @@ def build_model(cfg, checkpoint):
     """The model to train: resumed, started from pretrained weights, or fresh with its init."""
     if checkpoint is not None:
         model = model_from_checkpoint(checkpoint)
-    elif cfg.init_from.endswith(".pt"):
+    elif cfg.init_from.endswith(".pt") or sharding.is_sharded_checkpoint(cfg.init_from):
         model, _ = load_model_from_checkpoint(cfg.init_from, cfg.log_dir)
     elif cfg.init_from:
         model = GPT.from_pretrained(cfg.init_from)

@@ -150,6 +150,13 @@ def test_the_scripts_read_a_sharded_checkpoint(two_runs, sharded, tmp_path):
         "sample.py", ["--checkpoint", path, "--max_new_tokens", 4], tmp_path
     )
     assert code == 0 and out.strip()
+    # and a training run starts from its weights (--init_from), given the directory as written
+    args = ["--init_from", path + "/", "--data_dir", "bundled", "--T", "32"]
+    args += ["--log_dir", str(tmp_path / "ft")]
+    cfg, _ = tg.resolve_config(tg.parse_args(args))
+    assert (cfg.n_layer, cfg.n_embd, cfg.block_size) == (2, 32, 128)
+    started = tg.build_model(cfg, None).state_dict()
+    assert all(torch.equal(started[k], v) for k, v in model.state_dict().items())
 
 
 ONE_PROCESS = TINY + ["--data_dir", "bundled", "--max_steps", "6", "--total_batch_size", "128"]
