@@ -179,15 +179,16 @@ def replace_directory(tmp, path):
 def load(path, state):
     """Fill `state` (tensors, DTensors or both, under "model" and "optimizer") from the sharded
     checkpoint at path, each rank reading the parts its tensors hold."""
+    if not os.path.isfile(os.path.join(path, ".metadata")):  # else torch logs tracebacks first
+        raise SystemExit(f"checkpoint {path} is incomplete: it has no .metadata")
     try:
         with warnings.catch_warnings():  # torch warns that one process reads: that is meant
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
             dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
     except (dcp.CheckpointException, RuntimeError, ValueError) as e:
-        first = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise SystemExit(
-            f"checkpoint {path} does not fit the model it describes: {first}"
-        ) from None
+        cause = next((exc for exc, _ in getattr(e, "failures", {}).values()), e)  # a rank's
+        first = (str(cause).strip() or type(cause).__name__).splitlines()[0]
+        raise SystemExit(f"checkpoint {path} cannot be read into its model: {first}") from None
 
 
 def load_weights(path, model):

@@ -5,6 +5,7 @@ one-process runs of conftest's two_runs."""
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,6 +151,15 @@ def test_the_scripts_read_a_sharded_checkpoint(two_runs, sharded, tmp_path):
         "sample.py", ["--checkpoint", path, "--max_new_tokens", 4], tmp_path
     )
     assert code == 0 and out.strip()
+    # a damaged one is refused in one line
+    damaged = tmp_path / "damaged.dcp"
+    shutil.copytree(path, damaged)
+    with open(damaged / "__1_0.distcp", "r+b") as f:
+        f.truncate(1000)
+    args = ["--checkpoint", damaged, "--device", "cpu"]
+    fails_in_one_line("sample.py", args, tmp_path, "cannot be read into its model")
+    os.remove(damaged / ".metadata")
+    fails_in_one_line("sample.py", args, tmp_path, "is incomplete: it has no .metadata")
     # and a training run starts from its weights (--init_from), given the directory as written
     args = ["--init_from", path + "/", "--data_dir", "bundled", "--T", "32"]
     args += ["--log_dir", str(tmp_path / "ft")]
