@@ -22,10 +22,11 @@ import time
 
 import torch
 
-# the packages the dashboards' flags need: {flag: (module imported, pip package)}
+# the packages the dashboards' flags need: {flag: (module imported, pip package, how to turn it
+# off, which a resume needs: the checkpoint's settings have the flag on)}
 PACKAGES = {
-    "tensorboard": ("torch.utils.tensorboard", "tensorboard"),
-    "wandb_project": ("wandb", "wandb"),
+    "tensorboard": ("torch.utils.tensorboard", "tensorboard", "--tensorboard 0"),
+    "wandb_project": ("wandb", "wandb", "--wandb_project ''"),
 }
 # log.txt's kinds of lines and their names on the dashboards
 TAGS = {"train": "train/loss", "val": "val/loss", "hella": "hellaswag/acc_norm"}
@@ -35,16 +36,19 @@ WANDB_STATE = "wandb_run.json"
 ETA_MIN_STEPS = 20
 
 
-def check_installed(cfg):
-    """Refuse, in one line and before anything runs, a dashboard whose package is missing."""
-    for flag, (module, package) in PACKAGES.items():
+def check_config(cfg):
+    """Refuse, in one line and before anything runs, a dashboard whose package is missing, and a
+    W&B run name without a W&B project."""
+    if cfg.wandb_run_name and not cfg.wandb_project:
+        raise SystemExit("--wandb_run_name names a W&B run: it needs --wandb_project")
+    for flag, (module, package, off) in PACKAGES.items():
         if getattr(cfg, flag):
             try:
                 importlib.import_module(module)
             except ImportError as e:
                 raise SystemExit(
-                    f"--{flag} needs the {package} package: pip install {package}, or drop "
-                    f"--{flag} ({e})"
+                    f"--{flag} needs the {package} package: pip install {package}, or run with "
+                    f"{off} ({e})"
                 ) from None
 
 

@@ -925,7 +925,7 @@ def check_config(cfg, world_size):
             f"total_batch_size={cfg.total_batch_size} is not divisible by B * T * world_size = "
             f"{cfg.B} * {cfg.T} * {world_size} = {micro}"
         )
-    dashboards.check_installed(cfg)
+    dashboards.check_config(cfg)
 
 
 # -----------------------------------------------------------------------------

@@ -276,3 +276,8 @@ def test_a_dashboard_whose_package_is_missing_is_refused_at_start(
     # before the data is looked at (it is missing) or anything is written
     fails_in_one_line("train_gpt2.py", args, tmp_path, f"pip install {package}")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_wandb_run_name_needs_a_project(tmp_path):
+    args = TINY + ["--wandb_run_name", "tiny", "--log_dir", str(tmp_path / "log")]
+    fails_in_one_line("train_gpt2.py", args, tmp_path, "it needs --wandb_project")
