@@ -154,9 +154,9 @@ SAMPLE_PROMPT = "Hello, I'm a language model,"
 
 def print_samples(model, cfg, env, autocast):
     """num_return_sequences continuations of SAMPLE_PROMPT, top-k 50, with a generator of their
-    own so that sampling never moves the training RNG."""
+    own so that sampling never moves the training RNG; returns their texts (none if skipped)."""
     if cfg.num_return_sequences == 0:
-        return
+        return []
     enc = get_tokenizer()
     prompt = enc.encode(SAMPLE_PROMPT)
     generator = torch.Generator(device=env.device).manual_seed(cfg.seed + env.rank)
@@ -167,6 +167,8 @@ def print_samples(model, cfg, env, autocast):
             rows = generate(model, prompts, new_tokens, top_k=50, generator=generator)
     except NonFiniteLogits as e:
         env.print0(f"samples skipped: {e}")
-        return
-    for row in rows:
-        env.print0(f"sample: {enc.decode(row)}")
+        return []
+    texts = [enc.decode(row) for row in rows]
+    for text in texts:
+        env.print0(f"sample: {text}")
+    return texts

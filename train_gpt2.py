@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cli
+import dashboards
 import datafiles
 import devices
 import hellaswag_eval
@@ -535,8 +536,8 @@ class Evaluator:
     which has the training shapes), HellaSwag (its own compiled scorer) and samples. Each part
     checks for a stop request between its batches and stops early when there is one."""
 
-    def __init__(self, cfg, env, model, state, val_loader, hella, autocast, stop, run_log):
-        self.cfg, self.env, self.autocast, self.stop, self.log = cfg, env, autocast, stop, run_log
+    def __init__(self, cfg, env, model, state, val_loader, hella, autocast, stop, log):
+        self.cfg, self.env, self.autocast, self.stop, self.log = cfg, env, autocast, stop, log
         self.model, self.state, self.val_loader, self.hella = model, state, val_loader, hella
         raw_model = state.model
         # a fixed number of val tokens, whatever the world size and B; fewer if the split is smaller
@@ -585,7 +586,7 @@ class Evaluator:
         # a sharded model generates on every rank (each gathers the weights), the master prints
         sharded = sharding.is_sharded(self.state.model)
         if step > 0 and not requested() and (env.master_process or sharded):
-            print_samples(self.state.model, self.cfg, env, self.autocast)
+            self.log.samples(step, print_samples(self.state.model, self.cfg, env, self.autocast))
 
 
 # -----------------------------------------------------------------------------
@@ -755,6 +756,9 @@ class TrainConfig:
 
     data_dir: str = setting("edu_fineweb10B", "token shards made by fineweb.py, or 'bundled'")
     log_dir: str = setting("log", "where log.txt, run.json and checkpoints go")
+    tensorboard: int = setting(0, "TensorBoard event files in log_dir", choices=ON_OFF)
+    wandb_project: str = setting("", "log to this Weights & Biases project (default: none)")
+    wandb_run_name: str = setting("", "the W&B run's name (default: W&B's own)")
     recipe: str = setting("gpt2", "gpt2: the lecture's; speedrun: speedrun.py's", choices=RECIPES)
     model: str = setting("", MODEL_HELP, choices=tuple(hf_gpt2.GPT2_PRESETS))
     n_layer: int = setting(12, "transformer blocks", minimum=1)
@@ -931,6 +935,7 @@ def check_config(cfg, world_size):
             f"total_batch_size={cfg.total_batch_size} is not divisible by B * T * world_size = "
             f"{cfg.B} * {cfg.T} * {world_size} = {micro}"
         )
+    dashboards.check_config(cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -1011,12 +1016,12 @@ def train_step(
     return loss, norm, updated
 
 
-def step_line(step, loss, lr, norm, dt, tokens, rate_mfu):
-    """The line printed after every step."""
+def step_line(step, loss, lr, norm, dt, tokens, rate_mfu, eta):
+    """The line printed after every step; eta: the time left, as dashboards.format_eta says it."""
     mfu_text = f" | mfu {100 * rate_mfu:.2f}%" if rate_mfu is not None else ""
     return (
         f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-        f"dt {1000 * dt:.2f}ms | tok/sec {tokens / dt:.2f}{mfu_text}"
+        f"dt {1000 * dt:.2f}ms | tok/sec {tokens / dt:.2f}{mfu_text} | eta {eta}"
     )
 
 
@@ -1065,6 +1070,7 @@ class Run:
     start_step: int
     evaluator: Evaluator
     run_log: rundir.RunLog
+    dashboard: dashboards.Dashboard  # log.txt's lines and more, on TensorBoard and W&B; the ETA
 
 
 def start_run(cfg, env, checkpoint, stop):
@@ -1111,14 +1117,15 @@ def start_run(cfg, env, checkpoint, stop):
         compile=bool(use_compile),
     )
     agree(env, lambda: run_log.start(run_info, checkpoint, print0))
-    evaluator = Evaluator(cfg, env, compiled, state, val_loader, hella, autocast, stop, run_log)
+    dashboard = agree(env, lambda: dashboards.Dashboard(cfg, env, run_log, run_info, checkpoint))
+    evaluator = Evaluator(cfg, env, compiled, state, val_loader, hella, autocast, stop, dashboard)
     if use_compile:
         evaluator.warm_up()
     print0(
         f"{sum(p.numel() for p in raw_model.parameters()):,} parameters; {cfg.total_batch_size} "
         f"tokens per step on {env.world_size} x {env.device} ({dtype}), compile={bool(use_compile)}"
     )
-    return Run(cfg, recipe, model, autocast, state, start_step, evaluator, run_log)
+    return Run(cfg, recipe, model, autocast, state, start_step, evaluator, run_log, dashboard)
 
 
 def train(cfg, env, checkpoint, stop, start_time):
@@ -1132,7 +1139,7 @@ def train(cfg, env, checkpoint, stop, start_time):
         if step % cfg.eval_interval == 0 or last_step:
             run.evaluator.run(step)  # val loss, HellaSwag, samples
         if stop.requested():
-            return stop_run(state, step, run.start_step, stop, env)
+            return stop_run(run, step, stop, env)
         if step > run.start_step and (step % cfg.checkpoint_interval == 0 or last_step):
             state.save(step, env)
         if last_step:
@@ -1154,7 +1161,7 @@ def train(cfg, env, checkpoint, stop, start_time):
             stop.requested,
         )
         if result is None:  # a stop request between micro-steps: the step was undone
-            return stop_run(state, step, run.start_step, stop, env)
+            return stop_run(run, step, stop, env)
         devices.synchronize(env.device)
         dt = time.time() - t0
         stop.defer()  # a step is done: from now on a stop saves it first
@@ -1164,12 +1171,13 @@ def train(cfg, env, checkpoint, stop, start_time):
         state.last_loss = loss
         tokens = grad_accum_steps * cfg.B * cfg.T * env.world_size
         state.tokens_seen += tokens
+        rate = tokens / dt / env.world_size  # per device
+        util = devices.mfu(flops_per_token, rate, peak) if peak else None
+        eta = run.dashboard.log_step(step, state, lr, norm, dt, tokens, util, updated)
         if updated:
             skipped_in_a_row = 0
-            rate = tokens / dt / env.world_size  # per device
-            util = devices.mfu(flops_per_token, rate, peak) if peak else None
-            env.print0(step_line(step, loss, lr, norm, dt, tokens, util))
-            run.run_log.write(step, "train", f"{loss:.6f}")
+            env.print0(step_line(step, loss, lr, norm, dt, tokens, util, eta))
+            run.dashboard.write(step, "train", f"{loss:.6f}")
         else:
             skipped_in_a_row += 1
             report_skipped_step(step, loss, norm, skipped_in_a_row, cfg, env)
@@ -1180,6 +1188,7 @@ def train(cfg, env, checkpoint, stop, start_time):
     )
     if cfg.data_dir == BUNDLED:
         env.print0(NEXT_STEPS)
+    run.dashboard.close()
     return 0
 
 
@@ -1210,17 +1219,18 @@ def report_skipped_step(step, loss, norm, in_a_row, cfg, env):
         )
 
 
-def stop_run(state, step, start_step, stop, env):
+def stop_run(run, step, stop, env):
     """Save the state after `step` steps (unless this run has done none) and say how to resume;
     returns the signal's number."""
     signum = stop.requested()
     name = signal.Signals(signum).name
-    if step > start_step:
-        state.save(step, env)
-        how = f"python train_gpt2.py --resume latest --log_dir {state.cfg.log_dir}"
+    if step > run.start_step:
+        run.state.save(step, env)
+        how = f"python train_gpt2.py --resume latest --log_dir {run.cfg.log_dir}"
         env.print0(f"stopped by {name} after step {step - 1}; continue with: {how}")
     else:
         env.print0(f"stopped by {name} before this run's first step: nothing new to save")
+    run.dashboard.close(exit_code=128 + signum)
     return signum
 
 

@@ -50,6 +50,12 @@ TINY = [
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Any connection beyond this machine fails the test that makes it."""
+    refuse_network(monkeypatch)
+
+
+def refuse_network(monkeypatch):
+    """Make every connection beyond this machine fail (also for module-scoped fixtures, which
+    run before no_network)."""
     import socket
 
     connect = socket.socket.connect

@@ -166,7 +166,8 @@ def test_checkpoints_keep_their_format(tmp_path, recipe):
     found = checkpoint_format(tmp_path / "log" / "model_00001.pt")
     # settings added since e2a0390 (the code of then and now ignores train_config keys it does
     # not know, so checkpoints stay readable both ways)
-    added = {"model", "shard", "activation_checkpointing"}
+    added = {"model", "shard", "activation_checkpointing"}  # sharding.py's
+    added |= {"tensorboard", "wandb_project", "wandb_run_name"}  # dashboards.py's
     assert added <= set(found["train_config"])
     found["train_config"] = [k for k in found["train_config"] if k not in added]
     assert found == expected[recipe]

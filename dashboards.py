@@ -1,0 +1,210 @@
+"""
+Watching a run live: TensorBoard event files in the log dir (--tensorboard 1), a Weights & Biases
+run (--wandb_project), and the ETA on every step line. log.txt stays the run's record: each of its
+lines is also a point on the dashboards, beside what only they show (learning rate of every
+parameter group, gradient norm, tokens/s, MFU, peak memory, tokens seen, skipped steps, samples).
+Only the master process writes them. Both packages are optional and imported only when asked for.
+
+A run resumed in its own log dir continues the same curves without a second point for the steps
+it redoes: TensorBoard hides the earlier process's points from the resumed step on (purge_step),
+and W&B, whose history only grows, gets no step at or below the last one logged before (the W&B
+run's id and that step are kept in the log dir's wandb_run.json).
+"""
+
+import atexit
+import collections
+import importlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+# the packages the dashboards' flags need: {flag: (module imported, pip package, how to turn it
+# off, which a resume needs: the checkpoint's settings have the flag on)}
+PACKAGES = {
+    "tensorboard": ("torch.utils.tensorboard", "tensorboard", "--tensorboard 0"),
+    "wandb_project": ("wandb", "wandb", "--wandb_project ''"),
+}
+# log.txt's kinds of lines and their names on the dashboards
+TAGS = {"train": "train/loss", "val": "val/loss", "hella": "hellaswag/acc_norm"}
+WANDB_STATE = "wandb_run.json"
+# the ETA's window: whole eval intervals (one evaluation each, so it does not jump after one), at
+# least this many steps
+ETA_MIN_STEPS = 20
+
+
+def check_config(cfg):
+    """Refuse, in one line and before anything runs, a dashboard whose package is missing, and a
+    W&B run name without a W&B project."""
+    if cfg.wandb_run_name and not cfg.wandb_project:
+        raise SystemExit("--wandb_run_name names a W&B run: it needs --wandb_project")
+    for flag, (module, package, off) in PACKAGES.items():
+        if getattr(cfg, flag):
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise SystemExit(
+                    f"--{flag} needs the {package} package: pip install {package}, or run with "
+                    f"{off} ({e})"
+                ) from None
+
+
+def eta_seconds(step_ends, steps_left):
+    """Seconds until steps_left more steps are done, at the mean time per step between the clock
+    readings step_ends (taken as recent steps ended: the evaluations and checkpoints between them
+    count)."""
+    return (step_ends[-1] - step_ends[0]) / (len(step_ends) - 1) * steps_left
+
+
+def format_eta(seconds):
+    """A duration as tqdm-like progress bars show it: 12s, 3m05s, 5h12m, 2d03h."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h}h{m:02d}m"
+    d, h = divmod(h, 24)
+    return f"{d}d{h:02d}h"
+
+
+def peak_memory(device):
+    """Bytes at the peak so far: allocated on a CUDA device, else the process's resident memory (a
+    CPU's, which MPS shares), where the OS tells it (not on Windows)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else 1024 * peak  # macOS counts bytes, Linux KiB
+
+
+class Dashboard:
+    """What the loop logs: log.txt's lines (through the run's rundir.RunLog), every line and each
+    step's other metrics on TensorBoard and W&B where they are on, and the step lines' ETA."""
+
+    def __init__(self, cfg, env, run_log, run_info, checkpoint):
+        self.run_log, self.device, self.max_steps = run_log, env.device, cfg.max_steps
+        window = cfg.eval_interval * math.ceil(ETA_MIN_STEPS / cfg.eval_interval)
+        self.step_ends = collections.deque(maxlen=window + 1)
+        self.tensorboard = self.wandb = None
+        if not env.master_process:
+            return
+        start_step = checkpoint["step"] if checkpoint else 0
+        config = dict(run_info["config"], **{k: v for k, v in run_info.items() if k != "config"})
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(cfg.log_dir, purge_step=start_step)
+            atexit.register(self.tensorboard.close)  # a run that fails keeps its last points
+            text = json.dumps(config, indent=2).replace("\n", "\n    ")
+            self.tensorboard.add_text("config", f"    {text}", start_step)
+        if cfg.wandb_project:
+            own_dir = checkpoint and os.path.dirname(os.path.abspath(checkpoint["path"]))
+            resumed_here = own_dir and os.path.samefile(own_dir, cfg.log_dir)
+            self.start_wandb(cfg, config, resumed_here)
+
+    def start_wandb(self, cfg, config, resumed_here):
+        """A new W&B run, or on a resume in the same log dir the run it continues; in the mode the
+        user's W&B settings say (WANDB_MODE=offline: no network)."""
+        import wandb
+
+        self.wandb_path = os.path.join(cfg.log_dir, WANDB_STATE)
+        earlier = None
+        if resumed_here and os.path.exists(self.wandb_path):
+            with open(self.wandb_path) as f:
+                earlier = json.load(f)
+        try:
+            self.wandb = wandb.init(
+                project=cfg.wandb_project,
+                name=cfg.wandb_run_name or None,
+                id=earlier["id"] if earlier else None,
+                resume="allow" if earlier else None,
+            )
+        except wandb.Error as e:  # no login, no server: the first line of W&B's own account
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SystemExit(f"cannot start the W&B run: {why}") from None
+        self.wandb.config.update(config, allow_val_change=True)  # a resume may change settings
+        self.wandb_floor = self.wandb_step = earlier["step"] if earlier else -1
+        self.save_wandb_state()
+
+    def save_wandb_state(self):
+        # written at every step: a crashed run leaves the last step it logged; a rename, so that a
+        # kill never leaves half a file
+        tmp = self.wandb_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"id": self.wandb.id, "step": self.wandb_step}, f)
+        os.replace(tmp, self.wandb_path)
+
+    def log(self, step, metrics):
+        """Scalars of step on the dashboards that are on."""
+        if self.tensorboard is not None:
+            for tag, value in metrics.items():
+                self.tensorboard.add_scalar(tag, value, step)
+        self.log_wandb(step, metrics)
+
+    def log_wandb(self, step, data):
+        if self.wandb is not None and step > self.wandb_floor:
+            self.wandb.log(data, step=step)
+            if step != self.wandb_step:
+                self.wandb_step = step
+                self.save_wandb_state()
+
+    def write(self, step, kind, value):
+        """A line of log.txt ({step} train/val/hella {value}), and its point on the dashboards."""
+        self.run_log.write(step, kind, value)
+        self.log(step, {TAGS[kind]: float(value)})
+
+    def log_step(self, step, state, lr, norm, dt, tokens, mfu, updated):
+        """The metrics of training step `step` besides its loss (a log.txt line); returns the ETA
+        of the whole run for its step line."""
+        now = time.time()
+        self.step_ends.append(now)
+        # a process's first step compiles and warms up: it stands alone only until another ends
+        ends = self.step_ends if len(self.step_ends) > 1 else (now - dt, now)
+        groups = enumerate(state.optimizer.param_groups)
+        metrics = {"lr": lr, **{f"lr/group{i}": group["lr"] for i, group in groups}}
+        metrics.update({"perf/tokens_per_sec": tokens / dt, "train/tokens_seen": state.tokens_seen})
+        metrics["train/skipped"] = int(not updated)  # a step with a non-finite loss or gradient
+        if updated:
+            metrics["train/grad_norm"] = norm
+        if mfu is not None:
+            metrics["perf/mfu"] = mfu
+        memory = peak_memory(self.device)
+        if memory is not None:
+            metrics["perf/peak_memory_gib"] = memory / 2**30
+        self.log(step, metrics)
+        return format_eta(eta_seconds(ends, self.max_steps - step - 1))
+
+    def samples(self, step, texts):
+        """The samples printed at an evaluation, as text."""
+        if not texts:
+            return
+        if self.tensorboard is not None:
+            # TensorBoard reads markdown: indented, each sample keeps its spaces and line breaks
+            blocks = ["    " + text.replace("\n", "\n    ") for text in texts]
+            self.tensorboard.add_text("samples", "\n\n".join(blocks), step)
+        if self.wandb is not None:
+            import wandb
+
+            table = wandb.Table(columns=["sample"], data=[[text] for text in texts])
+            self.log_wandb(step, {"samples": table})
+
+    def close(self, exit_code=0):
+        """Write out and close the dashboards; a W&B run that ends with a non-zero exit_code is
+        marked failed."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            atexit.unregister(self.tensorboard.close)
+            self.tensorboard = None
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=exit_code)
+            self.wandb = None

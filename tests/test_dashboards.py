@@ -1,0 +1,283 @@
+"""dashboards.py: TensorBoard event files and an offline W&B run, read back with their own readers
+and compared with log.txt and the printed step lines, across a SIGTERM and a resume that redoes a
+step; the ETA against known step times; a missing package refused at start."""
+
+import contextlib
+import dataclasses
+import glob
+import io
+import json
+import os
+import re
+import signal
+import struct
+import sys
+import types
+
+import pytest
+
+import dashboards
+import speedrun
+import train_gpt2 as tg
+from conftest import HELLASWAG_SLICE, TINY, fails_in_one_line, make_shards, refuse_network
+from train_gpt2 import DistEnv, TrainConfig
+
+STEP_LINE = re.compile(
+    r"step +(\d+) \| loss (\S+) \| lr (\S+) \| norm (\S+) \| dt \S+ms \| tok/sec (\S+) \| "
+    r"mfu (\S+)% \| eta (\d+d\d\dh|\d+h\d\dm|\d+m\d\ds|\d+s)"
+)
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory):
+    """A speedrun-recipe run (three parameter groups) with both dashboards and HellaSwag: stopped
+    by SIGTERM as step 7 begins, its checkpoint of step 7 then lost as if the process had been
+    killed before it saved (so the resume redoes step 6, which the dashboards already have), and
+    resumed to step 8. Returns the log dir, the W&B dir and what the two processes printed."""
+    tmp = tmp_path_factory.mktemp("watched")
+    make_shards(tmp / "data", [3000, 9000])
+    hella = tmp / "hella.jsonl"
+    hella.write_text("".join(open(HELLASWAG_SLICE).readlines()[:8]))
+    log_dir = tmp / "log"
+    args = TINY + ["--data_dir", str(tmp / "data"), "--log_dir", str(log_dir), "--max_steps", "8"]
+    args += ["--total_batch_size", "128", "--eval_interval", "3", "--val_loss_steps", "1"]
+    args += ["--checkpoint_interval", "3", "--num_return_sequences", "1", "--max_length", "12"]
+    args += ["--hellaswag", "1", "--hellaswag_path", str(hella), "--block_size", "128"]
+    args += ["--recipe", "speedrun", "--tensorboard", "1"]
+    args += ["--wandb_project", "repro", "--wandb_run_name", "tiny"]
+    wandb_env = dict(WANDB_MODE="offline", WANDB_CONSOLE="off", WANDB_ERROR_REPORTING="false")
+    for name in ("DIR", "CONFIG_DIR", "CACHE_DIR", "DATA_DIR", "ARTIFACT_DIR"):
+        wandb_env[f"WANDB_{name}"] = str(tmp / "wandb" / name.lower())
+    get_recipe = tg.get_recipe
+
+    def sigterm_at_step_7(name):
+        recipe = get_recipe(name)
+
+        def set_learning_rate(optimizer, step, cfg):
+            if step == 7:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return recipe.set_learning_rate(optimizer, step, cfg)
+
+        return dataclasses.replace(recipe, set_learning_rate=set_learning_rate)
+
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        refuse_network(mp)
+        for name, value in wandb_env.items():
+            mp.setenv(name, value)
+        mp.setattr(tg.devices, "peak_flops", lambda device: 1e12)  # a CPU has none: MFU too
+        mp.setattr(tg, "get_recipe", sigterm_at_step_7)
+        with pytest.raises(SystemExit) as stopped:
+            tg.main(args)
+        assert stopped.value.code == 128 + signal.SIGTERM
+        os.remove(log_dir / "model_00007.pt")
+        mp.setattr(tg, "get_recipe", get_recipe)
+        tg.main(["--resume", "latest", "--log_dir", str(log_dir)])  # the dashboards come along
+    return types.SimpleNamespace(
+        log_dir=log_dir, wandb_dir=tmp / "wandb" / "dir", out=out.getvalue()
+    )
+
+
+def log_values(log_dir, kind):
+    """{step: value} of one kind of log.txt line: the run's record."""
+    lines = open(log_dir / "log.txt").read().split()
+    rows = [lines[i : i + 3] for i in range(0, len(lines), 3)]
+    return {int(step): float(value) for step, k, value in rows if k == kind}
+
+
+def printed_steps(out):
+    """{step: (loss, lr, norm, tok/sec, mfu %, eta)} of the step lines printed, the last wins."""
+    return {int(m[1]): m.groups()[1:] for m in STEP_LINE.finditer(out)}
+
+
+def test_step_lines_end_with_the_eta_and_log_txt_keeps_its_three_kinds(watched):
+    lines = [line for line in watched.out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 7 + 2  # steps 0-6, then 6 again and 7 after the resume
+    assert all(STEP_LINE.fullmatch(line) for line in lines), lines
+    assert printed_steps(watched.out)[7][-1] == "0s"  # the last step: nothing left
+    kinds = {line.split()[1] for line in open(watched.log_dir / "log.txt")}
+    assert kinds == {"train", "val", "hella"}
+
+
+def test_tensorboard_has_every_metric_at_its_steps_across_a_stop_and_resume(watched):
+    from tensorboard.backend.event_processing import event_file_loader
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # the first process's file has points for step 6, which the resumed process redid ...
+    first = sorted(glob.glob(str(watched.log_dir / "events.out.tfevents.*")))[0]
+    events = event_file_loader.EventFileLoader(first).Load()
+    tags = {(v.tag, e.step) for e in events if e.HasField("summary") for v in e.summary.value}
+    assert ("train/loss", 6) in tags and ("val/loss", 6) in tags
+    # ... and the reader, as TensorBoard shows it, keeps only the resumed process's
+    acc = EventAccumulator(str(watched.log_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+
+    def scalars(tag):
+        points = [(e.step, e.value) for e in acc.Scalars(tag)]
+        steps = [step for step, _ in points]
+        assert steps == sorted(set(steps)), (tag, steps)  # one point per step, in order
+        return dict(points)
+
+    train_steps = list(range(8))
+    for tag, kind in [
+        ("train/loss", "train"),
+        ("val/loss", "val"),
+        ("hellaswag/acc_norm", "hella"),
+    ]:
+        expected = log_values(watched.log_dir, kind)
+        assert sorted(expected) == (train_steps if kind == "train" else [0, 3, 6, 8])
+        # the dashboards get log.txt's own numbers (in float32: TensorBoard's)
+        assert scalars(tag) == pytest.approx(expected, abs=1e-6), tag
+    printed = printed_steps(watched.out)
+    assert sorted(printed) == train_steps
+    # the step lines' norm (4 decimals), tok/sec and MFU in % (2 decimals)
+    for i, tag, scale, decimals in [
+        (2, "train/grad_norm", 1, 4),
+        (3, "perf/tokens_per_sec", 1, 2),
+        (4, "perf/mfu", 100, 2),
+    ]:
+        got = {step: scale * value for step, value in scalars(tag).items()}
+        expected = {step: float(p[i]) for step, p in printed.items()}
+        assert got == pytest.approx(expected, abs=0.5 * 10**-decimals + 1e-4), tag
+    # the speedrun's three groups, each at its own rate times the schedule: Muon, embedding, head
+    cfg = TrainConfig(max_steps=8, recipe="speedrun")
+    for group, rate in enumerate((cfg.muon_lr, cfg.embed_lr, cfg.head_lr)):
+        expected = {s: rate * speedrun.lr_factor(s, cfg) for s in train_steps}
+        assert scalars(f"lr/group{group}") == pytest.approx(expected, rel=1e-6)
+    assert scalars("lr") == scalars("lr/group0")
+    assert scalars("train/tokens_seen") == {s: 128 * (s + 1) for s in train_steps}
+    assert scalars("train/skipped") == dict.fromkeys(train_steps, 0)
+    memory = scalars("perf/peak_memory_gib")
+    assert sorted(memory) == train_steps and all(0.01 < gib < 64 for gib in memory.values())
+
+    def texts(tag):
+        return {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tag)}
+
+    samples = texts("samples/text_summary")
+    assert sorted(samples) == [3, 6, 8]  # evaluations after step 0
+    assert all(t.strip().startswith("Hello, I'm a language model,") for t in samples.values())
+    config = texts("config/text_summary")
+    assert sorted(config) == [0, 6] and '"recipe": "speedrun"' in config[6]
+
+
+def wandb_records(path):
+    """The records of a .wandb file (W&B's transaction log, as protobuf Records in LevelDB's log
+    format: 32 KiB blocks of chunks, each with a 7-byte header of crc32, length and type)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    pos, record = 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        record += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a FULL record, or the LAST chunk of one
+            parsed = wandb_internal_pb2.Record()
+            parsed.ParseFromString(record)
+            yield parsed
+            record = b""
+
+
+def test_wandb_offline_run_has_the_history_and_config_and_continues_on_resume(watched):
+    runs = sorted(glob.glob(str(watched.wandb_dir / "wandb" / "offline-run-*")))
+    assert len(runs) == 2  # the stopped process and the resumed one
+    state = json.load(open(watched.log_dir / "wandb_run.json"))
+    assert state["step"] == 8 and all(run.endswith("-" + state["id"]) for run in runs)
+    history, config = {}, {}
+    for run in runs:
+        for record in wandb_records(glob.glob(os.path.join(run, "run-*.wandb"))[0]):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                assert (record.run.run_id, record.run.display_name) == (state["id"], "tiny")
+                assert record.run.project == "repro"
+            elif kind == "config":
+                config.update({i.key: json.loads(i.value_json) for i in record.config.update})
+            elif kind == "history":
+                step = record.history.step.num
+                assert step not in history, f"step {step} logged twice"
+                items = record.history.item  # "a/b" keys come as a nested key ["a", "b"]
+                history[step] = {
+                    i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items
+                }
+    assert sorted(history) == list(range(9))
+    for tag, kind in [
+        ("train/loss", "train"),
+        ("val/loss", "val"),
+        ("hellaswag/acc_norm", "hella"),
+    ]:
+        got = {step: row[tag] for step, row in history.items() if tag in row}
+        assert got == log_values(watched.log_dir, kind), tag
+    metrics = ["lr", "lr/group0", "lr/group1", "lr/group2", "train/grad_norm", "perf/mfu"]
+    metrics += ["perf/tokens_per_sec", "perf/peak_memory_gib", "train/tokens_seen"]
+    for step in range(8):
+        assert set(metrics + ["train/skipped"]) <= set(history[step]), step
+        assert history[step]["train/tokens_seen"] == 128 * (step + 1)
+    tables = {s: row["samples/_type"] for s, row in history.items() if "samples/_type" in row}
+    assert tables == dict.fromkeys([3, 6, 8], "table-file")
+    # the resolved config, with what the resumed process changed
+    assert config["recipe"] == "speedrun" and config["n_layer"] == 2 and config["B"] == 2
+    assert config["wandb_project"] == "repro" and config["resume"] == "latest"
+    assert config["device"] == "cpu" and config["world_size"] == 1 and "torch" in config
+
+
+def test_eta_from_known_step_times():
+    # four steps of 1 s and an evaluation of 10 s among them: 3.5 s a step
+    assert dashboards.eta_seconds([100.0, 101.0, 102.0, 113.0, 114.0], 10) == 35.0
+    as_text = [dashboards.format_eta(s) for s in (0, 12.4, 59.6, 185, 5 * 3600 + 12 * 60 + 29)]
+    assert as_text == ["0s", "12s", "1m00s", "3m05s", "5h12m"]
+    assert dashboards.format_eta(2 * 86400 + 3 * 3600 + 59 * 60) == "2d03h"
+
+
+def test_eta_of_a_run_whose_step_times_are_known(tmp_path, monkeypatch):
+    # steps of 1 s, 30 s for the first (compiling), an evaluation of 10 s every 5 steps: 3 s a
+    # step once the first is out of the window. On a rank that is not the master, which writes
+    # no dashboard even when asked.
+    cfg = TrainConfig(max_steps=105, eval_interval=5, tensorboard=1, log_dir=str(tmp_path))
+    env = DistEnv(ddp=True, rank=1, local_rank=1, world_size=2, device="cpu", master_process=False)
+    board = dashboards.Dashboard(cfg, env, run_log=None, run_info=None, checkpoint=None)
+    now = [1000.0]
+    monkeypatch.setattr(dashboards, "time", types.SimpleNamespace(time=lambda: now[0]))
+    state = types.SimpleNamespace(optimizer=types.SimpleNamespace(param_groups=[{"lr": 1.0}]))
+    etas = []
+    for step in range(30):
+        if step % cfg.eval_interval == 0:
+            now[0] += 10
+        dt = 30.0 if step == 0 else 1.0
+        now[0] += dt
+        state.tokens_seen = step
+        etas.append(board.log_step(step, state, 1.0, 1.0, dt, 1, None, True))
+    assert etas[0] == dashboards.format_eta(30 * 104)  # only the first step's own time to go on
+    assert etas[1] == dashboards.format_eta(1 * 103)  # no evaluation between steps 0 and 1
+    assert etas[20:] == [dashboards.format_eta(3 * (104 - s)) for s in range(20, 30)]
+    board.close()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "flag, module", [("--tensorboard", "torch.utils.tensorboard"), ("--wandb_project", "wandb")]
+)
+def test_a_dashboard_whose_package_is_missing_is_refused_at_start(
+    tmp_path, monkeypatch, flag, module
+):
+    monkeypatch.setitem(sys.modules, module, None)  # what `import` does when it is not installed
+    package = module.split(".")[-1]
+    args = TINY + [
+        flag,
+        "1",
+        "--data_dir",
+        str(tmp_path / "no_shards"),
+        "--log_dir",
+        str(tmp_path / "log"),
+    ]
+    # before the data is looked at (it is missing) or anything is written
+    fails_in_one_line("train_gpt2.py", args, tmp_path, f"pip install {package}")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_wandb_run_name_needs_a_project(tmp_path):
+    args = TINY + ["--wandb_run_name", "tiny", "--log_dir", str(tmp_path / "log")]
+    fails_in_one_line("train_gpt2.py", args, tmp_path, "it needs --wandb_project")
