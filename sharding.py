@@ -98,7 +98,8 @@ def full(tensor):
 def all_finite(tensors):
     """Whether every element of the tensors is finite, on every rank's shard."""
     tensors = list(tensors)
-    flag = torch.tensor(float(all(torch.isfinite(local(t)).all() for t in tensors)))
+    # on the tensors' device (NCCL reduces CUDA tensors only), with one sync for them all
+    flag = torch.stack([torch.isfinite(local(t)).all() for t in tensors]).all().float()
     if any(isinstance(t, DTensor) for t in tensors):
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag)
