@@ -59,15 +59,23 @@ def checkpoint_activations(model):
 def shard_model(model, dtype, compile_blocks):
     """FSDP2 over each transformer block, then the root (the embeddings, the final LayerNorm and
     the tied lm_head), in place. Compute in `dtype` (bf16 on GPUs) with fp32 master weights and
-    fp32 gradient reduction; each block compiled on its own, as torchtitan does, since
-    torch.compile of the whole sharded model would trace through FSDP's hooks."""
+    fp32 gradient reduction. With compile_blocks, each block and the loss are compiled on their
+    own, as torchtitan does: torch.compile of the whole sharded model would trace through FSDP's
+    hooks."""
     low_precision = dtype if dtype in (torch.bfloat16, torch.float16) else None
     policy = MixedPrecisionPolicy(param_dtype=low_precision, reduce_dtype=torch.float32)
-    for block in model.transformer.h:
+    for i, block in enumerate(model.transformer.h):
         if compile_blocks:
             block.compile()
-        fully_shard(block, mp_policy=policy)
+        # the last block's weights are the first that the backward needs: kept, not regathered
+        last = i == len(model.transformer.h) - 1
+        fully_shard(block, mp_policy=policy, reshard_after_forward=not last)
     fully_shard(model, mp_policy=policy)
+    if compile_blocks:
+        # the rest of the root runs eagerly. Its loss over 50k logits a position is bound by
+        # memory: eager, it writes fp32 log-probabilities and their gradient (3.3 GB each at
+        # B=16, T=1024); compiled, it reads the logits in fused passes
+        model.cross_entropy = torch.compile(model.cross_entropy)
     # evaluation calls these directly (HellaSwag's scorer): they gather the root's weights too
     for method in ("hidden", "head"):
         register_fsdp_forward_method(model, method)

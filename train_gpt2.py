@@ -162,12 +162,15 @@ class GPT(nn.Module):
         if targets is not None and self.fused_loss:
             return None, linear_cross_entropy(x, self.lm_head.weight, targets)
         logits = self.head(x)
-        loss = None
-        if targets is not None:
-            # over the whole padded vocabulary, as in the lecture: the model learns in a few
-            # steps to push the never-seen padded ids down, and losses match the reference's
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        loss = None if targets is None else self.cross_entropy(logits, targets)
         return logits, loss
+
+    @staticmethod
+    def cross_entropy(logits, targets):
+        """The mean loss over all positions. Over the whole padded vocabulary, as in the lecture:
+        the model learns in a few steps to push the never-seen padded ids down, and losses match
+        the reference's."""
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
     def hidden(self, idx, cache=None):
         """The final (normalized) hidden state of every position: (B, T, n_embd)."""

@@ -24,6 +24,17 @@ SCRIPT = os.path.join(ROOT, "train_gpt2.py")
 FAULTS = os.path.join(ROOT, "tests", "faults.py")
 
 
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One thread here and in the runs' subprocesses: their logs are compared to the byte, so no
+    sum may take its order from the number of threads the machine, or its load, gives a run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def data(tmp_path):
     make_shards(tmp_path / "data", [3000, 9000, 7000])

@@ -190,6 +190,18 @@ def test_one_process_shards_too(one_process):
     assert rundir.checkpoint_steps(str(root / "fsdp")) == [2, 4, 6]
 
 
+def test_compiled_fsdp_trains_as_the_eager_plain_run(one_process, tmp_path):
+    # with --compile 1, shard_model compiles each block and the loss on its own (the GPU default)
+    root, _ = one_process
+    log_dir = tmp_path / "compiled"
+    run_training(
+        ONE_PROCESS + ["--shard", "fsdp", "--compile", "1", "--log_dir", str(log_dir)], 1, tmp_path
+    )
+    # fp32 throughout: inductor's kernels reorder the sums, a few ulps of a loss near 11
+    for kind in ("train", "val"):
+        assert close(log_lines(log_dir, kind), log_lines(root / "plain", kind), 1e-5)
+
+
 def test_a_kill_during_a_sharded_save_keeps_the_earlier_checkpoints(one_process, tmp_path):
     root, _ = one_process
     args = ONE_PROCESS + SHARDED_ONE + ["--log_dir", str(tmp_path / "log")]
