@@ -154,10 +154,13 @@ def largest_micro_batch(fits, total_batch_size, T, world_size, largest=64):
 
 def micro_batch_fits(model, cfg, env, autocast):
     """fits(B) for largest_micro_batch on CUDA: one eager forward and backward of B random
-    sequences, whose peak memory plus the optimizer state to come must fit the GPU."""
+    sequences, whose peak memory plus the optimizer state to come must fit the GPU. Under
+    --shard fsdp the model probed is still whole (its weights and gradients unsharded, more than
+    FSDP holds): a B that fits here fits there."""
     total = torch.cuda.get_device_properties(env.device).total_memory
     params = sum(p.numel() for p in model.parameters())
-    optimizer_state = 8 * params  # two float32 moments per parameter (AdamW), at most
+    # two float32 moments per parameter (AdamW), at most; FSDP keeps 1/world_size of them a rank
+    optimizer_state = 8 * params // (env.world_size if cfg.shard == "fsdp" else 1)
 
     def fits(B):
         x = torch.randint(0, GPT2_VOCAB_SIZE, (B, cfg.T), device=env.device)
