@@ -30,10 +30,7 @@ memory computed for GPT-2's four sizes on 1 to 64 ranks.
 """
 
 import contextlib
-import ctypes
 import dataclasses
-import gc
-import json
 import math
 import os
 import tempfile
@@ -44,22 +41,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.overrides import TorchFunctionMode
 
 import hellaswag_eval
 import sharding
-from cli import (
+import train_gpt2 as tg
+from generation import generate, sample_next
+from kernels import fp8_hardware
+from support import PROJECT_DIR, files
+from support.cli import (
     ON_OFF,
     check_input_file,
     check_output_file,
     check_written,
+    first_line,
     parse_settings,
     quiet_exit_when_stdout_closes,
     setting,
 )
-from datafiles import GPT2_VOCAB_SIZE, HERE, write_shard
-from devices import (
+from support.datafiles import GPT2_VOCAB_SIZE, write_shard
+from support.devices import (
     autocast_context,
     autocast_dtype,
     check_device,
@@ -67,30 +68,19 @@ from devices import (
     keep_freed_cpu_memory,
     mfu,
     peak_flops,
+    peak_memory,
+    reset_peak_memory,
     synchronize,
 )
-from generation import generate, sample_next
-from hf_gpt2 import GPT2_PRESETS
-from kernels import fp8_hardware, use_fp8_matmuls
-from train_gpt2 import (
-    BUNDLED_DEFAULTS,
-    GPT,
-    PADDED_VOCAB_SIZE,
-    DataLoaderLite,
-    DistEnv,
-    GPTConfig,
-    TrainConfig,
-    evaluate_val_loss,
-    get_recipe,
-    setup_distributed,
-    train_step,
-)
+from support.hf_gpt2 import GPT2_PRESETS
+from train_gpt2 import BUNDLED_DEFAULTS, PADDED_VOCAB_SIZE, DataLoaderLite, DistEnv, GPTConfig
 
 # 64 HellaSwag val examples kept in the repository, for offline runs
-HELLASWAG_SLICE = os.path.join(HERE, "tests", "data", "hellaswag_val_head64.jsonl")
+HELLASWAG_SLICE = os.path.join(PROJECT_DIR, "tests", "data", "hellaswag_val_head64.jsonl")
 # the small model train_gpt2.py trains on the bundled corpus when there is no FineWeb
 SMALL_PRESET = {k: BUNDLED_DEFAULTS[k] for k in ("n_layer", "n_head", "n_embd")}
 PRESETS = {**GPT2_PRESETS, "small": SMALL_PRESET}
+QUIET = lambda *args: None  # noqa: E731  the optimizers' start-up lines are not the table's
 
 # -----------------------------------------------------------------------------
 # Variants of the training step
@@ -150,31 +140,30 @@ class ManualAttention(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def variant_config(config, variant):
-    """The model a row trains: the variant's vocabulary and recipe."""
-    return dataclasses.replace(
-        config,
+def row_settings(config, variant, dtype=torch.float32, **settings):
+    """The train_gpt2.py settings of the model a row trains (config's shape, the variant's
+    vocabulary, recipe and kernels, autocast in dtype), and any others given."""
+    row = dict(
         vocab_size=PADDED_VOCAB_SIZE if variant.vocab_pad else GPT2_VOCAB_SIZE,
         recipe="speedrun" if variant.speedrun else "gpt2",
+        fused_loss=int(variant.fused_loss),
+        fp8=int(variant.fp8),
+        dtype=str(dtype).removeprefix("torch."),
     )
+    return tg.TrainConfig(**{**dataclasses.asdict(config), **row, **settings})
 
 
 def row_model(config, variant, device):
-    """A freshly initialized model of the variant's recipe, vocabulary and kernels, on the device;
-    with variant.flash off, run it inside attention_of(variant)."""
+    """A freshly initialized model of the variant's recipe, vocabulary and kernels on the device,
+    built as train_gpt2.py builds it; with variant.flash off, run it in attention_of(variant)."""
     torch.manual_seed(0)
-    model_config = variant_config(config, variant)
-    model = get_recipe(model_config.recipe).model(model_config, fused_loss=variant.fused_loss)
-    if variant.fp8:
-        use_fp8_matmuls(model)
-    return model.to(device)
+    return tg.build_model(row_settings(config, variant), None).to(device)
 
 
 def row_flops_per_token(config, variant, T):
     """The training FLOPs per token of a row's model (counted on the meta device: no memory)."""
-    model_config = variant_config(config, variant)
     with torch.device("meta"):
-        return get_recipe(model_config.recipe).model(model_config).flops_per_token(T)
+        return row_model(config, variant, "meta").flops_per_token(T)
 
 
 def attention_of(variant):
@@ -183,24 +172,20 @@ def attention_of(variant):
 
 
 def make_step(variant, config, loader, env, dtype, grad_accum):
-    """A fresh model and optimizer in this variant, and a function that runs one optimizer step of
-    train_step on them, reading from the loader, and waits for the device to finish it."""
+    """A fresh model and optimizer in this variant, made as train_gpt2.py makes them, and a
+    function that runs one optimizer step of its train_step on them, reading from the loader,
+    and waits for the device to finish it."""
     torch.set_float32_matmul_precision("high" if variant.tf32 else "highest")
-    raw_model = row_model(config, variant, env.device)
-    model = torch.compile(raw_model) if variant.compile else raw_model
-    train = TrainConfig()  # the 124M run's optimizer settings
     dtype = dtype if variant.autocast else torch.float32
+    settings = row_settings(config, variant, dtype)
+    raw_model = row_model(config, variant, env.device)
+    model, _ = tg.wrap_model(raw_model, settings, env, dtype, variant.compile)
     if variant.speedrun:
-        recipe = get_recipe("speedrun")
-        optimizer = recipe.make_optimizer(raw_model, train, env.device_type, dtype, lambda *a: 0)
-    else:
-        optimizer = raw_model.configure_optimizers(
-            weight_decay=train.weight_decay,
-            learning_rate=train.max_lr,
-            device_type=env.device_type,
-            log=lambda *a: None,
-            fused=variant.fused,
-        )
+        recipe = tg.get_recipe(settings.recipe)
+        optimizer = recipe.make_optimizer(raw_model, settings, env.device_type, QUIET)
+    else:  # the lecture's rows add fused AdamW one row after the others
+        rates = (settings.weight_decay, settings.max_lr, env.device_type, QUIET)
+        optimizer = raw_model.configure_optimizers(*rates, fused=variant.fused)
     autocast = autocast_context(dtype, env.device_type)
     # fp16 needs loss scaling, as in train_gpt2.py
     scaler = torch.amp.GradScaler(env.device_type, enabled=dtype == torch.float16)
@@ -208,7 +193,8 @@ def make_step(variant, config, loader, env, dtype, grad_accum):
 
     def step():
         with attention_of(variant):
-            train_step(model, optimizer, loader, grad_accum, env, autocast, scaler, train.grad_clip)
+            args = (model, optimizer, loader, grad_accum, env, autocast, scaler)
+            tg.train_step(*args, settings.grad_clip)
         synchronize(env.device)
 
     return step
@@ -256,7 +242,7 @@ def step_figures(flops_per_token, B, T, grad_accum, step_times, peak_spec, peak_
 
 
 # -----------------------------------------------------------------------------
-# Device measurements: matmul peak and peak memory
+# The device's matmul peak
 
 
 def matmul_peak(device, dtype, n, min_seconds=0.5):
@@ -274,43 +260,6 @@ def matmul_peak(device, dtype, n, min_seconds=0.5):
         dt = time.perf_counter() - t0
         best, spent, reps = min(best, dt), spent + dt, reps + 1
     return 2 * n**3 / best
-
-
-def _proc_status_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-def reset_peak_memory(device):
-    """Start a peak-memory measurement: returns the memory in use now (bytes), or None where it
-    cannot be measured. On CUDA the caching allocator's counters; on Linux CPUs resident memory."""
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    try:
-        # keep_freed_cpu_memory keeps freed memory in the heap: hand it back to the OS so that
-        # the previous row's does not count, then reset the kernel's high-water mark of resident
-        # memory to the current value (proc(5): clear_refs, Linux 4.0 and later)
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _proc_status_bytes("VmRSS")
-    except OSError:
-        return None
-
-
-def peak_memory(device, start):
-    """Peak memory (bytes) used since reset_peak_memory returned `start`, or None."""
-    if start is None:
-        return None
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) - start
-    return _proc_status_bytes("VmHWM") - start
 
 
 # -----------------------------------------------------------------------------
@@ -361,13 +310,12 @@ def val_loss_rate(config, variant, device, dtype, loader, steps):
     per pass; the first pass (which compiles) is not timed."""
     model = row_model(config, variant, device)
     model = torch.compile(model) if variant.compile else model
-    env = DistEnv(False, 0, 0, 1, device, True)
-    device_type = device.split(":")[0]
-    autocast = autocast_context(dtype if variant.autocast else torch.float32, device_type)
+    env = DistEnv.one_process(device)
+    autocast = autocast_context(dtype if variant.autocast else torch.float32, env.device_type)
     with attention_of(variant):
-        evaluate_val_loss(model, loader, 1, env, autocast)
+        tg.evaluate_val_loss(model, loader, 1, env, autocast)
         t0 = time.perf_counter()
-        evaluate_val_loss(model, loader, steps, env, autocast)  # ends with .item(): synchronized
+        tg.evaluate_val_loss(model, loader, steps, env, autocast)  # ends with .item(): a sync
     return steps * loader.B * loader.T / (time.perf_counter() - t0)
 
 
@@ -389,9 +337,7 @@ def generate_by_recompute(model, prompt, new_tokens, generator):
 def generation_rates(config, device, dtype, prompt_len, new_tokens, batch):
     """tokens/s of generation from a random model in dtype (its weights cast, as sample.py does):
     generate() for one stream and for `batch` streams, and the loop without a cache."""
-    torch.manual_seed(0)
-    model = GPT(dataclasses.replace(config, vocab_size=PADDED_VOCAB_SIZE))
-    model.to(device=device, dtype=dtype).eval()
+    model = row_model(config, Variant(vocab_pad=True), device).to(dtype).eval()
     generator = torch.Generator(device=device).manual_seed(0)
     prompt = torch.randint(0, GPT2_VOCAB_SIZE, (prompt_len,), generator=torch.Generator()).tolist()
     options = dict(top_k=50, generator=generator)
@@ -569,15 +515,14 @@ def measure_rows(plan, config, T, loader, env, dtype, cfg, peak_spec, peak_matmu
                     cfg.steps,
                 )
             except Exception as e:  # report it and go on: the other rows still measure something
-                first_line = (str(e).strip() or "no message").splitlines()[0][:160]
-                row["skipped"] = f"{type(e).__name__}: {first_line}"
+                row["skipped"] = skip_reason(e)
             else:
                 flops = row_flops_per_token(config, variant, T)
                 figures = step_figures(
                     flops, cfg.B, T, cfg.grad_accum, times, peak_spec, peak_matmul
                 )
                 row.update(figures)
-                row["peak_memory_bytes"] = peak_memory(env.device, start)
+                row["peak_memory_bytes"] = memory_used(env.device, start)
                 baseline = baseline or row["tokens_per_sec"]
                 row["speedup"] = row["tokens_per_sec"] / baseline
                 current = variant
@@ -594,7 +539,7 @@ def main(argv=None):
             check_output_file(path, what)
     if cfg.hellaswag:
         check_input_file(cfg.hellaswag_path, "HellaSwag file")
-    env = DistEnv(False, 0, 0, 1, device, True)
+    env = DistEnv.one_process(device)
     if env.device_type == "cpu":
         keep_freed_cpu_memory()
     config, preset, T = resolve_model(cfg, env.device_type)
@@ -605,7 +550,7 @@ def main(argv=None):
         )
     dtype = autocast_dtype(cfg.dtype, env.device_type)
     if cfg.shard:
-        return write_json(cfg.json, sharding_figures(cfg, config, T, dtype))
+        return write_figures(cfg.json, sharding_figures(cfg, config, T, dtype))
     plan = plan_rows(cfg, dtype, fp8_hardware(device))
     figures = dict(device=env.device_type, torch=torch.__version__, preset=preset, T=T)
     figures.update(model=dataclasses.asdict(config), settings=dataclasses.asdict(cfg))
@@ -646,14 +591,24 @@ def main(argv=None):
         figures["hellaswag"] = measure_or_skip(ran, hellaswag_figures, *args)
     if cfg.generate:
         figures["generation"] = generation_figures(config, device, dtype, cfg)
-    write_json(cfg.json, figures)
+    write_figures(cfg.json, figures)
 
 
-def write_json(path, figures):
+def write_figures(path, figures):
     if path and figures is not None:
-        with open(path, "w") as f:
-            json.dump(figures, f, indent=2)
+        files.write_json(path, figures)
         check_written(path, "--json")
+
+
+def skip_reason(error):
+    """Why a row or a measurement was skipped: the error's type and first line."""
+    return f"{type(error).__name__}: {first_line(error)[:160]}"
+
+
+def memory_used(device, start):
+    """Peak bytes used since reset_peak_memory returned `start`, or None where not measured."""
+    peak = peak_memory(device)
+    return None if start is None or peak is None else peak - start
 
 
 def measure_peaks(plan, cfg, device, dtype):
@@ -711,7 +666,7 @@ def measure_or_skip(ran, measure, *args):
     try:
         return measure(*args)
     except Exception as e:
-        reason = f"{type(e).__name__}: {(str(e).strip() or 'no message').splitlines()[0][:160]}"
+        reason = skip_reason(e)
         print(f"{what}: skipped: {reason}")
         return {"skipped": reason}
 
@@ -761,7 +716,7 @@ MiB = 2**20
 def sharding_figures(cfg, config, T, dtype):
     """Every rank times the same steps in each mode; rank 0 prints the table and returns the
     figures (the other ranks None)."""
-    env = setup_distributed(cfg.device, sharded=True)
+    env = tg.setup_distributed(cfg.device, sharded=True)
     try:
         if env.master_process:
             print_computed_memory(env.world_size)
@@ -791,7 +746,7 @@ def print_computed_memory(world_size):
     print(f"{'':<33}{'DDP':>8}" + "".join(f"{f'FSDP x{n}':>10}" for n in sizes))
     for name, shape in GPT2_PRESETS.items():
         with torch.device("meta"):
-            model = GPT(GPTConfig(vocab_size=PADDED_VOCAB_SIZE, **shape))
+            model = tg.GPT(GPTConfig(vocab_size=PADDED_VOCAB_SIZE, **shape))
             n = sum(p.numel() for p in model.parameters())
         shards = "".join(f"{16 * n / w / 1e9:10.2f}" for w in sizes)
         print(f"  {name:<12} {n / 1e6:6.0f}M parameters{16 * n / 1e9:8.2f}{shards}")
@@ -799,23 +754,22 @@ def print_computed_memory(world_size):
 
 def shard_row(mode, config, T, loader, env, dtype, cfg):
     """One mode's step timed on every rank; its figures, printed by rank 0."""
-    gc.collect()
     start = reset_peak_memory(env.device)
+    shard = "fsdp" if mode.startswith("fsdp") else "ddp"
+    recompute = int(mode.endswith("ckpt"))
+    settings = row_settings(config, Variant(vocab_pad=True), dtype, shard=shard)
+    settings = dataclasses.replace(settings, activation_checkpointing=recompute)
     torch.manual_seed(0)
-    model = GPT(dataclasses.replace(config, vocab_size=PADDED_VOCAB_SIZE)).to(env.device)
-    if mode.endswith("ckpt"):
-        sharding.checkpoint_activations(model)
-    if mode.startswith("fsdp"):
-        wrapped = sharding.shard_model(model, dtype, cfg.compile)
-    else:
-        wrapped = DDP(torch.compile(model) if cfg.compile else model)
-    optimizer = model.configure_optimizers(0.1, 6e-4, env.device_type, lambda *a: None)
+    model = tg.build_model(settings, None).to(env.device)
+    wrapped, _ = tg.wrap_model(model, settings, env, dtype, bool(cfg.compile))
+    optimizer = tg.get_recipe("gpt2").make_optimizer(model, settings, env.device_type, QUIET)
     autocast = autocast_context(dtype, env.device_type)
     scaler = torch.amp.GradScaler(env.device_type, enabled=False)
     loader.reset()
 
     def step():
-        train_step(wrapped, optimizer, loader, cfg.grad_accum, env, autocast, scaler, 1.0)
+        args = (wrapped, optimizer, loader, cfg.grad_accum, env, autocast, scaler)
+        tg.train_step(*args, settings.grad_clip)
         synchronize(env.device)
 
     times = time_steps(step, cfg.warmup, cfg.steps)
@@ -824,7 +778,7 @@ def shard_row(mode, config, T, loader, env, dtype, cfg):
     tokens = cfg.B * T * cfg.grad_accum * env.world_size
     row = dict(mode=mode, tokens_per_sec=tokens / seconds, ms_per_step=1000 * seconds)
     row.update(zip(("parameter_bytes", "gradient_bytes", "optimizer_bytes"), held))
-    row["peak_memory_bytes"] = peak_memory(env.device, start)
+    row["peak_memory_bytes"] = memory_used(env.device, start)
     if env.master_process:
         peak = row["peak_memory_bytes"]
         print(

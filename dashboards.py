@@ -13,14 +13,17 @@ run's id and that step are kept in the log dir's wandb_run.json).
 
 import atexit
 import collections
+import contextlib
 import importlib
 import json
 import math
 import os
-import sys
 import time
 
-import torch
+from support import files
+from support.cli import first_line
+from support.devices import peak_memory
+from support.rundir import LOG_KINDS
 
 # the packages the dashboards' flags need: {flag: (module imported, pip package, how to turn it
 # off, which a resume needs: the checkpoint's settings have the flag on)}
@@ -28,21 +31,20 @@ PACKAGES = {
     "tensorboard": ("torch.utils.tensorboard", "tensorboard", "--tensorboard 0"),
     "wandb_project": ("wandb", "wandb", "--wandb_project ''"),
 }
-# log.txt's kinds of lines and their names on the dashboards
-TAGS = {"train": "train/loss", "val": "val/loss", "hella": "hellaswag/acc_norm"}
 WANDB_STATE = "wandb_run.json"
 # the ETA's window: whole eval intervals (one evaluation each, so it does not jump after one), at
 # least this many steps
 ETA_MIN_STEPS = 20
 
 
-def check_config(cfg):
+def check_packages(tensorboard, wandb_project, wandb_run_name):
     """Refuse, in one line and before anything runs, a dashboard whose package is missing, and a
     W&B run name without a W&B project."""
-    if cfg.wandb_run_name and not cfg.wandb_project:
+    if wandb_run_name and not wandb_project:
         raise SystemExit("--wandb_run_name names a W&B run: it needs --wandb_project")
+    wanted = {"tensorboard": tensorboard, "wandb_project": wandb_project}
     for flag, (module, package, off) in PACKAGES.items():
-        if getattr(cfg, flag):
+        if wanted[flag]:
             try:
                 importlib.import_module(module)
             except ImportError as e:
@@ -52,11 +54,11 @@ def check_config(cfg):
                 ) from None
 
 
-def eta_seconds(step_ends, steps_left):
+def eta_seconds(step_ends, steps_left, other_seconds=0.0):
     """Seconds until steps_left more steps are done, at the mean time per step between the clock
-    readings step_ends (taken as recent steps ended: the evaluations and checkpoints between them
-    count)."""
-    return (step_ends[-1] - step_ends[0]) / (len(step_ends) - 1) * steps_left
+    readings step_ends (taken as recent steps ended: the checkpoints between them count), less
+    other_seconds spent between them on what is not a step."""
+    return (step_ends[-1] - step_ends[0] - other_seconds) / (len(step_ends) - 1) * steps_left
 
 
 def format_eta(seconds):
@@ -74,75 +76,85 @@ def format_eta(seconds):
     return f"{d}d{h:02d}h"
 
 
-def peak_memory(device):
-    """Bytes at the peak so far: allocated on a CUDA device, else the process's resident memory (a
-    CPU's, which MPS shares), where the OS tells it (not on Windows)."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        import resource
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else 1024 * peak  # macOS counts bytes, Linux KiB
+class ETA:
+    """The time a run has left: its steps at their mean time over a recent window (the
+    checkpoints in it count), and its evaluations still to come at the mean time of those done.
+    Evaluations are timed on their own: a window without one (the first steps of a run) would
+    leave them out, and one with them would count them as steps."""
+
+    def __init__(self, max_steps, eval_interval):
+        self.max_steps, self.eval_interval = max_steps, eval_interval
+        window = eval_interval * math.ceil(ETA_MIN_STEPS / eval_interval)
+        self.step_ends = collections.deque(maxlen=window + 1)
+        self.evaluations = collections.deque(maxlen=window)  # (end, seconds) of recent ones
+
+    def evaluated(self, start, end):
+        self.evaluations.append((end, end - start))
+
+    def step_ended(self, step, dt, now):
+        """Seconds left after training step `step`, which took dt and ended now."""
+        self.step_ends.append(now)
+        # a process's first step compiles and warms up: it stands alone only until another ends
+        ends = self.step_ends if len(self.step_ends) > 1 else (now - dt, now)
+        evaluating = sum(seconds for end, seconds in self.evaluations if end > ends[0])
+        left = eta_seconds(ends, self.max_steps - step - 1, evaluating)
+        if self.evaluations:
+            mean = sum(seconds for _, seconds in self.evaluations) / len(self.evaluations)
+            left += mean * self.evaluations_after(step)
+        return left
+
+    def evaluations_after(self, step):
+        """The evaluations still to come after training step `step`: every eval_interval steps,
+        and at the last step."""
+        every = self.max_steps // self.eval_interval - step // self.eval_interval
+        return every + (self.max_steps % self.eval_interval != 0)
 
 
 class Dashboard:
     """What the loop logs: log.txt's lines (through the run's rundir.RunLog), every line and each
-    step's other metrics on TensorBoard and W&B where they are on, and the step lines' ETA."""
+    step's other metrics on TensorBoard and W&B once started, and the step lines' ETA."""
 
-    def __init__(self, cfg, env, run_log, run_info, checkpoint):
-        self.run_log, self.device, self.max_steps = run_log, env.device, cfg.max_steps
-        window = cfg.eval_interval * math.ceil(ETA_MIN_STEPS / cfg.eval_interval)
-        self.step_ends = collections.deque(maxlen=window + 1)
+    def __init__(self, run_log, device, max_steps, eval_interval):
+        self.run_log, self.device = run_log, device
+        self.eta = ETA(max_steps, eval_interval)
         self.tensorboard = self.wandb = None
-        if not env.master_process:
-            return
-        start_step = checkpoint["step"] if checkpoint else 0
-        config = dict(run_info["config"], **{k: v for k, v in run_info.items() if k != "config"})
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(cfg.log_dir, purge_step=start_step)
-            atexit.register(self.tensorboard.close)  # a run that fails keeps its last points
-            text = json.dumps(config, indent=2).replace("\n", "\n    ")
-            self.tensorboard.add_text("config", f"    {text}", start_step)
-        if cfg.wandb_project:
-            own_dir = checkpoint and os.path.dirname(os.path.abspath(checkpoint["path"]))
-            resumed_here = own_dir and os.path.samefile(own_dir, cfg.log_dir)
-            self.start_wandb(cfg, config, resumed_here)
+    def start_tensorboard(self, log_dir, config, start_step):
+        """TensorBoard event files in log_dir, from start_step on (a resumed run's points hide
+        those the earlier process logged from there), with the run's config as text."""
+        from torch.utils.tensorboard import SummaryWriter
 
-    def start_wandb(self, cfg, config, resumed_here):
+        self.tensorboard = SummaryWriter(log_dir, purge_step=start_step)
+        atexit.register(self.tensorboard.close)  # a run that fails keeps its last points
+        text = json.dumps(config, indent=2).replace("\n", "\n    ")
+        self.tensorboard.add_text("config", f"    {text}", start_step)
+
+    def start_wandb(self, project, run_name, log_dir, config, resumed_here):
         """A new W&B run, or on a resume in the same log dir the run it continues; in the mode the
         user's W&B settings say (WANDB_MODE=offline: no network)."""
         import wandb
 
-        self.wandb_path = os.path.join(cfg.log_dir, WANDB_STATE)
+        self.wandb_path = os.path.join(log_dir, WANDB_STATE)
         earlier = None
         if resumed_here and os.path.exists(self.wandb_path):
             with open(self.wandb_path) as f:
                 earlier = json.load(f)
         try:
             self.wandb = wandb.init(
-                project=cfg.wandb_project,
-                name=cfg.wandb_run_name or None,
+                project=project,
+                name=run_name or None,
                 id=earlier["id"] if earlier else None,
                 resume="allow" if earlier else None,
             )
         except wandb.Error as e:  # no login, no server: the first line of W&B's own account
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise SystemExit(f"cannot start the W&B run: {why}") from None
+            raise SystemExit(f"cannot start the W&B run: {first_line(e)}") from None
         self.wandb.config.update(config, allow_val_change=True)  # a resume may change settings
         self.wandb_floor = self.wandb_step = earlier["step"] if earlier else -1
         self.save_wandb_state()
 
     def save_wandb_state(self):
-        # written at every step: a crashed run leaves the last step it logged; a rename, so that a
-        # kill never leaves half a file
-        tmp = self.wandb_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"id": self.wandb.id, "step": self.wandb_step}, f)
-        os.replace(tmp, self.wandb_path)
+        # written at every step, atomically: a crashed run leaves the last step it logged
+        files.write_json(self.wandb_path, {"id": self.wandb.id, "step": self.wandb_step})
 
     def log(self, step, metrics):
         """Scalars of step on the dashboards that are on."""
@@ -159,17 +171,21 @@ class Dashboard:
                 self.save_wandb_state()
 
     def write(self, step, kind, value):
-        """A line of log.txt ({step} train/val/hella {value}), and its point on the dashboards."""
+        """A line of log.txt ({step} {kind} {value}), and its point on the dashboards."""
         self.run_log.write(step, kind, value)
-        self.log(step, {TAGS[kind]: float(value)})
+        self.log(step, {LOG_KINDS[kind]: float(value)})
+
+    @contextlib.contextmanager
+    def evaluation(self):
+        """Around an evaluation: its time goes into the ETA as evaluation time, not step time."""
+        start = time.time()
+        yield
+        self.eta.evaluated(start, time.time())
 
     def log_step(self, step, state, lr, norm, dt, tokens, mfu, updated):
         """The metrics of training step `step` besides its loss (a log.txt line); returns the ETA
         of the whole run for its step line."""
-        now = time.time()
-        self.step_ends.append(now)
-        # a process's first step compiles and warms up: it stands alone only until another ends
-        ends = self.step_ends if len(self.step_ends) > 1 else (now - dt, now)
+        seconds_left = self.eta.step_ended(step, dt, time.time())
         groups = enumerate(state.optimizer.param_groups)
         metrics = {"lr": lr, **{f"lr/group{i}": group["lr"] for i, group in groups}}
         metrics.update({"perf/tokens_per_sec": tokens / dt, "train/tokens_seen": state.tokens_seen})
@@ -182,7 +198,7 @@ class Dashboard:
         if memory is not None:
             metrics["perf/peak_memory_gib"] = memory / 2**30
         self.log(step, metrics)
-        return format_eta(eta_seconds(ends, self.max_steps - step - 1))
+        return format_eta(seconds_left)
 
     def samples(self, step, texts):
         """The samples printed at an evaluation, as text."""

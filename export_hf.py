@@ -1,6 +1,7 @@
 """
 Export a train_gpt2.py checkpoint as a Hugging Face GPT-2 directory, tokenizer included, so
-that transformers pipelines and lm-evaluation-harness run on it offline.
+that transformers pipelines and lm-evaluation-harness run on it offline. The mapping of the
+weights and the config is support/hf_gpt2.py's.
 
     python export_hf.py log/model_19073.pt gpt2-repro
     python -c "import transformers as t; print(t.pipeline('text-generation', 'gpt2-repro')('Hi'))"
@@ -8,71 +9,19 @@ that transformers pipelines and lm-evaluation-harness run on it offline.
 """
 
 import os
-import shutil
 
 import torch
 
-from cli import (
+from support import files, hf_gpt2
+from support.cli import (
     ArgumentParser,
     check_output_dir,
     check_written,
     error_chain,
+    first_line,
     quiet_exit_when_stdout_closes,
 )
-from datafiles import EOT, GPT2_VOCAB_SIZE, HERE
-from hf_gpt2 import CONV1D_WEIGHTS, MASK_BUFFERS
 from train_gpt2 import load_model_from_checkpoint
-
-# OpenAI's GPT-2 vocabulary in Hugging Face's file format (encoder.json and vocab.bpe)
-HF_TOKENIZER_DIR = os.path.join(HERE, "data", "gpt2-hf")
-
-
-def export_hf(model, out_dir):
-    """Write `model` (a GPT) to out_dir as GPT2LMHeadModel weights, config and tokenizer files."""
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
-    from transformers.utils.logging import disable_progress_bar
-
-    disable_progress_bar()  # a bar for one file: stderr is kept for what went wrong
-
-    n_vocab = GPT2_VOCAB_SIZE  # drop the padding rows: 50304 -> 50257
-    c = model.config
-    if c.recipe != "gpt2":
-        raise SystemExit(
-            f"a --recipe {c.recipe} model is not a GPT-2 architecture (rotary positions, no "
-            "LayerNorm, untied head): transformers' GPT2LMHeadModel cannot hold it"
-        )
-    if c.vocab_size < n_vocab:
-        raise SystemExit(
-            f"the model's vocabulary ({c.vocab_size}) is smaller than GPT-2's ({n_vocab})"
-        )
-    hf_config = GPT2Config(
-        vocab_size=n_vocab,
-        n_positions=c.block_size,
-        n_embd=c.n_embd,
-        n_layer=c.n_layer,
-        n_head=c.n_head,
-        activation_function="gelu_new",
-        bos_token_id=EOT,
-        eos_token_id=EOT,
-        # we train without dropout; GPT-2's config would turn 0.1 on when fine-tuned with HF
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    state = {}
-    for k, v in model.state_dict().items():
-        if k in ("transformer.wte.weight", "lm_head.weight"):
-            v = v[:n_vocab]
-        state[k] = (v.t() if k.endswith(CONV1D_WEIGHTS) else v).contiguous().float()
-    hf_model = GPT2LMHeadModel(hf_config)
-    result = hf_model.load_state_dict(state, strict=False)
-    # older transformers versions hold the causal mask as (non-weight) buffers
-    missing = [k for k in result.missing_keys if not k.endswith(MASK_BUFFERS)]
-    assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
-    hf_model.save_pretrained(out_dir)
-    tokenizer = GPT2TokenizerFast.from_pretrained(HF_TOKENIZER_DIR)
-    tokenizer.model_max_length = c.block_size
-    tokenizer.save_pretrained(out_dir)
 
 
 def check_out_dir(out_dir):
@@ -82,20 +31,17 @@ def check_out_dir(out_dir):
         raise SystemExit(f"{out_dir} is not empty: name a new or empty directory to export into")
 
 
-def export_atomically(model, out_dir):
-    """export_hf into a temporary directory beside out_dir, renamed to out_dir once complete: a
-    failure (a full disk, say) leaves nothing behind that would block the same command again."""
-    parent, name = os.path.split(os.path.abspath(out_dir))
-    tmp = os.path.join(parent, f".{name}.{os.getpid()}.tmp")
+def export(model, out_dir):
+    """The model as a Hugging Face directory, written whole or not at all: a failure (a full disk,
+    say) leaves nothing behind that would block the same command again."""
     try:
-        export_hf(model, tmp)
-        os.replace(tmp, out_dir)  # onto a missing or empty directory
+        with files.atomic_directory(out_dir) as tmp, torch.no_grad():
+            hf_gpt2.save_pretrained(model, tmp)
     except Exception as e:  # transformers and safetensors report a failed write in their own types
         cause = next((c for c in error_chain(e) if isinstance(c, OSError)), e)
-        reason = getattr(cause, "strerror", None) or str(cause).strip().splitlines()[0]
+        reason = getattr(cause, "strerror", None) or first_line(cause)
         raise SystemExit(f"could not write {out_dir}: {reason}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    check_written(os.path.join(out_dir, "model.safetensors"), "the export's weights")
 
 
 def main(argv=None):
@@ -106,10 +52,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_out_dir(args.out_dir)
     model, ckpt = load_model_from_checkpoint(args.checkpoint, args.log_dir)
-    with torch.no_grad():
-        export_atomically(model, args.out_dir)
-    check_written(os.path.join(args.out_dir, "model.safetensors"), "the export's weights")
-    print(f"wrote {args.out_dir} from {ckpt['path']} (step {ckpt['step']})")
+    export(model, args.out_dir)
+    print(f"wrote {args.out_dir} from {ckpt.path} (step {ckpt['step']})")
 
 
 if __name__ == "__main__":

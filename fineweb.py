@@ -32,17 +32,18 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from cli import (
+from support import files
+from support.cli import (
     check_input_file,
     check_output_dir,
     error_chain,
+    first_line,
     parse_settings,
     quiet_exit_when_stdout_closes,
     setting,
 )
-from datafiles import (
+from support.datafiles import (
     EOT,
-    atomic_open,
     download_hellaswag,
     get_tokenizer,
     iterate_examples,
@@ -246,8 +247,7 @@ def load_remote(dataset, remote_name):
         except Exception as e:
             what = f"{dataset} ({remote_name})"
             if not is_transient(e):
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise SystemExit(f"could not load {what}: {reason}") from None
+                raise SystemExit(f"could not load {what}: {first_line(e)}") from None
             if attempt == DOWNLOAD_ATTEMPTS:
                 raise SystemExit(
                     f"downloading {what} failed at {failed_file(e)} after {attempt} attempts "
@@ -374,16 +374,14 @@ def tokenize(text, eval_path=None):
 # Shards and the manifest
 
 SHARD_FILE = re.compile(rf"^{SHARD_PREFIX}_(val|train)_(\d{{6}})\.(npy|bin)$")
-TEMPORARY_FILE = re.compile(rf"^\.({SHARD_PREFIX}_|{re.escape(MANIFEST)}).*\.tmp$")
 
 
 def shard_name(index, fmt):
     return f"{SHARD_PREFIX}_{'val' if index == 0 else 'train'}_{index:06d}.{fmt}"
 
 
-def write_json(path, obj):
-    with atomic_open(path, "w") as f:  # like the shards: a crash leaves the previous version
-        json.dump(obj, f, indent=1)
+def write_manifest(out, manifest):
+    files.write_json(os.path.join(out, MANIFEST), manifest, indent=1)  # atomic, like the shards
 
 
 def file_sha256(path):
@@ -528,7 +526,7 @@ class ShardWriter:
                 "dropped_tokens": self.dropped_tokens,
             }
         )
-        write_json(os.path.join(self.out, MANIFEST), self.manifest)  # after the shard: see above
+        write_manifest(self.out, self.manifest)  # after the shard: see above
         self.fill = 0
 
 
@@ -640,16 +638,15 @@ def build_shards(args):
     else:
         texts = iter_remote(load_remote(args.dataset, args.remote_name), last["next_document"])
     os.makedirs(out, exist_ok=True)
-    for name in os.listdir(out):
-        if TEMPORARY_FILE.match(name):  # left by a run that was killed while writing
-            os.remove(os.path.join(out, name))
-    write_json(os.path.join(out, MANIFEST), manifest)
+    # what a run killed while writing left (files.atomic_open writes shards and the manifest)
+    files.remove_stale_temporaries(out, rf"{SHARD_PREFIX}_.*|{re.escape(MANIFEST)}")
+    write_manifest(out, manifest)
     if shards:
         print(f"{len(shards)} shards of {out} are complete: continuing with shard {len(shards)}")
     t0 = time.perf_counter()
     tokenized = write_documents(texts, ShardWriter(out, manifest), last, eval_path, args.num_proc)
     manifest["complete"] = True
-    write_json(os.path.join(out, MANIFEST), manifest)
+    write_manifest(out, manifest)
     seconds = time.perf_counter() - t0
     report(out, manifest)
     print(

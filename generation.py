@@ -11,7 +11,7 @@ attention, and each row counts its positions from its own first token.
 import torch
 import torch.nn.functional as F
 
-from datafiles import GPT2_VOCAB_SIZE, get_tokenizer
+from support.datafiles import GPT2_VOCAB_SIZE, get_tokenizer
 
 
 class NonFiniteLogits(Exception):
@@ -21,30 +21,28 @@ class NonFiniteLogits(Exception):
 class KVCache:
     """The keys and values of every layer during generation, preallocated to max_len positions,
     with the attention mask of the rows: a row's left padding is never attended to. A model's
-    forward(idx, cache=cache) reads positions() and mask, stores each layer's keys and values
-    with update(), and advances length by the tokens it ran."""
+    forward(idx, cache=cache) makes room for its tokens with token_positions(), which gives their
+    positions and sets the mask, then stores each layer's keys and values with update()."""
 
     def __init__(self, pad, max_len):
         self.pad = pad  # (B,) left-padding tokens of each row
         self.max_len = max_len
-        self.length = 0  # positions already filled
+        self.start = self.length = 0  # the new tokens fill positions start..length-1
         self.k, self.v = {}, {}  # layer -> (B, n_head, max_len, head_size)
-        self.mask = None  # (B, 1, T, length + T), set by prepare() for the T new positions
+        self.mask = None  # (B, 1, T, length) for the T new positions
 
-    def positions(self, T):
-        """Positions of the next T tokens of every row, counted from the row's first real token."""
-        start = torch.arange(self.length, self.length + T, device=self.pad.device)
-        return (start.unsqueeze(0) - self.pad.unsqueeze(1)).clamp(min=0)
-
-    def prepare(self, T):
-        """The mask of T new queries: causal, and blind to padding (a padding query attends to
-        itself only, so that its row of weights is never empty)."""
-        keys = torch.arange(self.length + T, device=self.pad.device)
-        queries = torch.arange(self.length, self.length + T, device=self.pad.device)
+    def extend(self, T):
+        """Room for T new tokens in every row: their positions, counted from the row's first real
+        token, and the mask of their queries: causal, and blind to padding (a padding query
+        attends to itself only, so that its row of weights is never empty)."""
+        self.start, self.length = self.length, self.length + T
+        keys = torch.arange(self.length, device=self.pad.device)
+        queries = keys[self.start :]
         causal = keys.view(1, -1) <= queries.view(-1, 1)  # (T, L)
         real = keys.view(1, -1) >= self.pad.view(-1, 1)  # (B, L)
-        self.mask = causal.unsqueeze(0) & (real.unsqueeze(1) | (keys == queries.view(-1, 1)))
-        self.mask = self.mask.unsqueeze(1)
+        mask = causal.unsqueeze(0) & (real.unsqueeze(1) | (keys == queries.view(-1, 1)))
+        self.mask = mask.unsqueeze(1)
+        return (queries.unsqueeze(0) - self.pad.unsqueeze(1)).clamp(min=0)
 
     def update(self, layer, k, v):
         """Store the new keys and values of a layer; returns all of that layer's so far."""
@@ -52,10 +50,21 @@ class KVCache:
             B, H, _, D = k.shape
             self.k[layer] = k.new_zeros(B, H, self.max_len, D)
             self.v[layer] = v.new_zeros(B, H, self.max_len, D)
-        end = self.length + k.size(2)
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        self.k[layer][:, :, self.start : self.length] = k
+        self.v[layer][:, :, self.start : self.length] = v
+        return self.k[layer][:, :, : self.length], self.v[layer][:, :, : self.length]
+
+
+def token_positions(idx, cache, block_size):
+    """The position of every token of idx (B, T): 0..T-1, or with a KVCache the positions after
+    the cached tokens (KVCache.extend). A sequence longer than block_size is refused."""
+    T = idx.size(1)
+    past = 0 if cache is None else cache.length
+    if past + T > block_size:
+        raise ValueError(f"sequence of length {past + T} is longer than block_size {block_size}")
+    if cache is None:
+        return torch.arange(0, T, dtype=torch.long, device=idx.device)
+    return cache.extend(T)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -152,23 +161,23 @@ def stream(
 SAMPLE_PROMPT = "Hello, I'm a language model,"
 
 
-def print_samples(model, cfg, env, autocast):
-    """num_return_sequences continuations of SAMPLE_PROMPT, top-k 50, with a generator of their
-    own so that sampling never moves the training RNG; returns their texts (none if skipped)."""
-    if cfg.num_return_sequences == 0:
+def print_samples(model, count, max_length, seed, autocast, print0=print):
+    """count continuations of SAMPLE_PROMPT to max_length tokens, top-k 50, with a generator of
+    their own seeded by seed, so that sampling never moves the training RNG; printed, and
+    returned as texts (none if skipped)."""
+    if count == 0:
         return []
     enc = get_tokenizer()
     prompt = enc.encode(SAMPLE_PROMPT)
-    generator = torch.Generator(device=env.device).manual_seed(cfg.seed + env.rank)
-    new_tokens = max(0, cfg.max_length - len(prompt))
+    generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    new_tokens = max(0, max_length - len(prompt))
     try:
         with autocast:
-            prompts = [prompt] * cfg.num_return_sequences
-            rows = generate(model, prompts, new_tokens, top_k=50, generator=generator)
+            rows = generate(model, [prompt] * count, new_tokens, top_k=50, generator=generator)
     except NonFiniteLogits as e:
-        env.print0(f"samples skipped: {e}")
+        print0(f"samples skipped: {e}")
         return []
     texts = [enc.decode(row) for row in rows]
     for text in texts:
-        env.print0(f"sample: {text}")
+        print0(f"sample: {text}")
     return texts

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import torch
 
 import hellaswag_eval
-from cli import ON_OFF, parse_settings, quiet_exit_when_stdout_closes, setting
-from datafiles import HELLASWAG_SPLITS, iterate_examples
-from devices import autocast_context, autocast_dtype, check_device, default_device
 from generation import NonFiniteLogits
 from hellaswag_eval import render_example
-from hf_gpt2 import load_hf_gpt2
+from support.cli import ON_OFF, parse_settings, quiet_exit_when_stdout_closes, setting
+from support.datafiles import HELLASWAG_SPLITS, iterate_examples
+from support.devices import autocast_context, autocast_dtype, check_device, default_device
+from support.hf_gpt2 import load_hf_gpt2
 from train_gpt2 import load_model_from_checkpoint
 
 # the lecture's `from hellaswag import render_example, iterate_examples` keeps working
@@ -35,7 +35,7 @@ def scored_model(model_type, checkpoint, log_dir, device):
     if checkpoint:
         model, ckpt = load_model_from_checkpoint(checkpoint, log_dir)
         model.to(device).eval()
-        return model.hidden, model.head, f"{ckpt['path']} (step {ckpt['step']})"
+        return model.hidden, model.head, f"{ckpt.path} (step {ckpt['step']})"
     model = load_hf_gpt2(model_type)
     model.to(device).eval()
     return (lambda tokens: model.transformer(tokens).last_hidden_state), model.lm_head, model_type

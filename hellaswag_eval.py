@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-import datafiles
-from datafiles import ENDINGS, GPT2_VOCAB_SIZE, get_tokenizer, iterate_examples
 from generation import NonFiniteLogits
-from run_control import agree
+from support import datafiles
+from support.datafiles import ENDINGS, GPT2_VOCAB_SIZE, get_tokenizer, iterate_examples
+from support.run_control import agree
 
 # rows x width per forward pass: 16k tokens keep an H100 busy; on a CPU, whose logits are float32
 # (200KB per token), 2k tokens are as fast per token and need 8 times less memory
@@ -228,26 +228,22 @@ def evaluate(scorer, packed, device, autocast=None, rank=0, world_size=1, should
     return correct, correct_norm, len(packed)
 
 
-def load_hellaswag(cfg, env, bundled):
-    """The HellaSwag val examples packed for scoring, or None when HellaSwag is off for this run.
-
-    By default it runs with FineWeb data only, and a missing file that cannot be downloaded
-    turns it off with a message; asked for explicitly (--hellaswag 1), that is an error. Local
-    rank 0 of each node downloads, and every rank agrees on the outcome before going on.
-    """
-    if not (cfg.hellaswag if cfg.hellaswag is not None else not bundled):
-        return None
-    path = cfg.hellaswag_path or os.path.join(datafiles.HELLASWAG_CACHE_DIR, "hellaswag_val.jsonl")
+def load_hellaswag(path, block_size, env, required):
+    """The HellaSwag val examples of a local file (path), or of the download when path is empty,
+    packed for scoring by a model of context block_size. Local rank 0 of each node downloads,
+    and every rank agrees on the outcome before going on. A file that cannot be had is an error
+    when required, else it turns HellaSwag off for the run (None) with a message."""
+    cached = os.path.join(datafiles.HELLASWAG_CACHE_DIR, "hellaswag_val.jsonl")
 
     def download():
-        if env.local_rank == 0 and not cfg.hellaswag_path:
+        if env.local_rank == 0 and not path:
             datafiles.download_hellaswag("val")
 
     try:
         agree(env, download)
-        return agree(env, lambda: load_packed(path, env.device, cfg.block_size))
+        return agree(env, lambda: load_packed(path or cached, env.device, block_size))
     except SystemExit as e:
-        if cfg.hellaswag == 1:
+        if required:
             raise
         env.print0(f"HellaSwag is off for this run: {e}")
         return None

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import torch
 
 import generation
-from cli import (
+from generation import NonFiniteLogits
+from support.checkpoints import latest_checkpoint
+from support.cli import (
     DTYPES,
     ON_OFF,
     check_input_file,
@@ -28,10 +30,8 @@ from cli import (
     quiet_exit_when_stdout_closes,
     setting,
 )
-from datafiles import EOT, get_tokenizer
-from devices import autocast_dtype, check_device, default_device, out_of_memory, synchronize
-from generation import NonFiniteLogits
-from rundir import latest_checkpoint
+from support.datafiles import EOT, get_tokenizer
+from support.devices import autocast_dtype, check_device, default_device, out_of_memory, synchronize
 from train_gpt2 import GPT, load_model_from_checkpoint
 
 
@@ -78,7 +78,7 @@ def model_to_sample(cfg):
             "PATH or --init_from gpt2"
         )
     model, checkpoint = load_model_from_checkpoint(cfg.checkpoint, cfg.log_dir)
-    return model, f"{checkpoint['path']} (step {checkpoint['step']}, {model.config.recipe})"
+    return model, f"{checkpoint.path} (step {checkpoint['step']}, {model.config.recipe})"
 
 
 def read_prompt(text):
@@ -124,7 +124,7 @@ class TextStream:
         self.out.flush()
 
 
-def generate(model, cfg, prompt, generator, device):
+def print_continuations(model, cfg, prompt, generator, device):
     """Print cfg.num_samples continuations of the prompt; returns the number of new tokens."""
     max_new = min(cfg.max_new_tokens, model.config.block_size - len(prompt))
     options = dict(
@@ -168,7 +168,8 @@ def interact(model, cfg, generator, device):
             print(file=sys.stderr)
             return
         try:
-            generate(model, cfg, encode_prompt(text, model.config.block_size), generator, device)
+            prompt = encode_prompt(text, model.config.block_size)
+            print_continuations(model, cfg, prompt, generator, device)
         except KeyboardInterrupt:
             print("\n(stopped)", file=sys.stderr)
         except SystemExit as e:  # a prompt too long for the context: say so, ask again
@@ -201,7 +202,7 @@ def main(argv=None):
                 file=sys.stderr,
             )
         t0 = time.perf_counter()
-        new_tokens = generate(model, cfg, prompt, generator, device)
+        new_tokens = print_continuations(model, cfg, prompt, generator, device)
         seconds = time.perf_counter() - t0
     except KeyboardInterrupt:
         print("\n(stopped)", file=sys.stderr)

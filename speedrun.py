@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from generation import token_positions
 from kernels import linear_cross_entropy
 
 # With q and k RMS-normalized, a fixed attention temperature of 0.12 trains better than
@@ -155,23 +156,10 @@ class SpeedrunGPT(nn.Module):
 
     def hidden(self, idx, cache=None):
         """The final (normalized) hidden state of every position: (B, T, n_embd)."""
-        B, T = idx.size()
-        start = 0 if cache is None else cache.length
-        if start + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of length {start + T} is longer than block_size {self.config.block_size}"
-            )
-        if cache is None:
-            pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
-        else:
-            pos = cache.positions(T)
-            cache.prepare(T)
+        rope = self.rotary(token_positions(idx, cache, self.config.block_size))
         x = rms_norm(self.transformer.wte(idx))
-        rope = self.rotary(pos)
         for block in self.transformer.h:
             x = block(x, rope, cache)
-        if cache is not None:
-            cache.length += T
         return rms_norm(x)
 
     def head(self, x):
@@ -184,23 +172,6 @@ class SpeedrunGPT(nn.Module):
         No biases or norm gains; the untied lm_head is multiplied, the embedding only looked up."""
         d, L = self.config.n_embd, self.config.n_layer
         return 6 * (self.config.vocab_size * d + L * 12 * d * d) + 12 * L * d * T
-
-    def configure_optimizers(self, cfg, ns_dtype, log=print):
-        """Muon for the blocks' matrices; AdamW (betas 0.8, 0.95) for the embedding and the head,
-        each with its own learning rate (modded-nanogpt's choices, scaled by cfg)."""
-        matrices = [p for block in self.transformer.h for p in block.parameters()]
-        groups = [
-            dict(params=matrices, use_muon=True, lr=cfg.muon_lr, weight_decay=cfg.muon_wd),
-            dict(params=[self.transformer.wte.weight], lr=cfg.embed_lr),
-            dict(params=[self.lm_head.weight], lr=cfg.head_lr),
-        ]
-        for group in groups:
-            group["initial_lr"] = group["lr"]  # the schedule scales every group's own rate
-        log(
-            f"Muon: {len(matrices)} matrices with {sum(p.numel() for p in matrices):,} parameters; "
-            f"AdamW: embedding and head, {2 * self.lm_head.weight.numel():,} parameters"
-        )
-        return Muon(groups, ns_dtype=ns_dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -226,10 +197,22 @@ def newton_schulz(G, steps=5):
     return X.T if transposed else X
 
 
-def make_optimizer(model, cfg, device_type, dtype, log=print):
-    """The recipe's optimizer for train_gpt2.py: Muon, its Newton-Schulz in the right dtype."""
-    weights = model.lm_head.weight.dtype
-    return model.configure_optimizers(cfg, newton_schulz_dtype(device_type, dtype, weights), log)
+def make_optimizer(model, muon_lr, muon_wd, embed_lr, head_lr, ns_dtype, log=print):
+    """Muon for the blocks' matrices (Newton-Schulz in ns_dtype); AdamW (betas 0.8, 0.95) for the
+    embedding and the head, each with its own learning rate (modded-nanogpt's choices)."""
+    matrices = [p for block in model.transformer.h for p in block.parameters()]
+    groups = [
+        dict(params=matrices, use_muon=True, lr=muon_lr, weight_decay=muon_wd),
+        dict(params=[model.transformer.wte.weight], lr=embed_lr),
+        dict(params=[model.lm_head.weight], lr=head_lr),
+    ]
+    for group in groups:
+        group["initial_lr"] = group["lr"]  # the schedule scales every group's own rate
+    log(
+        f"Muon: {len(matrices)} matrices with {sum(p.numel() for p in matrices):,} parameters; "
+        f"AdamW: embedding and head, {2 * model.lm_head.weight.numel():,} parameters"
+    )
+    return Muon(groups, ns_dtype=ns_dtype)
 
 
 def newton_schulz_dtype(device_type, dtype, weights=torch.float32):
@@ -340,18 +323,18 @@ class Muon(torch.optim.Optimizer):
 # The schedule
 
 
-def lr_factor(step, cfg):
+def lr_factor(step, max_steps, cooldown_frac, min_lr_ratio):
     """The speedrun's schedule, as a factor of each group's rate: no warmup, constant, then a
-    linear cooldown to min_lr_ratio over the last cooldown_frac of the steps."""
-    cooldown_start = cfg.max_steps * (1.0 - cfg.cooldown_frac)
+    linear cooldown to min_lr_ratio over the last cooldown_frac of the max_steps steps."""
+    cooldown_start = max_steps * (1.0 - cooldown_frac)
     if step < cooldown_start:
         return 1.0
-    progress = min(1.0, (step - cooldown_start) / max(1e-9, cfg.max_steps - cooldown_start))
-    return 1.0 - (1.0 - cfg.min_lr_ratio) * progress
+    progress = min(1.0, (step - cooldown_start) / max(1e-9, max_steps - cooldown_start))
+    return 1.0 - (1.0 - min_lr_ratio) * progress
 
 
-def set_learning_rate(optimizer, step, cfg):
-    """Every group at its own rate times lr_factor(step); returns the first group's."""
+def scale_learning_rates(optimizer, factor):
+    """Every group at its own rate times factor; returns the first group's (Muon's)."""
     for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
+        group["lr"] = group["initial_lr"] * factor
     return optimizer.param_groups[0]["lr"]

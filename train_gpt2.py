@@ -27,6 +27,11 @@ import time
 import typing
 from dataclasses import dataclass
 
+from support import cli
+
+if __name__ == "__main__":  # torch takes a second or two to import: a Ctrl-C then is one line
+    signal.signal(signal.SIGINT, cli.stop_at_start_up)
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -34,24 +39,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import cli
 import dashboards
-import datafiles
-import devices
 import hellaswag_eval
-import hf_gpt2
-import run_control
-import rundir
 import sharding
 import speedrun
-from cli import ON_OFF, setting
-from datafiles import BUNDLED, GPT2_VOCAB_SIZE
-from generation import NonFiniteLogits, print_samples
+from generation import NonFiniteLogits, print_samples, token_positions
 from kernels import check_fp8_device, linear_cross_entropy, use_fp8_matmuls
-from run_control import StopNow, StopSignal, agree, once_per_node
+from support import checkpoints, datafiles, devices, hf_gpt2, rundir
+from support.cli import ON_OFF, setting
+from support.datafiles import BUNDLED, GPT2_VOCAB_SIZE
+from support.run_control import StopNow, StopSignal, agree, once_per_node
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 PADDED_VOCAB_SIZE = 50304  # 50257 padded to a multiple of 128: faster on tensor cores
+RECIPES = ("gpt2", "speedrun")  # this file's GPT, speedrun.py's SpeedrunGPT: see get_recipe
 
 # -----------------------------------------------------------------------------
 # The model: GPT-2 (with Hugging Face's GPT2LMHeadModel's parameter names)
@@ -59,12 +59,14 @@ PADDED_VOCAB_SIZE = 50304  # 50257 padded to a multiple of 128: faster on tensor
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # longest sequence (context length)
-    vocab_size: int = GPT2_VOCAB_SIZE
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    recipe: str = "gpt2"  # the model's recipe: gpt2 (this file's GPT) or speedrun (speedrun.py)
+    """The model's shape; each field is also a flag of train_gpt2.py (TrainConfig has them)."""
+
+    block_size: int = setting(1024, "longest context the model handles", minimum=1)
+    vocab_size: int = setting(GPT2_VOCAB_SIZE, "50,000 BPE merges + 256 bytes + <|endoftext|>")
+    n_layer: int = setting(12, "transformer blocks", minimum=1)
+    n_head: int = setting(12, "attention heads", minimum=1)
+    n_embd: int = setting(768, "embedding width", minimum=1)
+    recipe: str = setting("gpt2", "gpt2: the lecture's; speedrun: speedrun.py's", choices=RECIPES)
 
 
 class CausalSelfAttention(nn.Module):
@@ -174,22 +176,10 @@ class GPT(nn.Module):
 
     def hidden(self, idx, cache=None):
         """The final (normalized) hidden state of every position: (B, T, n_embd)."""
-        B, T = idx.size()
-        start = 0 if cache is None else cache.length
-        if start + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of length {start + T} is longer than block_size {self.config.block_size}"
-            )
-        if cache is None:
-            pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
-        else:
-            pos = cache.positions(T)
-            cache.prepare(T)
+        pos = token_positions(idx, cache, self.config.block_size)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
             x = block(x, cache)
-        if cache is not None:
-            cache.length += T
         return self.transformer.ln_f(x)
 
     def head(self, x):
@@ -211,17 +201,9 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path):
         """Load OpenAI's GPT-2 weights (a preset name) or a local Hugging Face GPT-2 directory."""
         hf_model = hf_gpt2.load_hf_gpt2(name_or_path)
-        hf_gpt2.check_variant(hf_model.config, name_or_path)
-        model = cls(GPTConfig(**hf_gpt2.shape_of(hf_model.config)))
-        sd = model.state_dict()
-        sd_hf = hf_model.state_dict()
-        sd_hf = {k: v for k, v in sd_hf.items() if not k.endswith(hf_gpt2.MASK_BUFFERS)}
-        if set(sd_hf) != set(sd):
-            missing = sorted(set(sd) ^ set(sd_hf))
-            raise SystemExit(f"{name_or_path!r} does not hold GPT-2 weights: {missing[:3]} differ")
-        with torch.no_grad():
-            for k, v in sd_hf.items():
-                sd[k].copy_(v.t() if k.endswith(hf_gpt2.CONV1D_WEIGHTS) else v)
+        model = cls(GPTConfig(**hf_gpt2.shape_of(hf_model.config, name_or_path)))
+        names = model.state_dict().keys()
+        model.load_state_dict(hf_gpt2.weights_from_hf(hf_model.state_dict(), names, name_or_path))
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type, log=print, fused=None):
@@ -424,27 +406,43 @@ def grad_accum_steps_at(tokens_seen, cfg, world_size):
     return max(1, min(full, int(batch) // micro))
 
 
-def make_adamw(model, cfg, device_type, dtype, log):
-    return model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device_type, log)
-
-
 @dataclass(frozen=True)
 class Recipe:
-    """What a recipe decides: the model, the optimizer that trains it (made by
-    make_optimizer(model, cfg, device_type, dtype, log)) and the learning rate of each step (set
-    by set_learning_rate(optimizer, step, cfg)). The rest of a run is the same for every recipe."""
+    """What a recipe decides: the model (model(GPTConfig)), the optimizer that trains it
+    (make_optimizer(model, cfg, device_type, log)) and the learning rate of each step
+    (set_learning_rate(optimizer, step, cfg), which returns the rate printed). The last two take
+    the run's settings and give their recipe's code what it needs; the rest of a run is the same
+    for every recipe."""
 
     model: type
     make_optimizer: typing.Callable
     set_learning_rate: typing.Callable
+    shards: bool  # whether --shard fsdp can train it
+
+
+def make_adamw(model, cfg, device_type, log):
+    return model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device_type, log)
+
+
+def make_muon(model, cfg, device_type, log):
+    dtype = devices.autocast_dtype(cfg.dtype, device_type)
+    ns_dtype = speedrun.newton_schulz_dtype(device_type, dtype, model.lm_head.weight.dtype)
+    rates = (cfg.muon_lr, cfg.muon_wd, cfg.embed_lr, cfg.head_lr)
+    return speedrun.make_optimizer(model, *rates, ns_dtype, log)
+
+
+def set_speedrun_learning_rate(optimizer, step, cfg):
+    factor = speedrun.lr_factor(step, cfg.max_steps, cfg.cooldown_frac, cfg.min_lr_ratio)
+    return speedrun.scale_learning_rates(optimizer, factor)
 
 
 def get_recipe(name):
     """--recipe gpt2, the lecture's (GPT, AdamW, warmup and cosine decay), or speedrun (speedrun.py:
-    its own model, Muon, and a constant rate with a linear cooldown): where a recipe is chosen."""
+    its own model, Muon, and a constant rate with a linear cooldown): where a recipe is chosen.
+    Muon orthogonalizes whole matrices: FSDP's shards are not."""
     if name == "speedrun":
-        return Recipe(speedrun.SpeedrunGPT, speedrun.make_optimizer, speedrun.set_learning_rate)
-    return Recipe(GPT, make_adamw, set_learning_rate)
+        return Recipe(speedrun.SpeedrunGPT, make_muon, set_speedrun_learning_rate, shards=False)
+    return Recipe(GPT, make_adamw, set_learning_rate, shards=True)
 
 
 # -----------------------------------------------------------------------------
@@ -453,7 +451,7 @@ def get_recipe(name):
 
 @dataclass
 class DistEnv:
-    ddp: bool
+    distributed: bool  # a process group is up (torchrun's, or FSDP's group of one process)
     rank: int
     local_rank: int
     world_size: int
@@ -462,6 +460,11 @@ class DistEnv:
     # gloo group for the small collectives that decide things on the host (stop requests, whether
     # every rank's start-up worked): they never wait for the GPU. None: the default group.
     cpu_group: object = None
+
+    @classmethod
+    def one_process(cls, device):
+        """A run of one process without a process group (no torchrun, no FSDP)."""
+        return cls(False, 0, 0, 1, device, True)
 
     @property
     def device_type(self):
@@ -480,7 +483,7 @@ def setup_distributed(device="", sharded=False):
     a process group of its own where the model is sharded (FSDP needs one)."""
     device = devices.check_device(device or devices.default_device())
     if "RANK" not in os.environ and not sharded:
-        return DistEnv(False, 0, 0, 1, device, True)
+        return DistEnv.one_process(device)
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -501,7 +504,7 @@ def setup_distributed(device="", sharded=False):
 
 def all_reduce_mean(value, env):
     """Average a tensor over the ranks, in place (a sum and a division: gloo has no AVG)."""
-    if env.ddp:
+    if env.distributed:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= env.world_size
     return value
@@ -564,7 +567,12 @@ class Evaluator:
                 self.scorer(*(t.to(device) for t in (batch.tokens, batch.positions, batch.targets)))
 
     def run(self, step):
-        """Evaluate after `step` steps; returns early when a stop is requested."""
+        """Evaluate after `step` steps, the time it takes told to the ETA."""
+        with self.log.evaluation():
+            self.evaluate(step)
+
+    def evaluate(self, step):
+        """Val loss, HellaSwag and samples; returns early when a stop is requested."""
         env, requested = self.env, self.stop.requested
         val_loss = evaluate_val_loss(
             self.model, self.val_loader, self.val_steps, env, self.autocast, requested
@@ -589,7 +597,19 @@ class Evaluator:
         # a sharded model generates on every rank (each gathers the weights), the master prints
         sharded = sharding.is_sharded(self.state.model)
         if step > 0 and not requested() and (env.master_process or sharded):
-            self.log.samples(step, print_samples(self.state.model, self.cfg, env, self.autocast))
+            cfg, model = self.cfg, self.state.model
+            count, seed = cfg.num_return_sequences, cfg.seed + env.rank
+            texts = print_samples(model, count, cfg.max_length, seed, self.autocast, env.print0)
+            self.log.samples(step, texts)
+
+
+def load_hellaswag(cfg, env):
+    """HellaSwag packed for the loop, or None: asked for, or by default for FineWeb's data (a
+    file that cannot be had then turns it off instead of failing the run)."""
+    if not (cfg.hellaswag if cfg.hellaswag is not None else cfg.data_dir != BUNDLED):
+        return None
+    required = cfg.hellaswag == 1
+    return hellaswag_eval.load_hellaswag(cfg.hellaswag_path, cfg.block_size, env, required)
 
 
 # -----------------------------------------------------------------------------
@@ -600,45 +620,12 @@ CHECKPOINT_KEYS = tuple("model optimizer scaler model_config train_config step t
 CHECKPOINT_KEYS += ("val_loss", "loader", "rng")
 
 
-def save_checkpoint(path, checkpoint):
-    """Atomically: a crash mid-save leaves the previous checkpoint as the latest complete one."""
-    with run_control.checkpoint_write(path), datafiles.atomic_open(path) as f:
-        torch.save(checkpoint, f)
-
-
-def load_checkpoint(path, log_dir, keys=CHECKPOINT_KEYS):
-    """Read a checkpoint (a path, or 'latest' in log_dir) onto the CPU; it must hold `keys`. Of a
-    sharded one (a directory: sharding.py) only the progress: its tensors are read when needed."""
-    if path == "latest":
-        path = rundir.latest_checkpoint(log_dir)
-        if path is None:
-            raise SystemExit(f"no checkpoint (model_*.pt or .dcp) in {log_dir} for 'latest'")
-    sharded = sharding.is_sharded_checkpoint(path)
-    file = os.path.join(path, sharding.META_FILE) if sharded else path
-    cli.check_input_file(file, "checkpoint")
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
-        raise SystemExit(
-            f"checkpoint {path} is corrupt or not a checkpoint of ours ({type(e).__name__})"
-        ) from None
-    if not isinstance(checkpoint, dict):
-        raise SystemExit(f"checkpoint {path} is not a checkpoint of train_gpt2.py")
-    missing = [k for k in keys if k not in checkpoint]
-    if sharded:
-        missing = [k for k in missing if k not in sharding.TENSOR_KEYS]
-    if missing:
-        raise SystemExit(f"checkpoint {path} is incomplete: it has no {', '.join(missing)}")
-    checkpoint["path"], checkpoint["sharded"] = path, sharded
-    return checkpoint
-
-
 def model_config_of(checkpoint):
     try:
         return GPTConfig(**checkpoint["model_config"])
     except TypeError:
-        path = checkpoint["path"]
-        raise SystemExit(f"checkpoint {path} has a model_config of another kind") from None
+        what = "a model_config of another kind"
+        raise SystemExit(f"checkpoint {checkpoint.path} has {what}") from None
 
 
 def model_from_checkpoint(checkpoint):
@@ -646,31 +633,22 @@ def model_from_checkpoint(checkpoint):
     (a diverged run's would make every loss and sample NaN)."""
     config = model_config_of(checkpoint)
     model = get_recipe(config.recipe).model(config)
-    if checkpoint.get("sharded"):
-        sharding.load_weights(checkpoint["path"], model)
-    else:
-        try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError as e:
-            first_line = str(e).strip().splitlines()[0]
-            raise SystemExit(
-                f"checkpoint {checkpoint['path']} does not fit the model it describes: {first_line}"
-            ) from None
+    checkpoints.load_weights(checkpoint, model)
     if not all(torch.isfinite(w).all() for w in model.state_dict().values()):
-        raise SystemExit(f"checkpoint {checkpoint['path']} holds weights that are not finite")
+        raise SystemExit(f"checkpoint {checkpoint.path} holds weights that are not finite")
     return model
 
 
 def load_model_from_checkpoint(path, log_dir="."):
     """(model with the checkpoint's weights, the checkpoint): the one way every script reads one."""
-    checkpoint = load_checkpoint(path, log_dir, keys=("model", "model_config", "step"))
+    checkpoint = checkpoints.load(path, log_dir, keys=("model", "model_config", "step"))
     return model_from_checkpoint(checkpoint), checkpoint
 
 
 @dataclass
 class TrainingState:
     """Everything a checkpoint holds and --resume restores: state_dict and load_state_dict side by
-    side, so that nothing is saved without being restored."""
+    side, so that nothing is saved without being restored. support/checkpoints.py stores it."""
 
     model: nn.Module  # the raw (uncompiled, unwrapped) model
     optimizer: torch.optim.Optimizer
@@ -695,18 +673,14 @@ class TrainingState:
             "tokens_seen": self.tokens_seen,
             "val_loss": self.val_loss,
             "loader": self.loader.state_dict(),
-            "rng": run_control.rng_state(),
+            "rng": checkpoints.rng_state(),
         }
 
     def load_state_dict(self, checkpoint, print0=print):
         """Restore a checkpoint (the model has its weights already); returns its step, the next one
         to run. The optimizer state is resharded where this run shards otherwise."""
-        if checkpoint.get("sharded"):
-            sharding.load_optimizer_state(checkpoint["path"], self.model, self.optimizer)
-        elif sharding.is_sharded(self.model):
-            sharding.load_whole_optimizer_state(self.model, self.optimizer, checkpoint["optimizer"])
-        else:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        sharded = sharding.is_sharded(self.model)
+        checkpoints.load_optimizer_state(checkpoint, self.model, self.optimizer, sharded)
         self.scaler.load_state_dict(checkpoint["scaler"])
         if checkpoint["loader"].get("data") == self.loader.fingerprint:
             self.loader.load_state_dict(checkpoint["loader"])
@@ -714,7 +688,7 @@ class TrainingState:
             print0("the shards differ from the checkpoint's: the new data starts at its beginning")
         else:
             self.loader.load_state_dict(checkpoint["loader"])  # refuses, saying why
-        run_control.set_rng_state(checkpoint["rng"])
+        checkpoints.set_rng_state(checkpoint["rng"])
         self.tokens_seen, self.val_loss = checkpoint["tokens_seen"], checkpoint["val_loss"]
         return checkpoint["step"]
 
@@ -727,15 +701,14 @@ class TrainingState:
             what = "its loss is" if finite else "its weights are"
             raise SystemExit(
                 f"the model has diverged after step {step - 1} ({what} not finite): not saved; "
-                f"lower --max_lr ({rundir.last_saved(self.cfg.log_dir)})"
+                f"lower --max_lr ({checkpoints.last_saved(self.cfg.log_dir)})"
             )
         sharded = sharding.is_sharded(self.model)
-        path = rundir.checkpoint_path(self.cfg.log_dir, step, sharded)
+        path = checkpoints.checkpoint_path(self.cfg.log_dir, step, sharded)
         if sharded:
-            sharding.save_checkpoint(path, self.progress(step), self.model, self.optimizer, env)
+            checkpoints.save_sharded(path, self.progress(step), self.model, self.optimizer, env)
         elif env.master_process:
-            save_checkpoint(path, self.state_dict(step))
-            cli.check_written(path, "checkpoint")
+            checkpoints.save(path, self.state_dict(step))
         env.print0(f"saved {path}")
 
 
@@ -743,32 +716,28 @@ class TrainingState:
 # Settings: TrainConfig, its flags, and the checks before anything runs
 
 
-RECIPES = ("gpt2", "speedrun")
 SHARDING = ("ddp", "fsdp")
 MODEL_HELP = "a GPT-2 shape, and GPT-3's lr for its size (default: the --n_* flags)"
 MICRO_BATCH_HELP = "micro-batch size; auto: the largest that fits on CUDA, else 64 (default: auto)"
 
 
 @dataclass
-class TrainConfig:
-    """Every setting of a run; each field is also a command-line flag (--name value).
+class TrainConfig(GPTConfig):
+    """Every setting of a run: the model's shape (GPTConfig's fields) and how to train it; each
+    field is also a command-line flag (--name value).
 
     The defaults are the GPT-2 124M reproduction on FineWeb-Edu 10B (GPT-3 paper, table 2.1 and
     appendix B, as in the lecture). BUNDLED_DEFAULTS replaces some of them for the bundled corpus.
     """
+
+    vocab_size: int = setting(PADDED_VOCAB_SIZE, "GPT-2's 50257 padded to a multiple of 128")
 
     data_dir: str = setting("edu_fineweb10B", "token shards made by fineweb.py, or 'bundled'")
     log_dir: str = setting("log", "where log.txt, run.json and checkpoints go")
     tensorboard: int = setting(0, "TensorBoard event files in log_dir", choices=ON_OFF)
     wandb_project: str = setting("", "log to this Weights & Biases project (default: none)")
     wandb_run_name: str = setting("", "the W&B run's name (default: W&B's own)")
-    recipe: str = setting("gpt2", "gpt2: the lecture's; speedrun: speedrun.py's", choices=RECIPES)
     model: str = setting("", MODEL_HELP, choices=tuple(hf_gpt2.GPT2_PRESETS))
-    n_layer: int = setting(12, "transformer blocks", minimum=1)
-    n_head: int = setting(12, "attention heads", minimum=1)
-    n_embd: int = setting(768, "embedding width", minimum=1)
-    block_size: int = setting(1024, "longest context the model handles", minimum=1)
-    vocab_size: int = setting(PADDED_VOCAB_SIZE, "GPT-2's 50257 padded to a multiple of 128")
     init_from: str = setting("", "start from gpt2[-medium|-large|-xl], a HF dir, .pt or .dcp")
     B: int | None = setting(None, MICRO_BATCH_HELP, minimum=1, parse=cli.parse_auto_or_int)
     T: int = setting(1024, "sequence length of a training sample", minimum=1)
@@ -823,7 +792,7 @@ BUNDLED_DEFAULTS = dict(
 )  # val_loss_steps=32: the whole held-out 33k tokens
 # fmt: on
 
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "recipe")
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig))
 
 
 def parse_args(argv=None):
@@ -849,7 +818,8 @@ def resolve_config(overrides):
             "--resume and --init_from exclude each other: a resumed run has its weights"
         )
     if overrides.get("resume"):
-        checkpoint = load_checkpoint(overrides["resume"], overrides.get("log_dir", base.log_dir))
+        log_dir = overrides.get("log_dir", base.log_dir)
+        checkpoint = checkpoints.load(overrides["resume"], log_dir, CHECKPOINT_KEYS)
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         base = TrainConfig(**{k: v for k, v in checkpoint["train_config"].items() if k in known})
         if os.path.abspath(base.data_dir) == datafiles.BUNDLED_SHARDS_DIR:  # older checkpoints
@@ -858,7 +828,7 @@ def resolve_config(overrides):
         for k in MODEL_FIELDS:
             if k in overrides and overrides[k] != model_config[k]:
                 raise SystemExit(
-                    f"checkpoint {checkpoint['path']} has {k}={model_config[k]}, "
+                    f"checkpoint {checkpoint.path} has {k}={model_config[k]}, "
                     f"but {k}={overrides[k]} was requested"
                 )
     else:
@@ -868,12 +838,7 @@ def resolve_config(overrides):
                 + ", ".join(f"--{k}" for k in MODEL_FIELDS if k in overrides)
             )
         if "data_dir" not in overrides and not datafiles.list_shards(base.data_dir, "train"):
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                # a cluster run without its data would otherwise train the tiny model and exit 0
-                raise SystemExit(
-                    f"no FineWeb shards in {base.data_dir}/: make them with `python fineweb.py`, "
-                    "or pass --data_dir (--data_dir bundled: the small bundled-corpus run)"
-                )
+            check_fineweb_missing(base.data_dir)
             base = dataclasses.replace(base, data_dir=BUNDLED)
         if overrides.get("data_dir", base.data_dir) == BUNDLED:
             base = dataclasses.replace(base, **BUNDLED_DEFAULTS)
@@ -892,6 +857,20 @@ def resolve_config(overrides):
     return cfg, checkpoint
 
 
+def check_fineweb_missing(data_dir):
+    """Where the default FineWeb dir has no train shards, the small bundled-corpus run trains
+    instead, but not in place of half-made shards, nor as a cluster run: it would exit 0."""
+    bundled = "or pass --data_dir (--data_dir bundled: the small bundled-corpus run)"
+    if os.path.exists(data_dir):
+        raise SystemExit(
+            f"{data_dir}/ holds no train shards: `python fineweb.py` goes on making them, {bundled}"
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(
+            f"no FineWeb shards in {data_dir}/: make them with `python fineweb.py`, {bundled}"
+        )
+
+
 def with_model_preset(overrides):
     """--model: the shape of one of OpenAI's four GPT-2s, and its GPT-3 learning rate unless
     --max_lr is given or the run resumes (its checkpoint has one)."""
@@ -905,9 +884,9 @@ def with_model_preset(overrides):
 def init_shape(cfg):
     """The GPTConfig of the weights --init_from names: a checkpoint of ours, OpenAI's GPT-2 or a
     Hugging Face directory."""
-    if cfg.init_from.endswith(".pt") or sharding.is_sharded_checkpoint(cfg.init_from):
+    if cfg.init_from.endswith(".pt") or checkpoints.is_sharded_checkpoint(cfg.init_from):
         keys = ("model", "model_config", "step")
-        return model_config_of(load_checkpoint(cfg.init_from, cfg.log_dir, keys))
+        return model_config_of(checkpoints.load(cfg.init_from, cfg.log_dir, keys))
     return GPTConfig(**hf_gpt2.pretrained_shape(cfg.init_from))
 
 
@@ -925,7 +904,8 @@ def check_config(cfg, world_size):
         raise SystemExit(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
     if cfg.fp8 and (cfg.n_embd % 16 or cfg.T % 16):
         raise SystemExit(f"--fp8 needs n_embd and T divisible by 16, not {cfg.n_embd} and {cfg.T}")
-    if cfg.shard == "fsdp" and (cfg.recipe == "speedrun" or cfg.fp8 or cfg.dtype == "float16"):
+    shardable = get_recipe(cfg.recipe).shards and not cfg.fp8 and cfg.dtype != "float16"
+    if cfg.shard == "fsdp" and not shardable:
         raise SystemExit(
             "--shard fsdp trains the gpt2 recipe in bf16 or fp32, without --fp8: use DDP for the "
             "speedrun recipe (Muon orthogonalizes whole matrices), fp8 and float16"
@@ -938,7 +918,7 @@ def check_config(cfg, world_size):
             f"total_batch_size={cfg.total_batch_size} is not divisible by B * T * world_size = "
             f"{cfg.B} * {cfg.T} * {world_size} = {micro}"
         )
-    dashboards.check_config(cfg)
+    dashboards.check_packages(cfg.tensorboard, cfg.wandb_project, cfg.wandb_run_name)
 
 
 # -----------------------------------------------------------------------------
@@ -949,7 +929,7 @@ def build_model(cfg, checkpoint):
     """The model to train: resumed, started from pretrained weights, or fresh with its init."""
     if checkpoint is not None:
         model = model_from_checkpoint(checkpoint)
-    elif cfg.init_from.endswith(".pt") or sharding.is_sharded_checkpoint(cfg.init_from):
+    elif cfg.init_from.endswith(".pt") or checkpoints.is_sharded_checkpoint(cfg.init_from):
         model, _ = load_model_from_checkpoint(cfg.init_from, cfg.log_dir)
     elif cfg.init_from:
         model = GPT.from_pretrained(cfg.init_from)
@@ -965,6 +945,32 @@ def build_model(cfg, checkpoint):
     if cfg.activation_checkpointing:
         sharding.checkpoint_activations(model)
     return model
+
+
+def wrap_model(raw_model, cfg, env, dtype, use_compile):
+    """(the model a step trains, the compiled one that evaluation runs): compiled as asked and
+    DDP-wrapped under torchrun, or sharded by FSDP in place (raw_model is then the sharded one)."""
+    if cfg.shard == "fsdp":
+        model = sharding.shard_model(raw_model, dtype, use_compile)
+        return model, model
+    compiled = torch.compile(raw_model) if use_compile else raw_model
+    device_ids = [env.local_rank] if env.device_type == "cuda" else None
+    return (DDP(compiled, device_ids=device_ids) if env.distributed else compiled), compiled
+
+
+def settle_micro_batch(cfg, env, model, autocast):
+    """cfg with --B auto made a number: on CUDA the largest that fits (one trial step each, from
+    64 down), elsewhere the largest power of two up to 64 that divides the step."""
+    if cfg.B is not None:
+        return cfg
+    fits = lambda B: True  # noqa: E731
+    if env.device_type == "cuda":  # FSDP keeps a rank's share of the optimizer state
+        shares = env.world_size if cfg.shard == "fsdp" else 1
+        fits = devices.micro_batch_fits(model, cfg.T, env.device, autocast, shares)
+    B = devices.largest_micro_batch(fits, cfg.total_batch_size, cfg.T, env.world_size)
+    fitted = " (the largest that fits in memory)" if env.device_type == "cuda" else ""
+    env.print0(f"micro-batch B={B}{fitted}")
+    return dataclasses.replace(cfg, B=B)
 
 
 def train_step(
@@ -1033,7 +1039,6 @@ def prepare_data(cfg, env):
     (by local rank 0 of each node, agreed by all)."""
     if cfg.data_dir != BUNDLED:
         return cfg.data_dir
-    env.print0(f"training a small model on the bundled corpus ({datafiles.CORPUS_DIR})")
     shards = datafiles.BUNDLED_SHARDS_DIR
     agree(env, lambda: datafiles.prepare_bundled_corpus(shards) if env.local_rank == 0 else None)
     return shards
@@ -1050,7 +1055,7 @@ def make_loaders(cfg, env, data_dir):
         return train, DataLoaderLite(cfg.B, cfg.T, split="val", **common)
 
     train_loader, val_loader = agree(env, loaders)
-    if env.ddp:
+    if env.distributed:
         seen = [None] * env.world_size
         mine = (len(train_loader.paths), len(val_loader.paths), train_loader.fingerprint)
         dist.all_gather_object(seen, mine + (val_loader.fingerprint,), group=env.cpu_group)
@@ -1059,6 +1064,20 @@ def make_loaders(cfg, env, data_dir):
             message = f"the ranks see different shards in {data_dir} ({counts}): every node needs"
             raise SystemExit(f"{message} the same files" if env.local_rank == 0 else 1)
     return train_loader, val_loader
+
+
+def make_dashboard(cfg, env, run_log, run_info, checkpoint):
+    """log.txt's lines and the ETA; on the master also the dashboards that the flags turn on."""
+    dashboard = dashboards.Dashboard(run_log, env.device, cfg.max_steps, cfg.eval_interval)
+    if env.master_process and (cfg.tensorboard or cfg.wandb_project):
+        config = dict(run_info["config"], **{k: v for k, v in run_info.items() if k != "config"})
+        start_step = checkpoint["step"] if checkpoint else 0
+        if cfg.tensorboard:
+            dashboard.start_tensorboard(cfg.log_dir, config, start_step)
+        if cfg.wandb_project:
+            here = checkpoint is not None and rundir.resumes_in(checkpoint, cfg.log_dir)
+            dashboard.start_wandb(cfg.wandb_project, cfg.wandb_run_name, cfg.log_dir, config, here)
+    return dashboard
 
 
 @dataclass
@@ -1072,7 +1091,6 @@ class Run:
     state: TrainingState  # the raw model, the optimizer, the loss scaler, the train loader
     start_step: int
     evaluator: Evaluator
-    run_log: rundir.RunLog
     dashboard: dashboards.Dashboard  # log.txt's lines and more, on TensorBoard and W&B; the ETA
 
 
@@ -1082,34 +1100,31 @@ def start_run(cfg, env, checkpoint, stop):
     print0 = env.print0
     if cfg.fp8:
         check_fp8_device(env.device)
-    run_control.seed_everything(cfg.seed)
+    checkpoints.seed_everything(cfg.seed)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     data_dir = prepare_data(cfg, env)
 
     # the model, and what trains it
     recipe = get_recipe(cfg.recipe)
     raw_model = build_model(cfg, checkpoint).to(env.device)  # evaluation, sampling, checkpoints
+    if cfg.data_dir == BUNDLED:
+        print0(f"training {model_size(raw_model)} on the bundled corpus ({datafiles.CORPUS_DIR})")
     use_compile = cfg.compile if cfg.compile is not None else env.device_type == "cuda"
     dtype = devices.autocast_dtype(cfg.dtype, env.device_type)
     autocast = devices.autocast_context(dtype, env.device_type)
-    cfg = devices.resolve_micro_batch(cfg, env, raw_model, autocast)
-    if cfg.shard == "fsdp":  # in place: raw_model is the sharded model
-        model = compiled = sharding.shard_model(raw_model, dtype, use_compile)
-    else:
-        compiled = torch.compile(raw_model) if use_compile else raw_model
-        device_ids = [env.local_rank] if env.device_type == "cuda" else None
-        model = DDP(compiled, device_ids=device_ids) if env.ddp else compiled
+    cfg = settle_micro_batch(cfg, env, raw_model, autocast)
+    model, compiled = wrap_model(raw_model, cfg, env, dtype, use_compile)
     # fp16 needs loss scaling so that small gradients do not underflow; bf16 has fp32's range
     scaler = torch.amp.GradScaler(env.device_type, enabled=dtype == torch.float16)
-    optimizer = recipe.make_optimizer(raw_model, cfg, env.device_type, dtype, print0)
+    optimizer = recipe.make_optimizer(raw_model, cfg, env.device_type, print0)
 
     # data, evaluation and the state a checkpoint holds
     train_loader, val_loader = make_loaders(cfg, env, data_dir)
-    hella = hellaswag_eval.load_hellaswag(cfg, env, bundled=cfg.data_dir == BUNDLED)
+    hella = load_hellaswag(cfg, env)
     state = TrainingState(raw_model, optimizer, scaler, train_loader, cfg)
     start_step = state.load_state_dict(checkpoint, print0) if checkpoint else 0
     if checkpoint:
-        print0(f"resumed from {checkpoint['path']} at step {start_step}")
+        print0(f"resumed from {checkpoint.path} at step {start_step}")
     run_log = rundir.RunLog(cfg.log_dir, env.master_process)
     run_info = dict(
         config=dataclasses.asdict(cfg),
@@ -1120,7 +1135,7 @@ def start_run(cfg, env, checkpoint, stop):
         compile=bool(use_compile),
     )
     agree(env, lambda: run_log.start(run_info, checkpoint, print0))
-    dashboard = agree(env, lambda: dashboards.Dashboard(cfg, env, run_log, run_info, checkpoint))
+    dashboard = agree(env, lambda: make_dashboard(cfg, env, run_log, run_info, checkpoint))
     evaluator = Evaluator(cfg, env, compiled, state, val_loader, hella, autocast, stop, dashboard)
     if use_compile:
         evaluator.warm_up()
@@ -1128,7 +1143,7 @@ def start_run(cfg, env, checkpoint, stop):
         f"{sum(p.numel() for p in raw_model.parameters()):,} parameters; {cfg.total_batch_size} "
         f"tokens per step on {env.world_size} x {env.device} ({dtype}), compile={bool(use_compile)}"
     )
-    return Run(cfg, recipe, model, autocast, state, start_step, evaluator, run_log, dashboard)
+    return Run(cfg, recipe, model, autocast, state, start_step, evaluator, dashboard)
 
 
 def train(cfg, env, checkpoint, stop, start_time):
@@ -1152,17 +1167,8 @@ def train(cfg, env, checkpoint, stop, start_time):
         lr = run.recipe.set_learning_rate(state.optimizer, step, cfg)
         check_finite_rates(state.optimizer, step)
         grad_accum_steps = grad_accum_steps_at(state.tokens_seen, cfg, env.world_size)
-        result = train_step(
-            run.model,
-            state.optimizer,
-            state.loader,
-            grad_accum_steps,
-            env,
-            run.autocast,
-            state.scaler,
-            cfg.grad_clip,
-            stop.requested,
-        )
+        how = (run.model, state.optimizer, state.loader, grad_accum_steps, env, run.autocast)
+        result = train_step(*how, state.scaler, cfg.grad_clip, stop.requested)
         if result is None:  # a stop request between micro-steps: the step was undone
             return stop_run(run, step, stop, env)
         devices.synchronize(env.device)
@@ -1187,19 +1193,24 @@ def train(cfg, env, checkpoint, stop, start_time):
 
     env.print0(
         f"done: {cfg.max_steps} steps in {time.time() - start_time:.0f}s, final val loss "
-        f"{state.val_loss:.4f}; log in {run.run_log.path}"
+        f"{state.val_loss:.4f}; log in {run.dashboard.run_log.path}"
     )
     if cfg.data_dir == BUNDLED:
-        env.print0(NEXT_STEPS)
+        env.print0(f"This was {model_size(state.model)} on the bundled corpus. {NEXT_STEPS}")
     run.dashboard.close()
     return 0
 
 
 NEXT_STEPS = (
-    "This was a small model on the bundled corpus. For the real GPT-2 (124M) run, get "
-    "FineWeb-Edu 10B (about 20GB of token shards) with `python fineweb.py`, then run "
-    "`torchrun --standalone --nproc_per_node=8 train_gpt2.py`."
+    "For the real GPT-2 (124M) run, get FineWeb-Edu 10B (about 20GB of token shards) with "
+    "`python fineweb.py`, then run `torchrun --standalone --nproc_per_node=8 train_gpt2.py`."
 )
+
+
+def model_size(model):
+    """'a small model', or from GPT-2's smallest (124M parameters) on, its number of parameters."""
+    n = sum(p.numel() for p in model.parameters())
+    return "a small model" if n < 124e6 else f"a {n / 1e6:.0f}M-parameter model"
 
 
 def check_finite_rates(optimizer, step):
@@ -1218,7 +1229,7 @@ def report_skipped_step(step, loss, norm, in_a_row, cfg, env):
     if in_a_row >= cfg.max_skipped_steps:
         raise SystemExit(
             f"stopping: {in_a_row} non-finite steps in a row at step {step}; lower --max_lr "
-            f"({rundir.last_saved(cfg.log_dir)})"
+            f"({checkpoints.last_saved(cfg.log_dir)})"
         )
 
 
@@ -1257,20 +1268,26 @@ def run(argv):
         try:
             with StopSignal(env) as stop:
                 signum = train(cfg, env, checkpoint, stop, start_time)
-            if env.ddp:
+            if env.distributed:
                 # the ranks leave together: gloo aborts a process whose peers tear down the group
                 # while it still works (rank 0 saving the last checkpoint, say)
                 dist.barrier()
         finally:
-            if env.ddp:
+            if env.distributed:
                 dist.destroy_process_group()
     except StopNow as e:
         with contextlib.suppress(OSError):  # `2>&1 | head`, a closed terminal: stderr is gone too
             print(e, file=sys.stderr, flush=True)
         raise SystemExit(128 + e.signum) from None
     except KeyboardInterrupt:  # Ctrl-C before the handlers are in place
-        print("interrupted (Ctrl-C) during start-up: nothing to save", file=sys.stderr, flush=True)
-        raise SystemExit(128 + signal.SIGINT) from None
+        cli.stop_at_start_up()
+    except Exception as e:  # the host's memory (a CPU, --model gpt2-xl), or the GPU's
+        if not devices.out_of_memory(e):
+            raise
+        raise SystemExit(
+            f"out of memory ({cli.first_line(e)}): a smaller --B or model, "
+            "--activation_checkpointing 1 or --shard fsdp over more GPUs needs less"
+        ) from None
     if signum:
         raise SystemExit(128 + signum)
 

@@ -47,6 +47,23 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def away_from_the_checkout(tmp_path_factory):
+    """The session's fixtures, and the processes they start, work in a directory of their own:
+    the checkout's log/, edu_fineweb10B/ or hellaswag/ (what README's first command leaves, say)
+    never changes an outcome, and no test writes there."""
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(here)
+
+
+@pytest.fixture(autouse=True)
+def in_its_own_directory(tmp_path, monkeypatch):
+    """Every test runs in its own temporary directory."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Any connection beyond this machine fails the test that makes it."""
@@ -114,7 +131,7 @@ def run_in_process(script, args, cwd, stdin=""):
 
 def make_shards(data_dir, lengths, seed=0, split_names=None, fmt="npy"):
     """Write random uint16 token shards; returns their arrays. Shard 0 is val, the rest train."""
-    from datafiles import write_shard
+    from support.datafiles import write_shard
 
     os.makedirs(data_dir, exist_ok=True)
     rng = np.random.default_rng(seed)

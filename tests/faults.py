@@ -36,12 +36,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from torch.distributed.checkpoint.filesystem import FileSystem  # noqa: E402
-
-import datafiles  # noqa: E402
 import hellaswag_eval  # noqa: E402
-import sharding  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
+from support import datafiles, files  # noqa: E402
 
 
 def kill_self(signum):
@@ -125,14 +122,14 @@ class FailingFile:
 
 def failing_checkpoint_writes(fail, name=".pt"):
     """Checkpoints whose file name ends in `name` are written to a FailingFile."""
-    atomic_open = datafiles.atomic_open
+    atomic_open = files.atomic_open
 
     @contextlib.contextmanager
     def patched(path, mode="wb"):
         with atomic_open(path, mode) as f:
             yield FailingFile(f, fail) if path.endswith(name) else f
 
-    datafiles.atomic_open = patched
+    files.atomic_open = patched
 
 
 def inject(name, arg):
@@ -172,15 +169,19 @@ def inject(name, arg):
         second = lambda: once or once.append(kill_self(signal.SIGINT))
         failing_checkpoint_writes(second, f"model_{int(arg):05d}.pt")
     elif name == "kill_in_sharded_save":
-        save = sharding.dcp.save
+        import torch.distributed.checkpoint as dcp
+
+        save = dcp.save
 
         def killed_after(state, checkpoint_id):
             save(state, checkpoint_id=checkpoint_id)
             if f"model_{int(arg):05d}" in checkpoint_id:
                 kill_self(signal.SIGKILL)
 
-        sharding.dcp.save = killed_after
+        dcp.save = killed_after
     elif name == "disk_full_in_sharded_save":
+        from torch.distributed.checkpoint.filesystem import FileSystem
+
         create_stream = FileSystem.create_stream
 
         @contextlib.contextmanager

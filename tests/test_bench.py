@@ -73,7 +73,7 @@ def test_speedrun_row_trains_the_speedrun_model_with_muon(tmp_path, monkeypatch)
     monkeypatch.setattr(speedrun.Muon, "step", lambda self: muon_steps.append(muon_step(self)))
     bench.synthetic_shards(str(tmp_path), 1000)
     loader = DataLoaderLite(2, 32, 0, 1, "train", str(tmp_path), shuffle=True)
-    env = DistEnv(False, 0, 0, 1, "cpu", True)
+    env = DistEnv.one_process("cpu")
     bench.make_step(variant, config, loader, env, torch.float32, 1)()
     assert len(muon_steps) == 1
 
@@ -126,7 +126,7 @@ def test_failed_row_is_skipped_and_left_out_below(tmp_path, monkeypatch, capsys)
     cfg = bench.parse_args(TINY)
     bench.synthetic_shards(str(tmp_path), 1000)
     loader = DataLoaderLite(2, 32, 0, 1, "train", str(tmp_path), shuffle=True)
-    env = DistEnv(False, 0, 0, 1, "cpu", True)
+    env = DistEnv.one_process("cpu")
     plan = bench.plan_rows(cfg, torch.bfloat16, has_fp8=True)
     config = GPTConfig(n_layer=2, n_head=2, n_embd=32)
     rows, last = bench.measure_rows(plan, config, 32, loader, env, torch.bfloat16, cfg, None, 1e12)
@@ -225,10 +225,12 @@ def test_a_benchmark_where_no_row_runs_says_so(tmp_path):
 
 def test_ddp_against_fsdp_counts_each_ranks_memory(tmp_path):
     # two ranks under torchrun: DDP's every rank holds the whole of it, FSDP's about half
-    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "bench.py"]
-    args += TINY + ["--shard", "1", "--compile", "0", "--json", str(tmp_path / "shard.json")]
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args += [os.path.join(ROOT, "bench.py")] + TINY
+    args += ["--shard", "1", "--compile", "0", "--json", str(tmp_path / "shard.json")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable] + args, cwd=ROOT, env=env, capture_output=True, text=True)
+    run = dict(cwd=tmp_path, env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable] + args, **run)
     assert out.returncode == 0, out.stderr[-2000:]
     # GPT-2 XL: 50304 * 1600 + 1024 * 1600 + 48 * (12 * 1600^2 + 13 * 1600) + 2 * 1600
     # = 1,557,686,400 parameters, 16 bytes each

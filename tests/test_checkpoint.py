@@ -15,10 +15,9 @@ import time
 import pytest
 import torch
 
-import datafiles
-import rundir
 import train_gpt2 as tg
 from conftest import HELLASWAG_SLICE, ROOT, TINY, make_shards
+from support import checkpoints, datafiles
 
 SCRIPT = os.path.join(ROOT, "train_gpt2.py")
 FAULTS = os.path.join(ROOT, "tests", "faults.py")
@@ -132,7 +131,9 @@ def test_sigterm_between_micro_steps_saves_the_last_step_and_resumes_exactly(tmp
     assert code == 128 + signal.SIGTERM, out + err
     assert "stopped by SIGTERM after step 3" in out and "--resume latest" in out
     assert "Traceback" not in out + err
-    assert checkpoint_step(rundir.latest_checkpoint(str(log_dir))) == 4  # unscheduled: 4 % 3 != 0
+    assert (
+        checkpoint_step(checkpoints.latest_checkpoint(str(log_dir))) == 4
+    )  # unscheduled: 4 % 3 != 0
     assert (
         open(log_dir / "log.txt").read().splitlines()[-1]
         == "3 train " + (expected.split("3 train ")[1].split("\n")[0])
@@ -165,7 +166,7 @@ def test_sigterm_during_evaluation_stops_within_seconds(tmp_path, data, where):
     assert seconds is not None and seconds < 8, seconds  # the batch it came in, then the save
     assert "stopped by SIGTERM after step 2" in out and "Traceback" not in out + err
     # the evaluation of step 3 was cut short; its checkpoint is the state after 3 steps
-    assert checkpoint_step(rundir.latest_checkpoint(str(tmp_path / "stopped"))) == 3
+    assert checkpoint_step(checkpoints.latest_checkpoint(str(tmp_path / "stopped"))) == 3
     tg.main(["--resume", "latest", "--log_dir", str(tmp_path / "stopped")])
     assert open(tmp_path / "stopped" / "log.txt").read() == expected
 
@@ -175,7 +176,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, data):
     code, out, err, _ = run_with_fault("two_sigints_at_step:4", args_for(data, log_dir, 12))
     assert code == 128 + signal.SIGINT
     assert err.strip().splitlines() == ["stopped at once by a second Ctrl-C, without saving"]
-    assert rundir.checkpoint_steps(str(log_dir)) == [3]  # the scheduled one only
+    assert checkpoints.checkpoint_steps(str(log_dir)) == [3]  # the scheduled one only
     assert not [n for n in os.listdir(log_dir) if n.endswith(".tmp")]
 
 
@@ -186,7 +187,7 @@ def test_a_second_ctrl_c_while_saving_stops_at_once_in_one_line(tmp_path, data):
     code, out, err, _ = run_with_fault("two_sigints_at_save:4", args_for(data, log_dir, 12))
     assert code == 128 + signal.SIGINT and "Traceback" not in err, err
     assert err.strip().splitlines() == ["stopped at once by a second Ctrl-C, without saving"]
-    assert rundir.checkpoint_steps(str(log_dir)) == [3]  # the scheduled one only
+    assert checkpoints.checkpoint_steps(str(log_dir)) == [3]  # the scheduled one only
     assert not [n for n in os.listdir(log_dir) if n.endswith(".tmp")]
 
 
@@ -213,14 +214,15 @@ def test_a_stop_during_start_up_exits_at_once_in_one_line(tmp_path, data, signum
 def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path, data):
     log_dir = tmp_path / "log"
     tg.main(args_for(data, log_dir, max_steps=3))
-    good = rundir.latest_checkpoint(str(log_dir))
+    good = checkpoints.latest_checkpoint(str(log_dir))
     # a process that starts writing a bigger checkpoint and is killed in the middle of it
     code = (
-        "import time, torch, rundir, train_gpt2 as tg\n"
+        "import time, torch\n"
+        "from support import checkpoints\n"
         "def slow_save(obj, f):\n"
         "    f.write(b'x' * 1000); f.flush(); print('writing', flush=True); time.sleep(60)\n"
         "torch.save = slow_save\n"
-        f"tg.save_checkpoint(rundir.checkpoint_path({str(log_dir)!r}, 6), {{'model': {{}}}})\n"
+        f"checkpoints.save(checkpoints.checkpoint_path({str(log_dir)!r}, 6), {{'model': {{}}}})\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code],
@@ -232,7 +234,7 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path, data):
     proc.kill()
     proc.wait()
     assert not os.path.exists(log_dir / "model_00006.pt")
-    assert rundir.latest_checkpoint(str(log_dir)) == good
+    assert checkpoints.latest_checkpoint(str(log_dir)) == good
     stale = [n for n in os.listdir(log_dir) if n.endswith(".tmp")]
     assert stale == [f".model_00006.pt.{proc.pid}.tmp"]  # as big as a checkpoint, in real life
     live = log_dir / f".model_00009.pt.{os.getpid()}.tmp"  # a live process's: left alone
@@ -407,7 +409,7 @@ def test_a_closed_stdout_stops_the_run_and_saves_it(tmp_path, data):
     proc.stdout.close()
     assert proc.wait(timeout=60) == 128 + signal.SIGPIPE
     assert proc.stderr.read() == ""  # no traceback: the message went where stdout went
-    step = checkpoint_step(rundir.latest_checkpoint(str(log_dir)))
+    step = checkpoint_step(checkpoints.latest_checkpoint(str(log_dir)))
     assert 5 <= step < 15  # within a few steps of the close, not at the end
     tg.main(["--resume", "latest", "--log_dir", str(log_dir)])
     assert open(log_dir / "log.txt").read() == expected
@@ -446,6 +448,6 @@ def test_a_closed_terminal_stops_the_run_and_saves_it_unless_nohup(tmp_path, dat
         assert code == 0 and open(log_dir / "log.txt").read() == expected
         return
     assert code == 128 + signal.SIGHUP
-    assert checkpoint_step(rundir.latest_checkpoint(str(log_dir))) == 4
+    assert checkpoint_step(checkpoints.latest_checkpoint(str(log_dir))) == 4
     tg.main(["--resume", "latest", "--log_dir", str(log_dir)])
     assert open(log_dir / "log.txt").read() == expected

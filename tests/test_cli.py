@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import rundir
 import train_gpt2 as tg
 from conftest import ROOT, TINY, fails_in_one_line, make_shards
+from support import checkpoints
 
 SCRIPT = os.path.join(ROOT, "train_gpt2.py")
 
@@ -231,14 +231,14 @@ def test_a_diverged_model_is_never_saved(workdir, tmp_path, monkeypatch):
         "the model has diverged after step 1 (its loss is not finite): not saved; lower --max_lr "
         "(no checkpoint was saved)"
     )
-    assert rundir.checkpoint_steps(str(log_dir)) == []
+    assert checkpoints.checkpoint_steps(str(log_dir)) == []
     # a run that saved step 2, resumed at that rate, keeps step 2 and says so
     TEN = ["--max_steps", "10"]
     shutil.rmtree(log_dir)
     tg.main(args + ["--max_steps", "2"])
     with pytest.raises(SystemExit, match=r"\(the last checkpoint saved is .*model_00002.pt\)"):
         tg.main(["--resume", "latest", "--log_dir", str(log_dir), "--max_lr", "1e30"] + TEN)
-    assert rundir.checkpoint_steps(str(log_dir)) == [2]
+    assert checkpoints.checkpoint_steps(str(log_dir)) == [2]
     # weights made infinite by an optimizer step whose loss was finite: caught at the save
     step = torch.optim.AdamW.step
 
@@ -249,7 +249,7 @@ def test_a_diverged_model_is_never_saved(workdir, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "step", infinite_step)
     with pytest.raises(SystemExit, match=r"after step 3 \(its weights are not finite\): not saved"):
         tg.main(["--resume", "latest", "--log_dir", str(log_dir), "--max_steps", "4"])
-    assert rundir.checkpoint_steps(str(log_dir)) == [2]
+    assert checkpoints.checkpoint_steps(str(log_dir)) == [2]
 
 
 def test_unreadable_shards(workdir):

@@ -142,7 +142,8 @@ def test_tensorboard_has_every_metric_at_its_steps_across_a_stop_and_resume(watc
     # the speedrun's three groups, each at its own rate times the schedule: Muon, embedding, head
     cfg = TrainConfig(max_steps=8, recipe="speedrun")
     for group, rate in enumerate((cfg.muon_lr, cfg.embed_lr, cfg.head_lr)):
-        expected = {s: rate * speedrun.lr_factor(s, cfg) for s in train_steps}
+        schedule = (cfg.max_steps, cfg.cooldown_frac, cfg.min_lr_ratio)
+        expected = {s: rate * speedrun.lr_factor(s, *schedule) for s in train_steps}
         assert scalars(f"lr/group{group}") == pytest.approx(expected, rel=1e-6)
     assert scalars("lr") == scalars("lr/group0")
     assert scalars("train/tokens_seen") == {s: 128 * (s + 1) for s in train_steps}
@@ -237,8 +238,10 @@ def test_eta_of_a_run_whose_step_times_are_known(tmp_path, monkeypatch):
     # step once the first is out of the window. On a rank that is not the master, which writes
     # no dashboard even when asked.
     cfg = TrainConfig(max_steps=105, eval_interval=5, tensorboard=1, log_dir=str(tmp_path))
-    env = DistEnv(ddp=True, rank=1, local_rank=1, world_size=2, device="cpu", master_process=False)
-    board = dashboards.Dashboard(cfg, env, run_log=None, run_info=None, checkpoint=None)
+    env = DistEnv(
+        distributed=True, rank=1, local_rank=1, world_size=2, device="cpu", master_process=False
+    )
+    board = tg.make_dashboard(cfg, env, run_log=None, run_info=None, checkpoint=None)
     now = [1000.0]
     monkeypatch.setattr(dashboards, "time", types.SimpleNamespace(time=lambda: now[0]))
     state = types.SimpleNamespace(optimizer=types.SimpleNamespace(param_groups=[{"lr": 1.0}]))

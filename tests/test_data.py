@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import datafiles
 from conftest import ROOT, make_shards
+from support import datafiles
 from train_gpt2 import DataLoaderLite
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -21,7 +21,7 @@ def test_tokenizer_offline(tmp_path):
         "import socket\n"
         "def refuse(*a, **k): raise OSError('network used')\n"
         "socket.socket.connect = refuse\n"
-        "import datafiles\n"
+        "from support import datafiles\n"
         "enc = datafiles.get_tokenizer()\n"
         'print(enc.encode("Hello, I\'m a language model,"), enc.eot_token, enc.n_vocab)\n'
     )

@@ -3,7 +3,6 @@ gradient accumulation (same data per step, same averaged gradients)."""
 
 import torch
 
-import rundir
 from conftest import (
     FAULTS,
     TINY,
@@ -13,6 +12,7 @@ from conftest import (
     run_training,
     torchrun,
 )
+from support import checkpoints
 
 
 def test_two_processes_equal_one_with_twice_the_accumulation(two_runs):
@@ -98,7 +98,7 @@ def test_sigterm_to_one_rank_stops_all_at_the_same_step_and_resumes(two_runs, tm
     code, out, _ = torchrun(args + ["--log_dir", str(log_dir)], tmp_path, "signal_at_step:6:1")
     assert code != 0 and no_traceback_of_ours(out)
     assert out.count("stopped by SIGTERM after step 5") == 1 and "--resume latest" in out
-    assert rundir.checkpoint_steps(str(log_dir)) == [4, 6]  # the scheduled one, and the stop's
+    assert checkpoints.checkpoint_steps(str(log_dir)) == [4, 6]  # the scheduled one, and the stop's
     run_training(["--resume", "latest", "--log_dir", str(log_dir)], 2, tmp_path)
     assert open(log_dir / "log.txt").read() == expected
 

@@ -16,7 +16,7 @@ import pytest
 
 import fineweb
 from conftest import HELLASWAG_SLICE, ROOT, fails_in_one_line, run_in_process
-from datafiles import EOT, get_tokenizer
+from support.datafiles import EOT, get_tokenizer
 from train_gpt2 import DataLoaderLite
 
 SCRIPT = os.path.join(ROOT, "fineweb.py")
@@ -303,7 +303,8 @@ def test_killed_run_resumes_to_the_same_shards(tmp_path):
 import os, signal, fineweb
 def dying(path, tokens):
     if path.endswith("000003.npy"):
-        tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".1.tmp")
+        name = f".{{os.path.basename(path)}}.{{os.getpid()}}.tmp"  # as files.atomic_open names it
+        tmp = os.path.join(os.path.dirname(path), name)
         with open(tmp, "wb") as f:
             f.write(tokens[: len(tokens) // 2].tobytes())
         os.kill(os.getpid(), signal.SIGKILL)
@@ -311,10 +312,13 @@ def dying(path, tokens):
 real, fineweb.write_shard = fineweb.write_shard, dying
 fineweb.main({argv(inputs, tmp_path / "killed", shard_size=900, num_proc=2)!r})
 """
-    killed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    killed = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True
+    )
     assert killed.returncode == -9, killed.stderr
     before = snapshot(tmp_path / "killed")
-    assert ".edufineweb_train_000003.npy.1.tmp" in before
+    assert [n for n in before if n.startswith(".edufineweb_train_000003.npy.")] != []
     assert "edufineweb_train_000003.npy" not in before
     run(inputs, tmp_path / "killed", shard_size=900, num_proc=2)
     after = snapshot(tmp_path / "killed")

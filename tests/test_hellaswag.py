@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import datafiles
 import export_hf
 import hellaswag
 import hellaswag_eval
 import train_gpt2 as tg
 from conftest import HELLASWAG_SLICE, ROOT, TINY, fails_in_one_line, make_shards, run_in_process
+from support import datafiles
 from train_gpt2 import GPT, GPTConfig
 
 EXAMPLES = [json.loads(line) for line in open(HELLASWAG_SLICE)]
@@ -203,11 +203,11 @@ def test_default_hellaswag_turns_itself_off_when_the_file_cannot_be_had(tmp_path
     monkeypatch.setattr(datafiles, "download_hellaswag", offline)
     monkeypatch.setattr(datafiles, "HELLASWAG_CACHE_DIR", str(tmp_path / "cache"))
     cfg = tg.TrainConfig(hellaswag=None)
-    env = tg.DistEnv(False, 0, 0, 1, "cpu", True)
-    assert hellaswag_eval.load_hellaswag(cfg, env, bundled=False) is None
+    env = tg.DistEnv.one_process("cpu")
+    assert tg.load_hellaswag(cfg, env) is None
     with pytest.raises(SystemExit, match="could not download"):
-        hellaswag_eval.load_hellaswag(tg.TrainConfig(hellaswag=1), env, bundled=False)
-    assert hellaswag_eval.load_hellaswag(tg.TrainConfig(hellaswag=None), env, bundled=True) is None
+        tg.load_hellaswag(tg.TrainConfig(hellaswag=1), env)
+    assert tg.load_hellaswag(tg.TrainConfig(hellaswag=None, data_dir="bundled"), env) is None
 
 
 def test_compiled_training_logs_hellaswag(tmp_path):

@@ -13,19 +13,33 @@ import torch
 import train_gpt2 as tg
 from conftest import ROOT, TINY, make_shards
 
-PROJECT = sorted(n[:-3] for n in os.listdir(ROOT) if n.endswith(".py"))
+SCRIPTS = ("fineweb", "hellaswag", "sample", "bench", "export_hf")
+ROOT_MODULES = sorted(n[:-3] for n in os.listdir(ROOT) if n.endswith(".py"))
+SUPPORT = sorted(
+    f"support.{n[:-3]}" for n in os.listdir(os.path.join(ROOT, "support")) if n.endswith(".py")
+)
+SUPPORT = [m if m != "support.__init__" else "support" for m in SUPPORT]  # the package itself
+PROJECT = ROOT_MODULES + SUPPORT
+
+
+def source_file(module):
+    path = module.replace(".", os.sep)
+    return os.path.join(ROOT, path, "__init__.py") if module == "support" else f"{ROOT}/{path}.py"
 
 
 def project_imports(module):
     """The project modules that `module` imports anywhere in its file (at the top or inside a
-    function: a lazy import closes a circle all the same)."""
-    tree = ast.parse(open(os.path.join(ROOT, module + ".py")).read())
+    function: a lazy import closes a circle all the same). `from support import cli` imports
+    support.cli; `from support import PROJECT_DIR` the package itself."""
+    tree = ast.parse(open(source_file(module)).read())
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names.add(node.module.split(".")[0])
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                names.add(submodule if submodule in PROJECT else node.module)
     return names & set(PROJECT)
 
 
@@ -47,8 +61,11 @@ def test_imports_run_one_way():
     for module in PROJECT:
         visit(module, [])
     # the scripts sit above the trainer, never below it
-    for script in ("fineweb", "hellaswag", "sample", "bench", "export_hf"):
+    for script in SCRIPTS:
         assert script not in {m for m in PROJECT if script in graph[m]}, script
+    # support/ is plumbing under everything: it imports nothing of the root
+    for module in SUPPORT:
+        assert graph[module] <= set(SUPPORT), (module, graph[module] - set(SUPPORT))
 
 
 def test_data_preparation_needs_no_torch(tmp_path):
@@ -75,7 +92,7 @@ def test_data_preparation_needs_no_torch(tmp_path):
     # the shards hold the documents' tokens, as the tokenizer gives them here
     import numpy as np
 
-    from datafiles import EOT, get_tokenizer
+    from support.datafiles import EOT, get_tokenizer
 
     enc = get_tokenizer()
     expected = [t for part in text.split("\n\n")[:200] for t in [EOT] + enc.encode_ordinary(part)]

@@ -49,7 +49,7 @@ def execute(log_file):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # kernel "python3" from this environment: jupyter_client runs its "python" as sys.executable
     client = NotebookClient(nb, timeout=120, kernel_name="python3")
-    client.execute(cwd=ROOT, env=dict(os.environ, PLAY_LOG=str(log_file)))
+    client.execute(cwd=os.getcwd(), env=dict(os.environ, PLAY_LOG=str(log_file)))
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     stdout = "".join(o.text for o in outputs if o.get("name") == "stdout")
     return outputs, stdout

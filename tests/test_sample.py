@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
-import datafiles
 import generation
 import train_gpt2 as tg
 from conftest import ROOT, TINY, fails_in_one_line, make_shards, run_in_process
 from generation import generate
 from speedrun import SpeedrunGPT
+from support import datafiles
 from train_gpt2 import GPT, GPTConfig
 
 TINY_SHAPE = dict(n_layer=2, n_head=4, n_embd=64, block_size=256, vocab_size=2048)
@@ -156,7 +156,7 @@ class PaddedLogits(torch.nn.Module):
         self.lm_head = torch.nn.Linear(1, 1)  # where generate finds the device
 
     def forward(self, idx, targets=None, cache=None):
-        cache.length += idx.size(1)
+        cache.extend(idx.size(1))
         logits = torch.zeros(idx.size(0), 1, 50304)
         logits[..., 50257:] = 100.0
         logits[..., 0:50] = 1.0
@@ -172,15 +172,13 @@ def test_sampling_never_returns_padded_ids():
 
 def test_in_loop_samples_leave_the_global_rng_alone(capsys):
     model = random_model(shape=dict(TINY_SHAPE, vocab_size=50304))  # the prompt's ids need it
-    cfg = tg.TrainConfig(num_return_sequences=2, max_length=20)
-    env = tg.DistEnv(False, 0, 0, 1, "cpu", True)
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    generation.print_samples(model, cfg, env, contextlib.nullcontext())
+    generation.print_samples(model, 2, 20, 1337, contextlib.nullcontext())
     assert torch.equal(torch.get_rng_state(), state)
     first = capsys.readouterr().out
-    generation.print_samples(model, cfg, env, contextlib.nullcontext())
-    assert capsys.readouterr().out == first  # their own generator, seeded from cfg.seed
+    generation.print_samples(model, 2, 20, 1337, contextlib.nullcontext())
+    assert capsys.readouterr().out == first  # their own generator, seeded by its seed
     assert first.count("sample: Hello, I'm a language model,") == 2
 
 
@@ -188,10 +186,7 @@ def test_samples_of_a_diverged_model_are_skipped_in_one_line(capsys):
     model = random_model(shape=dict(TINY_SHAPE, vocab_size=50304))
     with torch.no_grad():
         model.lm_head.weight[7] = float("inf")
-    cfg = tg.TrainConfig(num_return_sequences=2, max_length=20)
-    generation.print_samples(
-        model, cfg, tg.DistEnv(False, 0, 0, 1, "cpu", True), contextlib.nullcontext()
-    )
+    generation.print_samples(model, 2, 20, 1337, contextlib.nullcontext())
     assert capsys.readouterr().out == "samples skipped: the model's logits are not finite\n"
 
 

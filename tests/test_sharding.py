@@ -14,7 +14,6 @@ import pytest
 import torch
 import transformers
 
-import rundir
 import sharding
 import train_gpt2 as tg
 from conftest import (
@@ -28,6 +27,7 @@ from conftest import (
     run_training,
     torchrun,
 )
+from support import checkpoints
 from train_gpt2 import GPT, GPTConfig
 
 MEMORY = re.compile(
@@ -83,7 +83,7 @@ def test_fsdp_trains_as_ddp_and_as_one_process(two_runs, sharded):
     # the sharded checkpoint, read whole in this process, holds one process's weights
     model, checkpoint = tg.load_model_from_checkpoint(str(root / "fsdp" / "model_00012.dcp"))
     reference = torch.load(root / "one" / "model_00012.pt", weights_only=True)["model"]
-    assert checkpoint["sharded"] and checkpoint["step"] == 12
+    assert checkpoint.sharded and checkpoint["step"] == 12
     weights = model.state_dict()
     assert weights.keys() == reference.keys()
     assert max((weights[k] - reference[k]).abs().max().item() for k in reference) < 1e-5
@@ -119,8 +119,8 @@ def test_sigterm_to_one_rank_saves_and_resumes_exactly(two_runs, sharded, tmp_pa
     code, out, _ = torchrun(args, tmp_path, "signal_at_step:6:1")
     assert code != 0 and no_traceback_of_ours(out)
     assert out.count("stopped by SIGTERM after step 5") == 1 and "--resume latest" in out
-    assert rundir.checkpoint_steps(str(log_dir)) == [4, 6]
-    assert rundir.latest_checkpoint(str(log_dir)) == str(log_dir / "model_00006.dcp")
+    assert checkpoints.checkpoint_steps(str(log_dir)) == [4, 6]
+    assert checkpoints.latest_checkpoint(str(log_dir)) == str(log_dir / "model_00006.dcp")
     run_training(["--resume", "latest", "--log_dir", str(log_dir)], 2, tmp_path)
     assert open(log_dir / "log.txt").read() == open(root / "fsdp" / "log.txt").read()
 
@@ -187,7 +187,7 @@ def test_one_process_shards_too(one_process):
     # sharding over one rank changes nothing, and activation checkpointing recomputes the same
     for kind in ("train", "val"):
         assert close(log_lines(root / "fsdp", kind), log_lines(root / "plain", kind), 1e-6)
-    assert rundir.checkpoint_steps(str(root / "fsdp")) == [2, 4, 6]
+    assert checkpoints.checkpoint_steps(str(root / "fsdp")) == [2, 4, 6]
 
 
 def test_compiled_fsdp_trains_as_the_eager_plain_run(one_process, tmp_path):
@@ -209,7 +209,7 @@ def test_a_kill_during_a_sharded_save_keeps_the_earlier_checkpoints(one_process,
     killed = subprocess.run([sys.executable, FAULTS] + args, cwd=tmp_path, env=env)
     assert killed.returncode == -signal.SIGKILL
     # step 4's shards were written, but the checkpoint was never completed
-    assert rundir.checkpoint_steps(str(tmp_path / "log")) == [2]
+    assert checkpoints.checkpoint_steps(str(tmp_path / "log")) == [2]
     assert [n for n in os.listdir(tmp_path / "log") if n.startswith(".model_00004.dcp.")]
     run_training(["--resume", "latest", "--log_dir", str(tmp_path / "log")], 1, tmp_path)
     assert open(tmp_path / "log" / "log.txt").read() == open(root / "fsdp" / "log.txt").read()

@@ -211,13 +211,14 @@ def test_muon_shares_are_balanced():
 
 def test_speedrun_schedule():
     cfg = tg.TrainConfig(recipe="speedrun", max_steps=100, cooldown_frac=0.6, min_lr_ratio=0.1)
-    factors = [speedrun.lr_factor(s, cfg) for s in (0, 39, 40, 70, 100, 150)]
+    factors = [speedrun.lr_factor(s, 100, 0.6, 0.1) for s in (0, 39, 40, 70, 100, 150)]
     # no warmup; constant to step 40, then linear to 0.1 at step 100
     assert factors == pytest.approx([1.0, 1.0, 1.0, 0.55, 0.1, 0.1])
     torch.manual_seed(0)
     model = SpeedrunGPT(GPTConfig(**SPEEDRUN))
-    optimizer = model.configure_optimizers(cfg, torch.float32, log=lambda *a: None)
-    assert speedrun.set_learning_rate(optimizer, 70, cfg) == pytest.approx(cfg.muon_lr * 0.55)
+    recipe = tg.get_recipe("speedrun")
+    optimizer = recipe.make_optimizer(model, cfg, "cpu", lambda *a: None)
+    assert recipe.set_learning_rate(optimizer, 70, cfg) == pytest.approx(cfg.muon_lr * 0.55)
     rates = [g["lr"] for g in optimizer.param_groups]
     assert rates == pytest.approx([r * 0.55 for r in (cfg.muon_lr, cfg.embed_lr, cfg.head_lr)])
 

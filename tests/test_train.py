@@ -10,12 +10,14 @@ import sys
 import pytest
 import torch
 
-import devices
 import train_gpt2 as tg
 from conftest import HELLASWAG_SLICE, ROOT, TINY, make_shards
+from support import devices
 from train_gpt2 import GPT, DataLoaderLite, DistEnv, GPTConfig, TrainConfig
 
-SINGLE = DistEnv(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", master_process=True)
+SINGLE = DistEnv(
+    distributed=False, rank=0, local_rank=0, world_size=1, device="cpu", master_process=True
+)
 
 
 def test_get_lr():

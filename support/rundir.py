@@ -1,8 +1,6 @@
 """
-A run's directory (--log_dir), without torch: the names of its checkpoints (model_{step:05d}.pt,
-or the directory model_{step:05d}.dcp of a sharded one), log.txt and run.json, and the rules that
-keep a run from overwriting or mixing with another run's files. train_gpt2.py writes the
-checkpoints themselves.
+A run's directory (--log_dir): log.txt, run.json, and the rules that keep a run from overwriting
+or mixing with another run's files. The checkpoints in it are support/checkpoints.py's.
 """
 
 import json
@@ -11,41 +9,13 @@ import re
 import subprocess
 import time
 
-from cli import check_output_dir
-from datafiles import atomic_open, remove_stale_temporaries
+from support import PROJECT_DIR, checkpoints, files
+from support.cli import check_output_dir
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CHECKPOINT_FILE = re.compile(r"model_(\d+)\.(pt|dcp)")  # .dcp: a sharded one (sharding.py)
-LOG_LINE = re.compile(r"(\d+) (train|val|hella) \S+")
-
-
-def checkpoint_path(log_dir, step, sharded=False):
-    return os.path.join(log_dir, f"model_{step:05d}.{'dcp' if sharded else 'pt'}")
-
-
-def checkpoints(log_dir):
-    """{step: path} of the checkpoints in log_dir."""
-    if not os.path.isdir(log_dir):
-        return {}
-    found = (CHECKPOINT_FILE.fullmatch(n) for n in os.listdir(log_dir))
-    return {int(m[1]): os.path.join(log_dir, m[0]) for m in found if m}
-
-
-def checkpoint_steps(log_dir):
-    """The steps of the checkpoints in log_dir, in order."""
-    return sorted(checkpoints(log_dir))
-
-
-def latest_checkpoint(log_dir):
-    """The checkpoint of the highest step in log_dir, or None."""
-    found = checkpoints(log_dir)
-    return found[max(found)] if found else None
-
-
-def last_saved(log_dir):
-    """Where a run that must stop can be taken up again, said truthfully."""
-    path = latest_checkpoint(log_dir)
-    return f"the last checkpoint saved is {path}" if path else "no checkpoint was saved"
+# log.txt's kinds of lines ({step} {kind} {value}), each with the metric it is (as dashboards
+# name it): the one list of them
+LOG_KINDS = {"train": "train/loss", "val": "val/loss", "hella": "hellaswag/acc_norm"}
+LOG_LINE = re.compile(rf"(\d+) ({'|'.join(LOG_KINDS)}) \S+")
 
 
 def read_log(path):
@@ -69,16 +39,15 @@ def check_log_dir(log_dir, checkpoint):
     overwritten); into any other directory it branches off, and that directory must be free.
     """
     check_output_dir(log_dir, "--log_dir")
-    steps = checkpoint_steps(log_dir)
+    steps = checkpoints.checkpoint_steps(log_dir)
     log_lines = read_log(os.path.join(log_dir, "log.txt"))
     if checkpoint is not None:
         step = checkpoint["step"]
-        own_dir = os.path.dirname(os.path.abspath(checkpoint["path"]))
-        if os.path.isdir(log_dir) and os.path.samefile(own_dir, log_dir):
+        if resumes_in(checkpoint, log_dir):
             later = [s for s in steps if s > step]
             if later:
                 raise SystemExit(
-                    f"{checkpoints(log_dir)[later[-1]]} is later than the checkpoint to "
+                    f"{checkpoints.latest_checkpoint(log_dir)} is later than the checkpoint to "
                     f"resume (step {step}): resume the latest with --resume latest, or branch off "
                     f"step {step} into a new --log_dir"
                 )
@@ -92,7 +61,8 @@ def check_log_dir(log_dir, checkpoint):
         return
     if steps:  # never overwrite another run's checkpoints
         raise SystemExit(
-            f"{log_dir} holds checkpoints of an earlier run ({checkpoint_path(log_dir, steps[-1])})"
+            f"{log_dir} holds checkpoints of an earlier run "
+            f"({checkpoints.latest_checkpoint(log_dir)})"
             ": continue it with --resume latest, or start afresh in another --log_dir"
         )
     if log_lines:
@@ -102,10 +72,16 @@ def check_log_dir(log_dir, checkpoint):
         )
 
 
+def resumes_in(checkpoint, log_dir):
+    """Whether a run from this checkpoint continues in the checkpoint's own directory."""
+    own_dir = os.path.dirname(os.path.abspath(checkpoint.path))
+    return os.path.isdir(log_dir) and os.path.samefile(own_dir, log_dir)
+
+
 def git_commit():
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=5
         )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
@@ -113,8 +89,8 @@ def git_commit():
 
 
 class RunLog:
-    """log.txt ({step} train/val/hella {value} lines) and run.json (the run's settings, and one
-    entry per resume) in the log dir, written by the master process only."""
+    """log.txt ({step} {kind} {value} lines, of LOG_KINDS) and run.json (the run's settings, and
+    one entry per resume) in the log dir, written by the master process only."""
 
     def __init__(self, log_dir, master_process):
         self.dir, self.master_process = log_dir, master_process
@@ -131,12 +107,12 @@ class RunLog:
         )
         try:
             os.makedirs(self.dir, exist_ok=True)
-            remove_stale_temporaries(self.dir, r"model_\d+\.(pt|dcp)|log\.txt|run\.json")
+            checkpoints.remove_stale_temporaries(self.dir, others=r"log\.txt|run\.json")
             run = dict(run_info, resumes=[])
             lines = []
             if checkpoint is not None:
                 step = checkpoint["step"]
-                own_dir = os.path.dirname(os.path.abspath(checkpoint["path"]))
+                own_dir = os.path.dirname(os.path.abspath(checkpoint.path))
                 lines = read_log(os.path.join(own_dir, "log.txt"))
                 kept = [line for line in lines if int(line.split()[0]) < step]
                 if len(kept) < len(lines):
@@ -150,15 +126,14 @@ class RunLog:
                     dict(
                         step=step,
                         time=time.strftime("%Y-%m-%d %H:%M:%S"),
-                        checkpoint=checkpoint["path"],
+                        checkpoint=checkpoint.path,
                         **{k: run_info[k] for k in ("git_commit", "world_size", "device")},
                         config=run_info["config"],
                     )
                 )
-            with atomic_open(self.path, "w") as f:
+            with files.atomic_open(self.path, "w") as f:
                 f.writelines(line + "\n" for line in lines)
-            with atomic_open(os.path.join(self.dir, "run.json"), "w") as f:
-                json.dump(run, f, indent=2)
+            files.write_json(os.path.join(self.dir, "run.json"), run)
         except OSError as e:
             raise SystemExit(f"cannot write to --log_dir {self.dir}: {e.strerror or e}") from None
 

@@ -1,32 +1,29 @@
 """
-The files every script reads and writes, without torch: GPT-2's tokenizer (from the BPE ranks in
-data/), token shards (.npy, and llm.c's .bin), HellaSwag's jsonl examples, and the atomic writes
-that keep a crash from leaving half a file. fineweb.py needs nothing else, so data preparation
-runs where torch is not installed.
+The data every script reads, without torch: GPT-2's tokenizer (from the BPE ranks in data/), token
+shards (.npy, and llm.c's .bin), the bundled corpus, and HellaSwag's jsonl examples. fineweb.py
+needs nothing else, so data preparation runs where torch is not installed.
 """
 
 import base64
-import contextlib
 import functools
 import hashlib
 import json
 import os
 import re
-import shutil
 
 import numpy as np
 import tiktoken
 
-from cli import check_input_file
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from support import PROJECT_DIR
+from support.cli import check_input_file
+from support.files import atomic_open
 
 # -----------------------------------------------------------------------------
 # GPT-2's tokenizer
 
 GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
 EOT = 50256  # <|endoftext|>: separates (and begins) every document
-TOKENIZER_PATH = os.path.join(HERE, "data", "gpt2.tiktoken")
+TOKENIZER_PATH = os.path.join(PROJECT_DIR, "data", "gpt2.tiktoken")
 # tiktoken's r50k_base ranks: the GPT-2 BPE byte for byte
 TOKENIZER_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 # GPT-2's pre-tokenizer (openai/gpt-2 src/encoder.py): contractions, letters, digits, other
@@ -57,59 +54,6 @@ def get_tokenizer():
         mergeable_ranks=ranks,
         special_tokens={"<|endoftext|>": EOT},
     )
-
-
-# -----------------------------------------------------------------------------
-# Atomic writes
-
-# atomic_open's temporary files: .{name}.{pid}.tmp beside the file being written
-TEMPORARY_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
-
-
-@contextlib.contextmanager
-def atomic_open(path, mode="wb"):
-    """Open a file for writing that appears under `path` only once it is complete.
-
-    It is written under a temporary name in the same directory, flushed to disk, then renamed
-    (an atomic step): a crash or kill at any moment leaves either the old file or the new one,
-    never half of one. Used for shards, checkpoints and logs.
-    """
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def remove_stale_temporaries(directory, names):
-    """Delete atomic_open's temporary files of the given names left by killed processes (a
-    SIGKILL during a save leaves one as large as the checkpoint), and the temporary directories of
-    sharded checkpoints named alike, never those of a live process."""
-    for entry in os.listdir(directory):
-        m = TEMPORARY_FILE.match(entry)
-        if m and re.fullmatch(names, m["name"]) and not process_alive(int(m["pid"])):
-            path = os.path.join(directory, entry)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 # -----------------------------------------------------------------------------
@@ -230,8 +174,8 @@ def recorded_max_tokens(data_dir):
 # The bundled public-domain texts (Canterbury corpus) for a first run with no download.
 # `--data_dir bundled` names them in flags and checkpoints, wherever the project is checked out.
 BUNDLED = "bundled"
-CORPUS_DIR = os.path.join(HERE, "data", "corpus")
-BUNDLED_SHARDS_DIR = os.path.join(HERE, "data", "corpus_shards")
+CORPUS_DIR = os.path.join(PROJECT_DIR, "data", "corpus")
+BUNDLED_SHARDS_DIR = os.path.join(PROJECT_DIR, "data", "corpus_shards")
 BUNDLED_VAL_FRACTION = 0.1  # the last tenth of every text is held out for validation
 
 
@@ -278,7 +222,7 @@ def prepare_bundled_corpus(out_dir=BUNDLED_SHARDS_DIR, corpus_dir=CORPUS_DIR):
 # -----------------------------------------------------------------------------
 # HellaSwag's examples (Zellers et al. 2019)
 
-HELLASWAG_CACHE_DIR = os.path.join(HERE, "hellaswag")
+HELLASWAG_CACHE_DIR = os.path.join(PROJECT_DIR, "hellaswag")
 HELLASWAG_URL = (
     "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 )
@@ -300,14 +244,12 @@ def download_hellaswag(split, cache_dir=HELLASWAG_CACHE_DIR):
         with requests.get(url, stream=True, timeout=30) as response:
             response.raise_for_status()
             total = int(response.headers.get("content-length", 0)) or None
-            partial = path + ".part"  # only a complete download gets the final name
             with (
-                open(partial, "wb") as f,
+                atomic_open(path) as f,  # only a complete download gets the final name
                 tqdm(total=total, unit="iB", unit_scale=True, desc=path) as bar,
             ):
                 for chunk in response.iter_content(chunk_size=1 << 16):
                     bar.update(f.write(chunk))
-            os.replace(partial, path)
     except requests.RequestException as e:
         raise SystemExit(
             f"could not download {url} ({type(e).__name__}); offline, put the file at {path} "

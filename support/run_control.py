@@ -1,6 +1,6 @@
 """
-What a run needs to stop and go on exactly: what its ranks decide together (whether to stop, and
-whether each one's start-up worked), and the random-number state that a checkpoint carries.
+How a run stops, and what its ranks decide together: whether to stop, and whether each one's
+start-up worked.
 
 Stop requests while training are preemption (SIGTERM), Ctrl-C (SIGINT), a reader of stdout that
 has gone (SIGPIPE) and a terminal that has closed (SIGHUP). train_gpt2.py asks for them between
@@ -10,38 +10,11 @@ stop, and on every start-up step a rank takes alone, on a CPU (gloo) group that 
 GPU.
 """
 
-import contextlib
 import os
-import random
 import signal
 
-import numpy as np
 import torch
 import torch.distributed as dist
-
-import cli
-
-
-@contextlib.contextmanager
-def checkpoint_write(path):
-    """Around the write of a checkpoint: a write that fails (a full disk) ends the run in one
-    line, and a second Ctrl-C that came during it stops the run at once (StopNow). torch.save
-    reports either as a RuntimeError of its zip writer, and torch.distributed.checkpoint as a
-    CheckpointException holding every rank's failure: the cause is found inside."""
-    try:
-        yield
-    except BaseException as e:
-        causes = list(cli.error_chain(e))
-        for failure, _ in getattr(e, "failures", {}).values():
-            causes += cli.error_chain(failure)
-        cause = next((c for c in causes if isinstance(c, OSError | StopNow)), None)
-        if isinstance(cause, StopNow):
-            raise cause from None
-        if cause is None:
-            raise
-        raise SystemExit(
-            f"could not save {path}: {cause.strerror or cause}; the earlier checkpoints are intact"
-        ) from None
 
 
 class StopNow(BaseException):
@@ -101,7 +74,7 @@ class StopSignal:
         """The signal every rank agrees to stop for, or 0. Under DDP a collective (on the CPU
         group): every rank calls it at the same points."""
         signum = self.signum
-        if self.env.ddp:
+        if self.env.distributed:
             flag = torch.tensor(signum)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.env.cpu_group)
             signum = int(flag)
@@ -118,7 +91,7 @@ def agree(env, action):
         result = action()
     except SystemExit as e:
         error = str(e.code)
-    if env.ddp:
+    if env.distributed:
         errors = [None] * env.world_size
         dist.all_gather_object(errors, error, group=env.cpu_group)
         error = next((e for e in errors if e is not None), None)
@@ -136,29 +109,3 @@ def once_per_node(action):
         if isinstance(e.code, str) and os.environ.get("LOCAL_RANK", "0") != "0":
             raise SystemExit(1) from None
         raise
-
-
-def rng_state():
-    state = {
-        "python": random.getstate(),
-        "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
-        "numpy_pos": int(np.random.get_state()[2]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(("MT19937", state["numpy"].numpy(), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

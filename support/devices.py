@@ -1,17 +1,18 @@
 """
 What each kind of device can do, for training and for the scripts: the best one available, the
 autocast dtype its hardware has, waiting for its queued work, its peak FLOP/s (for MFU), the
-largest micro-batch that fits in its memory, and a CPU allocator setting that keeps steps fast.
+largest micro-batch that fits in its memory, the peak memory a process used, and a CPU allocator
+setting that keeps steps fast.
 """
 
 import contextlib
 import ctypes
-import dataclasses
+import gc
 import sys
 
 import torch
 
-from datafiles import GPT2_VOCAB_SIZE
+from support.datafiles import GPT2_VOCAB_SIZE
 
 
 def default_device():
@@ -126,18 +127,6 @@ def mfu(flops_per_token, tokens_per_sec, peak):
     return flops_per_token * tokens_per_sec / peak
 
 
-def resolve_micro_batch(cfg, env, model, autocast):
-    """cfg with --B auto made a number: on CUDA the largest that fits (one trial step each, from
-    64 down), elsewhere the largest power of two up to 64 that divides the step."""
-    if cfg.B is not None:
-        return cfg
-    on_gpu = env.device_type == "cuda"
-    fits = micro_batch_fits(model, cfg, env, autocast) if on_gpu else lambda B: True
-    B = largest_micro_batch(fits, cfg.total_batch_size, cfg.T, env.world_size)
-    env.print0(f"micro-batch B={B}" + (" (the largest that fits in memory)" if on_gpu else ""))
-    return dataclasses.replace(cfg, B=B)
-
-
 def largest_micro_batch(fits, total_batch_size, T, world_size, largest=64):
     """The largest power-of-two B, at most `largest`, that cuts a step's tokens into whole
     micro-batches of every rank and for which fits(B) holds, tried from the top down."""
@@ -152,24 +141,22 @@ def largest_micro_batch(fits, total_batch_size, T, world_size, largest=64):
     )
 
 
-def micro_batch_fits(model, cfg, env, autocast):
+def micro_batch_fits(model, T, device, autocast, state_shards=1):
     """fits(B) for largest_micro_batch on CUDA: one eager forward and backward of B random
-    sequences, whose peak memory plus the optimizer state to come must fit the GPU. Under
-    --shard fsdp the model probed is still whole (its weights and gradients unsharded, more than
-    FSDP holds): a B that fits here fits there."""
-    total = torch.cuda.get_device_properties(env.device).total_memory
-    params = sum(p.numel() for p in model.parameters())
-    # two float32 moments per parameter (AdamW), at most; FSDP keeps 1/world_size of them a rank
-    optimizer_state = 8 * params // (env.world_size if cfg.shard == "fsdp" else 1)
+    sequences of T tokens, whose peak memory plus the optimizer state to come must fit the GPU.
+    The optimizer state is AdamW's two float32 moments per parameter at most, split over
+    state_shards ranks (FSDP's); the model probed is whole, so a B that fits here fits sharded."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    optimizer_state = 8 * sum(p.numel() for p in model.parameters()) // state_shards
 
     def fits(B):
-        x = torch.randint(0, GPT2_VOCAB_SIZE, (B, cfg.T), device=env.device)
-        torch.cuda.reset_peak_memory_stats(env.device)
+        x = torch.randint(0, GPT2_VOCAB_SIZE, (B, T), device=device)
+        torch.cuda.reset_peak_memory_stats(device)
         try:
             with autocast:
                 _, loss = model(x, x)
             loss.backward()
-            peak = torch.cuda.max_memory_allocated(env.device)
+            peak = torch.cuda.max_memory_allocated(device)
             return peak + optimizer_state < 0.95 * total
         except torch.cuda.OutOfMemoryError:
             return False
@@ -179,3 +166,54 @@ def micro_batch_fits(model, cfg, env, autocast):
             torch.cuda.empty_cache()
 
     return fits
+
+
+# -----------------------------------------------------------------------------
+# Peak memory
+
+
+def reset_peak_memory(device):
+    """Start a peak-memory measurement: returns the memory in use now (bytes), or None where it
+    cannot be measured. On CUDA the caching allocator's counters; on Linux resident memory."""
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:
+        # keep_freed_cpu_memory keeps freed memory in the heap: hand it back to the OS so that
+        # what was freed before does not count, then reset the kernel's high-water mark of
+        # resident memory to the current value (proc(5): clear_refs, Linux 4.0 and later)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return resident_bytes("VmRSS")
+    except OSError:
+        return None
+
+
+def peak_memory(device):
+    """Bytes at the peak since the process started or reset_peak_memory: allocated on a CUDA
+    device, else the process's resident memory (a CPU's, which MPS shares), or None where the OS
+    does not tell it."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        return resident_bytes("VmHWM")
+    except OSError:  # no /proc: not Linux
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else 1024 * peak  # macOS counts bytes, others KiB
+
+
+def resident_bytes(field):
+    """A memory figure of this process from /proc/self/status (Linux): VmRSS, VmHWM."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")

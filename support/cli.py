@@ -1,7 +1,7 @@
 """
 What the scripts' command lines share, without torch: flags made from a dataclass of settings,
-each setting's allowed range checked before anything slow, errors in one line, and a quiet exit
-when the reader of stdout goes away (`python script.py | head`).
+each setting's allowed range checked before anything slow, errors in one line, a quiet exit when
+the reader of stdout goes away (`python script.py | head`), and a Ctrl-C before anything started.
 """
 
 import argparse
@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import signal
 import sys
 import typing
 
@@ -133,7 +134,9 @@ def check_output_file(path, what):
 
 def check_output_dir(path, what):
     """Refuse, before any work, a directory that could not be made or written to: a file in its
-    place, or the nearest directory that exists above it not writable."""
+    place, a link to nothing, or the nearest directory that exists above it not writable."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise SystemExit(f"{what} {path} is a link to {os.readlink(path)}, which does not exist")
     if os.path.exists(path) and not os.path.isdir(path):
         raise SystemExit(f"{what} {path} is a file, not a directory")
     existing = os.path.abspath(path)
@@ -156,6 +159,12 @@ def error_chain(error):
         error = error.__cause__ or error.__context__
 
 
+def first_line(error):
+    """The first line of an exception's message (its type's name if it has none): what a
+    one-line error quotes of a library's many-line account."""
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
+
+
 def discard_stdout():
     """Send what is still to be printed to /dev/null: stdout's pipe or terminal is gone."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -173,3 +182,12 @@ def quiet_exit_when_stdout_closes():
     except BrokenPipeError:
         discard_stdout()
         raise SystemExit(141) from None
+
+
+def stop_at_start_up(signum=signal.SIGINT, frame=None):
+    """End a run that has not begun its first step, at a Ctrl-C, in one line and with status 130
+    (128 + SIGINT): nothing is lost. A signal handler for the second or two that torch takes to
+    import (train_gpt2.py installs it before), and what the trainer does on a KeyboardInterrupt
+    until its own handlers are in place."""
+    print("interrupted (Ctrl-C) during start-up: nothing to save", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
