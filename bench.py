@@ -59,7 +59,7 @@ from support.cli import (
     quiet_exit_when_stdout_closes,
     setting,
 )
-from support.datafiles import GPT2_VOCAB_SIZE, write_shard
+from support.datafiles import BUNDLED_DEFAULTS, GPT2_VOCAB_SIZE, write_shard
 from support.devices import (
     autocast_context,
     autocast_dtype,
@@ -73,7 +73,7 @@ from support.devices import (
     synchronize,
 )
 from support.hf_gpt2 import GPT2_PRESETS
-from train_gpt2 import BUNDLED_DEFAULTS, PADDED_VOCAB_SIZE, DataLoaderLite, DistEnv, GPTConfig
+from train_gpt2 import PADDED_VOCAB_SIZE, DataLoaderLite, DistEnv, GPTConfig
 
 # 64 HellaSwag val examples kept in the repository, for offline runs
 HELLASWAG_SLICE = os.path.join(PROJECT_DIR, "tests", "data", "hellaswag_val_head64.jsonl")

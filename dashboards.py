@@ -119,6 +119,15 @@ class Dashboard:
         self.eta = ETA(max_steps, eval_interval)
         self.tensorboard = self.wandb = None
 
+    def start(self, log_dir, run_info, start_step, tensorboard, wandb_project, wandb_name, here):
+        """The dashboards asked for (on the master only), showing run_info (run.json's: the
+        settings and more) from start_step on; here: the run resumes in its own log dir."""
+        config = dict(run_info["config"], **{k: v for k, v in run_info.items() if k != "config"})
+        if tensorboard:
+            self.start_tensorboard(log_dir, config, start_step)
+        if wandb_project:
+            self.start_wandb(wandb_project, wandb_name, log_dir, config, here)
+
     def start_tensorboard(self, log_dir, config, start_step):
         """TensorBoard event files in log_dir, from start_step on (a resumed run's points hide
         those the earlier process logged from there), with the run's config as text."""

@@ -228,6 +228,36 @@ def evaluate(scorer, packed, device, autocast=None, rank=0, world_size=1, should
     return correct, correct_norm, len(packed)
 
 
+class InTheLoop:
+    """HellaSwag as the training loop scores it: the examples packed once (load_hellaswag), a
+    scorer of the raw model (compiled where the loop compiles: warm_up compiles its graphs at
+    start-up), its acc_norm at every evaluation."""
+
+    def __init__(self, packed, model, compile):
+        self.packed, self.scorer = packed, make_scorer(model.hidden, model.head, compile)
+
+    def warm_up(self, device, autocast):
+        """One batch of every shape through the scorer, under no_grad: its graphs compiled."""
+        with torch.no_grad(), autocast:
+            for batch in {tuple(b.tokens.shape): b for b in self.packed.batches}.values():
+                self.scorer(*(t.to(device) for t in (batch.tokens, batch.positions, batch.targets)))
+
+    def accuracy(self, env, autocast, should_stop):
+        """acc_norm, said on the master (env.print0); None when should_stop() cut the pass
+        short, or when the model has diverged (its logits are not finite)."""
+        args = (self.scorer, self.packed, env.device, autocast, env.rank, env.world_size)
+        try:
+            result = evaluate(*args, should_stop)
+        except NonFiniteLogits as e:
+            env.print0(f"HellaSwag skipped: {e}")
+            return None
+        if result is None:
+            return None
+        _, correct_norm, total = result
+        env.print0(f"HellaSwag accuracy: {correct_norm}/{total}={correct_norm / total:.4f}")
+        return correct_norm / total
+
+
 def load_hellaswag(path, block_size, env, required):
     """The HellaSwag val examples of a local file (path), or of the download when path is empty,
     packed for scoring by a model of context block_size. Local rank 0 of each node downloads,

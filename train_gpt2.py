@@ -22,7 +22,6 @@ import dataclasses
 import math
 import os
 import signal
-import sys
 import time
 import typing
 from dataclasses import dataclass
@@ -43,12 +42,12 @@ import dashboards
 import hellaswag_eval
 import sharding
 import speedrun
-from generation import NonFiniteLogits, print_samples, token_positions
+from generation import print_samples, token_positions
 from kernels import check_fp8_device, linear_cross_entropy, use_fp8_matmuls
 from support import checkpoints, datafiles, devices, hf_gpt2, rundir
 from support.cli import ON_OFF, setting
-from support.datafiles import BUNDLED, GPT2_VOCAB_SIZE
-from support.run_control import StopNow, StopSignal, agree, once_per_node
+from support.datafiles import BUNDLED, BUNDLED_DEFAULTS, BUNDLED_NEXT, GPT2_VOCAB_SIZE
+from support.run_control import StopSignal, agree, exits_in_one_line, gather
 
 PADDED_VOCAB_SIZE = 50304  # 50257 padded to a multiple of 128: faster on tensor cores
 RECIPES = ("gpt2", "speedrun")  # this file's GPT, speedrun.py's SpeedrunGPT: see get_recipe
@@ -187,12 +186,9 @@ class GPT(nn.Module):
         return self.lm_head(x)
 
     def flops_per_token(self, T):
-        """Training FLOPs per token: 6N + 12 L H Q T (PaLM paper, appendix B).
-
-        N counts the parameters that take part in matmuls: all but the position embedding (the
-        tied token embedding is the lm_head). 12 L H Q T is the attention's QK^T and AV, forward
-        and backward.
-        """
+        """Training FLOPs per token: 6N + 12 L H Q T (PaLM paper, appendix B). N counts the
+        parameters that take part in matmuls: all but wpe (the tied wte is the lm_head). 12 L H Q
+        T is the attention's QK^T and AV, forward and backward."""
         d, L = self.config.n_embd, self.config.n_layer
         n_params = self.config.vocab_size * d + L * (12 * d * d + 13 * d) + 2 * d
         return 6 * n_params + 12 * L * d * T
@@ -233,17 +229,11 @@ class GPT(nn.Module):
 class DataLoaderLite:
     """Batches of B sequences of T tokens from token shards, split across processes.
 
-    The stream is cut into sequences of T + 1 tokens that overlap by one (inputs and their
-    next-token targets); sequence i of a shard starts at token i * T, so with shuffle off a batch
-    is the contiguous B * T + 1 tokens of the lecture's loader. Each optimizer micro-step the whole
-    world takes the next B * num_processes sequences and rank r gets the r-th B of them; batches
-    run across shard boundaries, so no rank skips a shard's tail. With shuffle on, every epoch
-    visits the shards and the sequences within each shard in a fresh order drawn from
-    (seed, epoch), so neither the world size nor B changes which data a step sees.
-
-    Every token id is checked against the vocabulary when the loader is made, not hours into a
-    run: from fineweb.py's manifest where it records them, else by a scan of the memory-mapped
-    shards, each rank scanning every num_processes-th.
+    The shards are cut into sequences of T + 1 tokens, visited in file order or shuffled per
+    epoch (datafiles.ShardSequences, which also checks their token ids at once and knows where a
+    resumed run takes up). Each micro-step the whole world takes the next B * num_processes
+    sequences and rank r gets the r-th B of them; batches run across shard boundaries, so no
+    rank skips a shard's tail. With shuffle off, a batch is the lecture's B * T + 1 tokens.
     """
 
     def __init__(
@@ -251,118 +241,23 @@ class DataLoaderLite:
     ):
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
-        self.shuffle, self.seed = shuffle, seed
-        self.paths = datafiles.list_shards(data_dir, split)
-        if not self.paths:
-            raise SystemExit(
-                f"no {split} shards (.npy or .bin files with '{split}' in the name) in {data_dir}"
-            )
-        self.shards = [datafiles.open_shard(p) for p in self.paths]
-        self.num_sequences = [(len(s) - 1) // T if len(s) > 0 else 0 for s in self.shards]
-        if sum(self.num_sequences) == 0:
-            raise SystemExit(
-                f"the {split} shards in {data_dir} hold fewer than T + 1 = {T + 1} tokens"
-            )
-        self.fingerprint = datafiles.shard_fingerprint(self.paths)
-        self.check_token_ids(datafiles.recorded_max_tokens(data_dir))
-        self.reset()
-
-    def check_token_ids(self, recorded):
-        for i, (path, shard) in enumerate(zip(self.paths, self.shards)):
-            if os.path.basename(path) in recorded:
-                top = recorded[os.path.basename(path)]
-            elif i % self.num_processes == self.process_rank:
-                top = int(shard.max()) if len(shard) else 0
-            else:
-                continue
-            if top >= GPT2_VOCAB_SIZE:
-                raise SystemExit(
-                    f"{path}: token id {top} is outside the vocabulary (< {GPT2_VOCAB_SIZE})"
-                )
+        where = (process_rank, num_processes)
+        self.sequences = datafiles.ShardSequences(data_dir, split, T, shuffle, seed, *where)
 
     def reset(self):
-        self.load_state_dict(self.state_at(epoch=0))
-
-    def state_at(self, epoch, shard_pos=0, seq_pos=0):
-        return {
-            "epoch": epoch,
-            "shard_pos": shard_pos,
-            "seq_pos": seq_pos,
-            "T": self.T,
-            "num_shards": len(self.shards),
-            "data": self.fingerprint,
-        }
+        self.sequences.reset()
 
     def state_dict(self):
         # the world's position in the stream, the same on every rank
-        return self.state_at(self.epoch, self.shard_pos, self.seq_pos)
+        return self.sequences.state_dict()
 
     def load_state_dict(self, state):
-        if state["T"] != self.T or state["num_shards"] != len(self.shards):
-            raise SystemExit(
-                f"data loader state is for T={state['T']} over {state['num_shards']} shards; this "
-                f"run has T={self.T} over {len(self.shards)} shards"
-            )
-        if state.get("data") != self.fingerprint:
-            raise SystemExit(
-                "the shards differ from those the checkpoint was trained on (names, sizes or "
-                "contents): resume with the same data, or pass --resume_allow_new_data 1 to "
-                "start the new data from its beginning"
-            )
-        self.epoch, self.shard_pos, self.seq_pos = (
-            state[k] for k in ("epoch", "shard_pos", "seq_pos")
-        )
-        self._start_epoch(self.epoch)
-
-    def _start_epoch(self, epoch):
-        self.epoch = epoch
-        n = len(self.shards)
-        self.shard_order = self._rng(epoch).permutation(n) if self.shuffle else np.arange(n)
-        self._enter_shard()
-
-    def _rng(self, *key):
-        return np.random.default_rng([self.seed, *key])
-
-    def _enter_shard(self):
-        shard = int(self.shard_order[self.shard_pos])
-        self.shard = shard
-        n = self.num_sequences[shard]
-        self.seq_order = self._rng(self.epoch, shard + 1).permutation(n) if self.shuffle else None
-
-    def _advance(self, n):
-        """Move the cursor n sequences forward, into the next shard and epoch as needed."""
-        while n > 0:
-            left = self.num_sequences[self.shard] - self.seq_pos
-            if n < left:
-                self.seq_pos += n
-                return
-            n -= left
-            self._next_shard()
-
-    def _next_shard(self):
-        self.seq_pos = 0
-        self.shard_pos += 1
-        if self.shard_pos == len(self.shards):
-            self.shard_pos = 0
-            self._start_epoch(self.epoch + 1)
-        else:
-            self._enter_shard()
-
-    def _take(self, n):
-        rows = []
-        while len(rows) < n:
-            if self.seq_pos == self.num_sequences[self.shard]:
-                self._next_shard()
-                continue
-            i = self.seq_pos if self.seq_order is None else int(self.seq_order[self.seq_pos])
-            rows.append(self.shards[self.shard][i * self.T : (i + 1) * self.T + 1])
-            self.seq_pos += 1
-        return np.stack(rows)
+        self.sequences.load_state_dict(state)
 
     def next_batch(self):
-        self._advance(self.B * self.process_rank)
-        buf = torch.from_numpy(self._take(self.B).astype(np.int64))
-        self._advance(self.B * (self.num_processes - self.process_rank - 1))
+        self.sequences.skip(self.B * self.process_rank)
+        buf = torch.from_numpy(self.sequences.take(self.B).astype(np.int64))
+        self.sequences.skip(self.B * (self.num_processes - self.process_rank - 1))
         x = buf[:, :-1].contiguous()  # inputs
         y = buf[:, 1:].contiguous()  # targets: the next token at every position
         return x, y
@@ -408,16 +303,13 @@ def grad_accum_steps_at(tokens_seen, cfg, world_size):
 
 @dataclass(frozen=True)
 class Recipe:
-    """What a recipe decides: the model (model(GPTConfig)), the optimizer that trains it
-    (make_optimizer(model, cfg, device_type, log)) and the learning rate of each step
-    (set_learning_rate(optimizer, step, cfg), which returns the rate printed). The last two take
-    the run's settings and give their recipe's code what it needs; the rest of a run is the same
-    for every recipe."""
+    """What a recipe decides; the rest of a run is the same for every recipe. Its optimizer and
+    schedule take the run's settings (cfg) and give the recipe's code what it needs."""
 
-    model: type
-    make_optimizer: typing.Callable
-    set_learning_rate: typing.Callable
-    shards: bool  # whether --shard fsdp can train it
+    model: type  # model(GPTConfig)
+    make_optimizer: typing.Callable  # (model, cfg, device_type, log) -> optimizer
+    set_learning_rate: typing.Callable  # (optimizer, step, cfg) -> the lr printed
+    shards: bool  # whether --shard fsdp can train it (Muon needs whole matrices: it cannot)
 
 
 def make_adamw(model, cfg, device_type, log):
@@ -438,8 +330,7 @@ def set_speedrun_learning_rate(optimizer, step, cfg):
 
 def get_recipe(name):
     """--recipe gpt2, the lecture's (GPT, AdamW, warmup and cosine decay), or speedrun (speedrun.py:
-    its own model, Muon, and a constant rate with a linear cooldown): where a recipe is chosen.
-    Muon orthogonalizes whole matrices: FSDP's shards are not."""
+    its own model, Muon, and a constant rate with a linear cooldown): where a recipe is chosen."""
     if name == "speedrun":
         return Recipe(speedrun.SpeedrunGPT, make_muon, set_speedrun_learning_rate, shards=False)
     return Recipe(GPT, make_adamw, set_learning_rate, shards=True)
@@ -462,8 +353,7 @@ class DistEnv:
     cpu_group: object = None
 
     @classmethod
-    def one_process(cls, device):
-        """A run of one process without a process group (no torchrun, no FSDP)."""
+    def one_process(cls, device):  # no torchrun, no FSDP: no process group
         return cls(False, 0, 0, 1, device, True)
 
     @property
@@ -524,47 +414,35 @@ def evaluate_val_loss(model, loader, steps, env, autocast, should_stop=None):
         if should_stop is not None and should_stop():
             return None
         x, y = loader.next_batch()
-        x, y = to_device(x, env.device), to_device(y, env.device)
+        x, y = devices.to_device(x, env.device), devices.to_device(y, env.device)
         with autocast:
             _, loss = model(x, y)
         total += loss.float()
     return all_reduce_mean(total / steps, env).item()
 
 
-def to_device(t, device):
-    if device.startswith("cuda"):
-        return t.pin_memory().to(device, non_blocking=True)  # copy overlaps with GPU work
-    return t.to(device)
-
-
 class Evaluator:
     """What every eval_interval steps measures and prints: the val loss (on the compiled model,
-    which has the training shapes), HellaSwag (its own compiled scorer) and samples. Each part
-    checks for a stop request between its batches and stops early when there is one."""
+    which has the training shapes), HellaSwag and samples; each part stops at a stop request."""
 
     def __init__(self, cfg, env, model, state, val_loader, hella, autocast, stop, log):
         self.cfg, self.env, self.autocast, self.stop, self.log = cfg, env, autocast, stop, log
         self.model, self.state, self.val_loader, self.hella = model, state, val_loader, hella
-        raw_model = state.model
         # a fixed number of val tokens, whatever the world size and B; fewer if the split is smaller
         steps = cfg.val_loss_steps * cfg.total_batch_size // (cfg.B * cfg.T * env.world_size)
-        available = sum(val_loader.num_sequences) // (cfg.B * env.world_size)
+        available = sum(val_loader.sequences.num_sequences) // (cfg.B * env.world_size)
         self.val_steps = max(1, min(steps, available))
-        self.scorer = None
-        if hella is not None:
-            compiled = model is not raw_model
-            self.scorer = hellaswag_eval.make_scorer(raw_model.hidden, raw_model.head, compiled)
+        if hella is not None:  # on the raw model, compiled where the model is
+            self.hella = hellaswag_eval.InTheLoop(hella, state.model, model is not state.model)
 
     def warm_up(self):
         """Compile the evaluation graphs now, at start-up, where a stop loses nothing, rather than
-        at the first evaluation: one val batch, and one HellaSwag batch of every shape."""
-        device = self.env.device
+        at the first evaluation: one val batch, and HellaSwag's."""
         with torch.no_grad(), self.autocast:
-            x, _ = self.val_loader.next_batch()
-            self.model(to_device(x, device), to_device(x, device))
-            shapes = {tuple(b.tokens.shape): b for b in self.hella.batches} if self.hella else {}
-            for batch in shapes.values():
-                self.scorer(*(t.to(device) for t in (batch.tokens, batch.positions, batch.targets)))
+            x = devices.to_device(self.val_loader.next_batch()[0], self.env.device)
+            self.model(x, x)
+        if self.hella is not None:
+            self.hella.warm_up(self.env.device, self.autocast)
 
     def run(self, step):
         """Evaluate after `step` steps, the time it takes told to the ETA."""
@@ -574,30 +452,21 @@ class Evaluator:
     def evaluate(self, step):
         """Val loss, HellaSwag and samples; returns early when a stop is requested."""
         env, requested = self.env, self.stop.requested
-        val_loss = evaluate_val_loss(
-            self.model, self.val_loader, self.val_steps, env, self.autocast, requested
-        )
+        args = (self.model, self.val_loader, self.val_steps, env, self.autocast, requested)
+        val_loss = evaluate_val_loss(*args)
         if val_loss is None:
             return
         self.state.val_loss = self.state.last_loss = val_loss
         env.print0(f"validation loss: {val_loss:.4f}")
         self.log.write(step, "val", f"{val_loss:.4f}")
         if self.hella is not None:
-            args = (self.scorer, self.hella, env.device, self.autocast, env.rank, env.world_size)
-            try:
-                result = hellaswag_eval.evaluate(*args, should_stop=requested)
-            except NonFiniteLogits as e:  # a diverged model: no accuracy to log, no samples
-                env.print0(f"HellaSwag skipped: {e}")
+            acc_norm = self.hella.accuracy(env, self.autocast, requested)
+            if acc_norm is None:  # a stop request cut it short, or a diverged model: no samples
                 return
-            if result is None:  # a stop request cut it short
-                return
-            _, correct_norm, total = result
-            env.print0(f"HellaSwag accuracy: {correct_norm}/{total}={correct_norm / total:.4f}")
-            self.log.write(step, "hella", f"{correct_norm / total:.4f}")
+            self.log.write(step, "hella", f"{acc_norm:.4f}")
         # a sharded model generates on every rank (each gathers the weights), the master prints
-        sharded = sharding.is_sharded(self.state.model)
-        if step > 0 and not requested() and (env.master_process or sharded):
-            cfg, model = self.cfg, self.state.model
+        cfg, model = self.cfg, self.state.model
+        if step > 0 and not requested() and (env.master_process or sharding.is_sharded(model)):
             count, seed = cfg.num_return_sequences, cfg.seed + env.rank
             texts = print_samples(model, count, cfg.max_length, seed, self.autocast, env.print0)
             self.log.samples(step, texts)
@@ -624,8 +493,8 @@ def model_config_of(checkpoint):
     try:
         return GPTConfig(**checkpoint["model_config"])
     except TypeError:
-        what = "a model_config of another kind"
-        raise SystemExit(f"checkpoint {checkpoint.path} has {what}") from None
+        kind = "a model_config of another kind"
+        raise SystemExit(f"checkpoint {checkpoint.path} has {kind}") from None
 
 
 def model_from_checkpoint(checkpoint):
@@ -682,20 +551,18 @@ class TrainingState:
         sharded = sharding.is_sharded(self.model)
         checkpoints.load_optimizer_state(checkpoint, self.model, self.optimizer, sharded)
         self.scaler.load_state_dict(checkpoint["scaler"])
-        if checkpoint["loader"].get("data") == self.loader.fingerprint:
-            self.loader.load_state_dict(checkpoint["loader"])
-        elif self.cfg.resume_allow_new_data:
+        other_data = checkpoint["loader"].get("data") != self.loader.sequences.fingerprint
+        if other_data and self.cfg.resume_allow_new_data:
             print0("the shards differ from the checkpoint's: the new data starts at its beginning")
         else:
-            self.loader.load_state_dict(checkpoint["loader"])  # refuses, saying why
+            self.loader.load_state_dict(checkpoint["loader"])  # other data: refused, saying why
         checkpoints.set_rng_state(checkpoint["rng"])
         self.tokens_seen, self.val_loss = checkpoint["tokens_seen"], checkpoint["val_loss"]
         return checkpoint["step"]
 
     def save(self, step, env):
-        """Write the checkpoint of `step`: on the master, or a sharded model's on every rank. No
-        checkpoint holds a diverged model: every rank (they agree on the weights and losses)
-        stops instead when a weight, or the model's latest loss, is not finite."""
+        """The checkpoint of `step`, by the master (a sharded model's by every rank); none of a
+        diverged model: every rank stops instead (they agree on the weights and the losses)."""
         finite = sharding.all_finite(self.model.parameters())
         if not (finite and math.isfinite(self.last_loss)):
             what = "its loss is" if finite else "its weights are"
@@ -716,18 +583,17 @@ class TrainingState:
 # Settings: TrainConfig, its flags, and the checks before anything runs
 
 
-SHARDING = ("ddp", "fsdp")
 MODEL_HELP = "a GPT-2 shape, and GPT-3's lr for its size (default: the --n_* flags)"
 MICRO_BATCH_HELP = "micro-batch size; auto: the largest that fits on CUDA, else 64 (default: auto)"
 
 
 @dataclass
 class TrainConfig(GPTConfig):
-    """Every setting of a run: the model's shape (GPTConfig's fields) and how to train it; each
-    field is also a command-line flag (--name value).
+    """Every setting of a run; each field is also a command-line flag (--name value).
 
-    The defaults are the GPT-2 124M reproduction on FineWeb-Edu 10B (GPT-3 paper, table 2.1 and
-    appendix B, as in the lecture). BUNDLED_DEFAULTS replaces some of them for the bundled corpus.
+    The model's shape (GPTConfig's fields), then how to train it. The defaults are the GPT-2 124M
+    reproduction on FineWeb-Edu 10B (GPT-3 paper, table 2.1 and appendix B, as in the lecture);
+    the bundled corpus's run replaces some of them (BUNDLED_DEFAULTS).
     """
 
     vocab_size: int = setting(PADDED_VOCAB_SIZE, "GPT-2's 50257 padded to a multiple of 128")
@@ -767,30 +633,17 @@ class TrainConfig(GPTConfig):
     max_length: int = setting(32, "tokens per sample, prompt included", minimum=1)
     checkpoint_interval: int = setting(5000, "steps between checkpoints (and the last)", minimum=1)
     resume: str = setting("", "checkpoint to continue from: a path, or 'latest' in log_dir")
-    resume_allow_new_data: int = setting(
-        0, "resume on other shards from their start", choices=ON_OFF
-    )
+    resume_allow_new_data: int = setting(0, "resume on new shards from their start", choices=ON_OFF)
     device: str = setting("", "cuda, cuda:1, mps or cpu (default: the best available)")
     dtype: str = setting("auto", "autocast dtype", choices=("auto", *cli.DTYPES))
     compile: int | None = setting(
         None, "torch.compile the model (default: on CUDA)", choices=ON_OFF
     )
-    shard: str = setting("ddp", "ddp: a whole model per rank; fsdp: sharded", choices=SHARDING)
+    shard: str = setting("ddp", "ddp: whole models; fsdp: sharded ones", choices=("ddp", "fsdp"))
     activation_checkpointing: int = setting(0, "recompute blocks in backward", choices=ON_OFF)
     shuffle: int = setting(1, "shuffle shards and sequences each epoch", choices=ON_OFF)
     seed: int = setting(1337, "seed of init, data order, samples", minimum=0, maximum=2**32 - 1)
 
-
-# A small model for the bundled ~300k-token corpus, sized for a 2-core CPU (docs/recipes.md): the
-# lm_head and softmax over 50304 ids dominate a step, so depth and width cost little; small
-# batches of many steps learn most from the few minutes.
-# fmt: off
-BUNDLED_DEFAULTS = dict(
-    n_layer=4, n_head=4, n_embd=128, block_size=256, B=4, T=256, total_batch_size=1024,
-    max_lr=2e-3, warmup_steps=20, max_steps=1000, checkpoint_interval=1000, compile=0,
-    eval_interval=100, val_loss_steps=32, hellaswag=0, num_return_sequences=2,
-)  # val_loss_steps=32: the whole held-out 33k tokens
-# fmt: on
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig))
 
@@ -802,21 +655,17 @@ def parse_args(argv=None):
 
 
 def resolve_config(overrides):
-    """The run's settings: flags given > resumed checkpoint's > bundled-corpus or 124M defaults;
-    with --init_from, the shape of the weights it names.
-
-    Returns (config, checkpoint or None). Refuses, before anything slow or written, settings out
-    of range or that do not fit together, a log dir of another run, and a resume that would go
-    back on what a checkpoint already holds.
-    """
-    checkpoint = None
-    base = TrainConfig()
+    """(the run's settings, the checkpoint it resumes or None): the flags given, then the resumed
+    checkpoint's settings, then the bundled corpus's or the 124M defaults; with --init_from, the
+    shape of the weights it names. Refuses, before anything slow or written, settings out of
+    range or that do not fit together, a log dir of another run, and a resume that would go
+    back on what a checkpoint already holds."""
+    checkpoint, base = None, TrainConfig()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's
     if overrides.get("model"):
         overrides = with_model_preset(overrides)
     if overrides.get("resume") and overrides.get("init_from"):
-        raise SystemExit(
-            "--resume and --init_from exclude each other: a resumed run has its weights"
-        )
+        raise SystemExit("--resume and --init_from exclude each other: a resumed run has weights")
     if overrides.get("resume"):
         log_dir = overrides.get("log_dir", base.log_dir)
         checkpoint = checkpoints.load(overrides["resume"], log_dir, CHECKPOINT_KEYS)
@@ -838,7 +687,7 @@ def resolve_config(overrides):
                 + ", ".join(f"--{k}" for k in MODEL_FIELDS if k in overrides)
             )
         if "data_dir" not in overrides and not datafiles.list_shards(base.data_dir, "train"):
-            check_fineweb_missing(base.data_dir)
+            datafiles.check_bundled_may_replace(base.data_dir, world_size)
             base = dataclasses.replace(base, data_dir=BUNDLED)
         if overrides.get("data_dir", base.data_dir) == BUNDLED:
             base = dataclasses.replace(base, **BUNDLED_DEFAULTS)
@@ -847,7 +696,7 @@ def resolve_config(overrides):
     if checkpoint is None and cfg.init_from:
         shape = init_shape(cfg)
         cfg = dataclasses.replace(cfg, **{k: getattr(shape, k) for k in MODEL_FIELDS})
-    check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    check_config(cfg, world_size)
     if checkpoint is not None and cfg.max_steps < checkpoint["step"]:
         raise SystemExit(
             f"--max_steps {cfg.max_steps} is below the step of the checkpoint to resume "
@@ -855,20 +704,6 @@ def resolve_config(overrides):
         )
     rundir.check_log_dir(cfg.log_dir, checkpoint)
     return cfg, checkpoint
-
-
-def check_fineweb_missing(data_dir):
-    """Where the default FineWeb dir has no train shards, the small bundled-corpus run trains
-    instead, but not in place of half-made shards, nor as a cluster run: it would exit 0."""
-    bundled = "or pass --data_dir (--data_dir bundled: the small bundled-corpus run)"
-    if os.path.exists(data_dir):
-        raise SystemExit(
-            f"{data_dir}/ holds no train shards: `python fineweb.py` goes on making them, {bundled}"
-        )
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit(
-            f"no FineWeb shards in {data_dir}/: make them with `python fineweb.py`, {bundled}"
-        )
 
 
 def with_model_preset(overrides):
@@ -912,8 +747,8 @@ def check_config(cfg, world_size):
         )
     if cfg.batch_ramp_tokens > 0 and cfg.batch_ramp_start < 1:
         raise SystemExit("--batch_ramp_start must be positive")
-    if cfg.B is not None and cfg.total_batch_size % (cfg.B * cfg.T * world_size):
-        micro = cfg.B * cfg.T * world_size
+    micro = (cfg.B or 1) * cfg.T * world_size
+    if cfg.B is not None and cfg.total_batch_size % micro:
         raise SystemExit(
             f"total_batch_size={cfg.total_batch_size} is not divisible by B * T * world_size = "
             f"{cfg.B} * {cfg.T} * {world_size} = {micro}"
@@ -959,31 +794,25 @@ def wrap_model(raw_model, cfg, env, dtype, use_compile):
 
 
 def settle_micro_batch(cfg, env, model, autocast):
-    """cfg with --B auto made a number: on CUDA the largest that fits (one trial step each, from
-    64 down), elsewhere the largest power of two up to 64 that divides the step."""
+    """cfg with --B auto made a number: on CUDA the largest that fits (a trial step each, from 64
+    down), elsewhere the largest up to 64; FSDP keeps a rank's share of the optimizer state."""
     if cfg.B is not None:
         return cfg
-    fits = lambda B: True  # noqa: E731
-    if env.device_type == "cuda":  # FSDP keeps a rank's share of the optimizer state
-        shares = env.world_size if cfg.shard == "fsdp" else 1
-        fits = devices.micro_batch_fits(model, cfg.T, env.device, autocast, shares)
+    on_gpu, shares = env.device_type == "cuda", env.world_size if cfg.shard == "fsdp" else 1
+    fits = devices.micro_batch_fits(model, cfg.T, env.device, autocast, shares) if on_gpu else None
     B = devices.largest_micro_batch(fits, cfg.total_batch_size, cfg.T, env.world_size)
-    fitted = " (the largest that fits in memory)" if env.device_type == "cuda" else ""
-    env.print0(f"micro-batch B={B}{fitted}")
+    env.print0(f"micro-batch B={B}" + (" (the largest that fits in memory)" if on_gpu else ""))
     return dataclasses.replace(cfg, B=B)
 
 
 def train_step(
     model, optimizer, loader, grad_accum_steps, env, autocast, scaler, grad_clip, should_stop=None
 ):
-    """One optimizer step over grad_accum_steps micro-batches.
-
-    Returns (loss, grad norm, updated), with one host synchronization. A non-finite loss or
-    gradient norm, or inf gradients that the fp16 loss scaler skips, leave the weights and the
-    optimizer state as they were (updated is False). If should_stop() says so between two
-    micro-batches, the step is undone (the loader rewound, the gradients dropped) and None is
-    returned: the state is the last completed step's.
-    """
+    """One optimizer step over grad_accum_steps micro-batches: (loss, grad norm, updated), with
+    one host synchronization. A non-finite loss or gradient norm, or inf gradients that the fp16
+    loss scaler skips, leave the weights and the optimizer state as they were (updated False).
+    If should_stop() says so between two micro-batches, the step is undone (the loader rewound,
+    the gradients dropped) and None is returned: the state is the last completed step's."""
     start = loader.state_dict()
     optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=env.device)
@@ -993,7 +822,7 @@ def train_step(
             loader.load_state_dict(start)
             return None
         x, y = loader.next_batch()
-        x, y = to_device(x, env.device), to_device(y, env.device)
+        x, y = devices.to_device(x, env.device), devices.to_device(y, env.device)
         # DDP all-reduces (FSDP reduce-scatters) gradients in backward; only the last micro-step
         # needs that
         last = micro_step == grad_accum_steps - 1
@@ -1045,8 +874,8 @@ def prepare_data(cfg, env):
 
 
 def make_loaders(cfg, env, data_dir):
-    """The train and val loaders. Every rank checks its share of the shards' token ids, and all of
-    them must see the same shards: the ranks agree on both before training starts."""
+    """The train and val loaders: each rank checks its share of the shards' token ids, and every
+    rank must see the same shards; the ranks agree on both before training starts."""
 
     def loaders():
         common = dict(process_rank=env.rank, num_processes=env.world_size, data_dir=data_dir)
@@ -1055,28 +884,23 @@ def make_loaders(cfg, env, data_dir):
         return train, DataLoaderLite(cfg.B, cfg.T, split="val", **common)
 
     train_loader, val_loader = agree(env, loaders)
-    if env.distributed:
-        seen = [None] * env.world_size
-        mine = (len(train_loader.paths), len(val_loader.paths), train_loader.fingerprint)
-        dist.all_gather_object(seen, mine + (val_loader.fingerprint,), group=env.cpu_group)
-        if len(set(seen)) > 1:
-            counts = ", ".join(f"rank {r}: {s[0]} + {s[1]} shards" for r, s in enumerate(seen))
-            message = f"the ranks see different shards in {data_dir} ({counts}): every node needs"
-            raise SystemExit(f"{message} the same files" if env.local_rank == 0 else 1)
+    train, val = train_loader.sequences, val_loader.sequences
+    seen = gather(env, (len(train.paths), len(val.paths), train.fingerprint, val.fingerprint))
+    if len(set(seen)) > 1:
+        counts = ", ".join(f"rank {r}: {s[0]} + {s[1]} shards" for r, s in enumerate(seen))
+        message = f"the ranks see different shards in {data_dir} ({counts}): every node needs"
+        raise SystemExit(f"{message} the same files" if env.local_rank == 0 else 1)
     return train_loader, val_loader
 
 
 def make_dashboard(cfg, env, run_log, run_info, checkpoint):
     """log.txt's lines and the ETA; on the master also the dashboards that the flags turn on."""
     dashboard = dashboards.Dashboard(run_log, env.device, cfg.max_steps, cfg.eval_interval)
-    if env.master_process and (cfg.tensorboard or cfg.wandb_project):
-        config = dict(run_info["config"], **{k: v for k, v in run_info.items() if k != "config"})
+    if env.master_process:
         start_step = checkpoint["step"] if checkpoint else 0
-        if cfg.tensorboard:
-            dashboard.start_tensorboard(cfg.log_dir, config, start_step)
-        if cfg.wandb_project:
-            here = checkpoint is not None and rundir.resumes_in(checkpoint, cfg.log_dir)
-            dashboard.start_wandb(cfg.wandb_project, cfg.wandb_run_name, cfg.log_dir, config, here)
+        here = checkpoint is not None and rundir.resumes_in(checkpoint, cfg.log_dir)
+        flags = (cfg.tensorboard, cfg.wandb_project, cfg.wandb_run_name)
+        dashboard.start(cfg.log_dir, run_info, start_step, *flags, here)
     return dashboard
 
 
@@ -1126,14 +950,8 @@ def start_run(cfg, env, checkpoint, stop):
     if checkpoint:
         print0(f"resumed from {checkpoint.path} at step {start_step}")
     run_log = rundir.RunLog(cfg.log_dir, env.master_process)
-    run_info = dict(
-        config=dataclasses.asdict(cfg),
-        torch=torch.__version__,
-        device=env.device,
-        world_size=env.world_size,
-        dtype=str(dtype),
-        compile=bool(use_compile),
-    )
+    run_info = dict(config=dataclasses.asdict(cfg), torch=torch.__version__, device=env.device)
+    run_info.update(world_size=env.world_size, dtype=str(dtype), compile=bool(use_compile))
     agree(env, lambda: run_log.start(run_info, checkpoint, print0))
     dashboard = agree(env, lambda: make_dashboard(cfg, env, run_log, run_info, checkpoint))
     evaluator = Evaluator(cfg, env, compiled, state, val_loader, hella, autocast, stop, dashboard)
@@ -1196,15 +1014,9 @@ def train(cfg, env, checkpoint, stop, start_time):
         f"{state.val_loss:.4f}; log in {run.dashboard.run_log.path}"
     )
     if cfg.data_dir == BUNDLED:
-        env.print0(f"This was {model_size(state.model)} on the bundled corpus. {NEXT_STEPS}")
+        env.print0(f"This was {model_size(state.model)} on the bundled corpus. {BUNDLED_NEXT}")
     run.dashboard.close()
     return 0
-
-
-NEXT_STEPS = (
-    "For the real GPT-2 (124M) run, get FineWeb-Edu 10B (about 20GB of token shards) with "
-    "`python fineweb.py`, then run `torchrun --standalone --nproc_per_node=8 train_gpt2.py`."
-)
 
 
 def model_size(model):
@@ -1253,43 +1065,34 @@ def stop_run(run, step, stop, env):
 
 
 def main(argv=None):
-    """Train, as the command line says. Under torchrun every process of a node fails alike, and
-    only the node's first says why, in one line."""
-    once_per_node(lambda: run(argv))
+    """Train, as the command line says; what ends the run early ends it in one line."""
+    with exits_in_one_line(OUT_OF_MEMORY):
+        signum = run(argv)
+    if signum:
+        raise SystemExit(128 + signum)
+
+
+OUT_OF_MEMORY = "a smaller --B or model, --activation_checkpointing 1 or --shard fsdp need less"
 
 
 def run(argv):
+    """The run: 0 when done, or the number of the signal that stopped it."""
     start_time = time.time()
+    cfg, checkpoint = resolve_config(parse_args(argv))
+    env = setup_distributed(cfg.device, sharded=cfg.shard == "fsdp")
+    if env.device_type == "cpu":
+        devices.keep_freed_cpu_memory()
     try:
-        cfg, checkpoint = resolve_config(parse_args(argv))
-        env = setup_distributed(cfg.device, sharded=cfg.shard == "fsdp")
-        if env.device_type == "cpu":
-            devices.keep_freed_cpu_memory()
-        try:
-            with StopSignal(env) as stop:
-                signum = train(cfg, env, checkpoint, stop, start_time)
-            if env.distributed:
-                # the ranks leave together: gloo aborts a process whose peers tear down the group
-                # while it still works (rank 0 saving the last checkpoint, say)
-                dist.barrier()
-        finally:
-            if env.distributed:
-                dist.destroy_process_group()
-    except StopNow as e:
-        with contextlib.suppress(OSError):  # `2>&1 | head`, a closed terminal: stderr is gone too
-            print(e, file=sys.stderr, flush=True)
-        raise SystemExit(128 + e.signum) from None
-    except KeyboardInterrupt:  # Ctrl-C before the handlers are in place
-        cli.stop_at_start_up()
-    except Exception as e:  # the host's memory (a CPU, --model gpt2-xl), or the GPU's
-        if not devices.out_of_memory(e):
-            raise
-        raise SystemExit(
-            f"out of memory ({cli.first_line(e)}): a smaller --B or model, "
-            "--activation_checkpointing 1 or --shard fsdp over more GPUs needs less"
-        ) from None
-    if signum:
-        raise SystemExit(128 + signum)
+        with StopSignal(env) as stop:
+            signum = train(cfg, env, checkpoint, stop, start_time)
+        if env.distributed:
+            # the ranks leave together: gloo aborts a process whose peers tear down the group
+            # while it still works (rank 0 saving the last checkpoint, say)
+            dist.barrier()
+    finally:
+        if env.distributed:
+            dist.destroy_process_group()
+    return signum
 
 
 if __name__ == "__main__":

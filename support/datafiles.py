@@ -136,6 +136,132 @@ def list_shards(data_dir, split):
     return [os.path.join(data_dir, n) for n in names]
 
 
+class ShardSequences:
+    """The sequences of a split's token shards, and where a loader is among them.
+
+    The stream of tokens is cut into sequences of T + 1 tokens that overlap by one (inputs and
+    their next-token targets): sequence i of a shard starts at token i * T, so that in file order
+    consecutive sequences are the lecture's contiguous batches. A cursor runs through them, across
+    shard boundaries, epoch after epoch; with shuffle on, every epoch visits the shards, and the
+    sequences within each shard, in a fresh order drawn from (seed, epoch), so that neither the
+    world size nor B changes which data a step sees. state_dict() is the cursor, for checkpoints.
+    """
+
+    def __init__(self, data_dir, split, T, shuffle=False, seed=1337, rank=0, world_size=1):
+        self.T, self.shuffle, self.seed = T, shuffle, seed
+        self.paths = list_shards(data_dir, split)
+        if not self.paths:
+            raise SystemExit(
+                f"no {split} shards (.npy or .bin files with '{split}' in the name) in {data_dir}"
+            )
+        self.shards = [open_shard(p) for p in self.paths]
+        self.num_sequences = [(len(s) - 1) // T if len(s) > 0 else 0 for s in self.shards]
+        if sum(self.num_sequences) == 0:
+            raise SystemExit(
+                f"the {split} shards in {data_dir} hold fewer than T + 1 = {T + 1} tokens"
+            )
+        self.fingerprint = shard_fingerprint(self.paths)
+        check_token_ids(self.paths, self.shards, data_dir, rank, world_size)
+        self.reset()
+
+    def reset(self):
+        self.load_state_dict(self.state_at(epoch=0))
+
+    def state_at(self, epoch, shard_pos=0, seq_pos=0):
+        return {
+            "epoch": epoch,
+            "shard_pos": shard_pos,
+            "seq_pos": seq_pos,
+            "T": self.T,
+            "num_shards": len(self.shards),
+            "data": self.fingerprint,
+        }
+
+    def state_dict(self):
+        return self.state_at(self.epoch, self.shard_pos, self.seq_pos)
+
+    def load_state_dict(self, state):
+        if state["T"] != self.T or state["num_shards"] != len(self.shards):
+            raise SystemExit(
+                f"data loader state is for T={state['T']} over {state['num_shards']} shards; this "
+                f"run has T={self.T} over {len(self.shards)} shards"
+            )
+        if state.get("data") != self.fingerprint:
+            raise SystemExit(
+                "the shards differ from those the checkpoint was trained on (names, sizes or "
+                "contents): resume with the same data, or pass --resume_allow_new_data 1 to "
+                "start the new data from its beginning"
+            )
+        self.epoch, self.shard_pos, self.seq_pos = (
+            state[k] for k in ("epoch", "shard_pos", "seq_pos")
+        )
+        self._start_epoch(self.epoch)
+
+    def _start_epoch(self, epoch):
+        self.epoch = epoch
+        n = len(self.shards)
+        self.shard_order = self._rng(epoch).permutation(n) if self.shuffle else np.arange(n)
+        self._enter_shard()
+
+    def _rng(self, *key):
+        return np.random.default_rng([self.seed, *key])
+
+    def _enter_shard(self):
+        shard = int(self.shard_order[self.shard_pos])
+        self.shard = shard
+        n = self.num_sequences[shard]
+        self.seq_order = self._rng(self.epoch, shard + 1).permutation(n) if self.shuffle else None
+
+    def skip(self, n):
+        """Move the cursor n sequences forward, into the next shard and epoch as needed."""
+        while n > 0:
+            left = self.num_sequences[self.shard] - self.seq_pos
+            if n < left:
+                self.seq_pos += n
+                return
+            n -= left
+            self._next_shard()
+
+    def _next_shard(self):
+        self.seq_pos = 0
+        self.shard_pos += 1
+        if self.shard_pos == len(self.shards):
+            self.shard_pos = 0
+            self._start_epoch(self.epoch + 1)
+        else:
+            self._enter_shard()
+
+    def take(self, n):
+        """The next n sequences, (n, T + 1) uint16 tokens; the cursor moves past them."""
+        rows = []
+        while len(rows) < n:
+            if self.seq_pos == self.num_sequences[self.shard]:
+                self._next_shard()
+                continue
+            i = self.seq_pos if self.seq_order is None else int(self.seq_order[self.seq_pos])
+            rows.append(self.shards[self.shard][i * self.T : (i + 1) * self.T + 1])
+            self.seq_pos += 1
+        return np.stack(rows)
+
+
+def check_token_ids(paths, shards, data_dir, rank=0, world_size=1):
+    """Refuse, when a loader is made and not hours into a run, a token id outside GPT-2's
+    vocabulary: the largest of each shard from fineweb.py's manifest where it records it, else
+    from a scan of the memory-mapped shard, each of world_size ranks scanning every one of its."""
+    recorded = recorded_max_tokens(data_dir)
+    for i, (path, shard) in enumerate(zip(paths, shards)):
+        if os.path.basename(path) in recorded:
+            top = recorded[os.path.basename(path)]
+        elif i % world_size == rank:
+            top = int(shard.max()) if len(shard) else 0
+        else:
+            continue
+        if top >= GPT2_VOCAB_SIZE:
+            raise SystemExit(
+                f"{path}: token id {top} is outside the vocabulary (< {GPT2_VOCAB_SIZE})"
+            )
+
+
 def shard_fingerprint(paths):
     """A cheap identity of a set of shards: their names and sizes and the first and last KB of
     each. A resumed run refuses other shards: its position in them would mean other data."""
@@ -177,6 +303,35 @@ BUNDLED = "bundled"
 CORPUS_DIR = os.path.join(PROJECT_DIR, "data", "corpus")
 BUNDLED_SHARDS_DIR = os.path.join(PROJECT_DIR, "data", "corpus_shards")
 BUNDLED_VAL_FRACTION = 0.1  # the last tenth of every text is held out for validation
+# The run of train_gpt2.py on it: a small model for its ~300k tokens, sized for a 2-core CPU
+# (docs/recipes.md): the lm_head and softmax over 50304 ids dominate a step, so depth and width
+# cost little; small batches of many steps learn most from the few minutes.
+# fmt: off
+BUNDLED_DEFAULTS = dict(
+    n_layer=4, n_head=4, n_embd=128, block_size=256, B=4, T=256, total_batch_size=1024,
+    max_lr=2e-3, warmup_steps=20, max_steps=1000, checkpoint_interval=1000, compile=0,
+    eval_interval=100, val_loss_steps=32, hellaswag=0, num_return_sequences=2,
+)  # val_loss_steps=32: the whole held-out 33k tokens
+# fmt: on
+BUNDLED_NEXT = (  # what train_gpt2.py says after that run
+    "For the real GPT-2 (124M) run, get FineWeb-Edu 10B (about 20GB of token shards) with "
+    "`python fineweb.py`, then run `torchrun --standalone --nproc_per_node=8 train_gpt2.py`."
+)
+
+
+def check_bundled_may_replace(data_dir, world_size):
+    """Where train_gpt2.py's default FineWeb dir holds no train shards, the small bundled-corpus
+    run trains instead, but not in place of half-made shards, nor as a cluster run: a run of
+    the wrong data would end with status 0."""
+    bundled = "or pass --data_dir (--data_dir bundled: the small bundled-corpus run)"
+    if os.path.exists(data_dir):
+        raise SystemExit(
+            f"{data_dir}/ holds no train shards: `python fineweb.py` goes on making them, {bundled}"
+        )
+    if world_size > 1:
+        raise SystemExit(
+            f"no FineWeb shards in {data_dir}/: make them with `python fineweb.py`, {bundled}"
+        )
 
 
 def prepare_bundled_corpus(out_dir=BUNDLED_SHARDS_DIR, corpus_dir=CORPUS_DIR):

@@ -70,6 +70,12 @@ def autocast_context(dtype, device_type):
     return torch.autocast(device_type=device_type, dtype=dtype)
 
 
+def to_device(t, device):
+    if device.startswith("cuda"):
+        return t.pin_memory().to(device, non_blocking=True)  # the copy overlaps with GPU work
+    return t.to(device)
+
+
 def synchronize(device):
     """Wait until the device has done its queued work (CUDA and MPS run asynchronously): step
     times are measured after it."""
@@ -129,10 +135,11 @@ def mfu(flops_per_token, tokens_per_sec, peak):
 
 def largest_micro_batch(fits, total_batch_size, T, world_size, largest=64):
     """The largest power-of-two B, at most `largest`, that cuts a step's tokens into whole
-    micro-batches of every rank and for which fits(B) holds, tried from the top down."""
+    micro-batches of every rank and for which fits(B) holds (fits None: every B fits), tried
+    from the top down."""
     B = largest
     while B >= 1:
-        if total_batch_size % (B * T * world_size) == 0 and fits(B):
+        if total_batch_size % (B * T * world_size) == 0 and (fits is None or fits(B)):
             return B
         B //= 2
     raise SystemExit(

@@ -10,11 +10,16 @@ stop, and on every start-up step a rank takes alone, on a CPU (gloo) group that 
 GPU.
 """
 
+import contextlib
 import os
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
+
+from support import devices
+from support.cli import first_line, stop_at_start_up
 
 
 class StopNow(BaseException):
@@ -91,20 +96,42 @@ def agree(env, action):
         result = action()
     except SystemExit as e:
         error = str(e.code)
-    if env.distributed:
-        errors = [None] * env.world_size
-        dist.all_gather_object(errors, error, group=env.cpu_group)
-        error = next((e for e in errors if e is not None), None)
+    error = next((e for e in gather(env, error) if e is not None), None)
     if error is not None:
         raise SystemExit(error if env.local_rank == 0 else 1)
     return result
 
 
-def once_per_node(action):
-    """action(), whose errors every process of a torchrun node would print alike (the flags, the
-    files are the same): a message is printed by local rank 0 only, the others exit with 1."""
+def gather(env, value):
+    """Every rank's value, in rank order: on the CPU group, so no rank waits for a GPU."""
+    if not env.distributed:
+        return [value]
+    values = [None] * env.world_size
+    dist.all_gather_object(values, value, group=env.cpu_group)
+    return values
+
+
+@contextlib.contextmanager
+def exits_in_one_line(out_of_memory):
+    """Around a run: what ends it early ends it in one line, as refused input does (status 1),
+    or with 128 + the number of the signal that stopped it. A stop that cannot wait says why; a
+    Ctrl-C before the run's own handlers are in place loses nothing; running out of memory (the
+    host's, or a GPU's) says the line out_of_memory (after the allocator's first). Under
+    torchrun every process of a node fails alike: only the node's first says why, the others
+    exit with 1."""
     try:
-        return action()
+        try:
+            yield
+        except StopNow as e:
+            with contextlib.suppress(OSError):  # `2>&1 | head`, a closed terminal: stderr is gone
+                print(e, file=sys.stderr, flush=True)
+            raise SystemExit(128 + e.signum) from None
+        except KeyboardInterrupt:
+            stop_at_start_up()
+        except Exception as e:
+            if not devices.out_of_memory(e):
+                raise
+            raise SystemExit(f"out of memory ({first_line(e)}): {out_of_memory}") from None
     except SystemExit as e:
         if isinstance(e.code, str) and os.environ.get("LOCAL_RANK", "0") != "0":
             raise SystemExit(1) from None

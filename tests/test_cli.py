@@ -2,7 +2,9 @@
 
 import math
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -337,3 +339,76 @@ def test_broken_hellaswag_file(workdir):
 def test_every_script_refuses_bad_input_in_one_line_with_status_1(tmp_path, script, args, expected):
     # the end-to-end check, in a process of its own (the others run main() in this one)
     fails_in_one_line(script, args, tmp_path, expected, in_process=False)
+
+
+# ----------------------------------------------------------------------------- found as a new user
+
+
+def test_a_ctrl_c_while_torch_imports_ends_in_one_line(tmp_path):
+    # the imports take a second or two before main() runs: a numpy that never finishes importing
+    # holds the run there until the Ctrl-C has come
+    (tmp_path / "slow" / "numpy").mkdir(parents=True)
+    (tmp_path / "slow" / "numpy" / "__init__.py").write_text(
+        "import time\nprint('importing numpy', flush=True)\ntime.sleep(60)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "slow"), ROOT]))
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, "--max_steps", "1"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline() == "importing numpy\n"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 128 + signal.SIGINT
+    assert proc.stderr.read() == "interrupted (Ctrl-C) during start-up: nothing to save\n"
+
+
+def test_running_out_of_host_memory_ends_in_one_line(tmp_path):
+    # GPT-2 XL's weights alone are 6.2 GB: a process allowed 4 GB of address space cannot build it
+    def four_gigabytes():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    args = ["--model", "gpt2-xl", "--data_dir", "bundled", "--device", "cpu", "--max_steps", "1"]
+    run = subprocess.run(
+        [sys.executable, SCRIPT, *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        preexec_fn=four_gigabytes,
+        timeout=120,
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    [line] = run.stderr.strip().splitlines()
+    assert line.startswith("out of memory (") and "--activation_checkpointing 1" in line
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_a_default_data_dir_without_train_shards_is_refused_not_replaced(tmp_path):
+    # fineweb.py writes the val shard first: a run it has not finished holds no train shard yet,
+    # and the bundled corpus must not silently take its place
+    make_shards(tmp_path / "edu_fineweb10B", [3000], split_names=["val"])
+    args = ["--max_steps", "1", "--device", "cpu"]
+    fails(args, tmp_path, "edu_fineweb10B/ holds no train shards: `python fineweb.py` goes on")
+    assert sorted(os.listdir(tmp_path)) == ["edu_fineweb10B"]
+    shutil.rmtree(tmp_path / "edu_fineweb10B")  # with no such directory, the small run trains
+    cfg, _ = tg.resolve_config(tg.parse_args(args))
+    assert cfg.data_dir == "bundled"
+
+
+def test_a_link_to_nothing_as_log_dir_is_refused_in_one_line(workdir, tmp_path):
+    os.symlink(tmp_path / "gone", tmp_path / "link")
+    args = with_data(workdir, "--log_dir", str(tmp_path / "link"))
+    fails(args, tmp_path, f"--log_dir {tmp_path / 'link'} is a link to {tmp_path / 'gone'}, which")
+    assert not os.path.exists(tmp_path / "gone")
+
+
+def test_the_closing_line_says_the_size_of_the_model_it_trained():
+    with torch.device("meta"):
+        small = tg.GPT(tg.GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=50304))
+        gpt2 = tg.GPT(tg.GPTConfig(vocab_size=50304))
+    assert tg.model_size(small) == "a small model"  # 7.3M parameters: the default run's
+    assert tg.model_size(gpt2) == "a 124M-parameter model"  # GPT-2 124M's shape

@@ -308,3 +308,48 @@ def test_the_loader_state_names_its_data(tmp_path):
     again = DataLoaderLite(2, 8, 0, 1, "train", str(tmp_path / "a"))
     again.load_state_dict(a.state_dict())
     assert all(torch.equal(u, v) for u, v in zip(again.next_batch(), a.next_batch()))
+
+
+# ----------------------------------------------------------------------------- HellaSwag's files
+
+
+class StreamedResponse:
+    """requests.get's streamed response, from chunks of bytes; `broken` after the first chunk."""
+
+    def __init__(self, chunks, broken):
+        self.chunks, self.broken = chunks, broken
+        self.headers = {"content-length": str(sum(len(c) for c in chunks))}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def raise_for_status(self):
+        pass
+
+    def iter_content(self, chunk_size):
+        import requests
+
+        for i, chunk in enumerate(self.chunks):
+            if self.broken and i == 1:
+                raise requests.ConnectionError("the connection dropped")
+            yield chunk
+
+
+def test_a_hellaswag_download_appears_only_once_complete(tmp_path, monkeypatch):
+    import requests
+
+    lines = open(os.path.join(ROOT, "tests", "data", "hellaswag_val_head64.jsonl"), "rb").read()
+    chunks = [lines[:1000], lines[1000:5000], lines[5000:]]
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(requests, "get", lambda *a, **k: StreamedResponse(chunks, broken=True))
+    with pytest.raises(SystemExit, match="could not download .* \\(ConnectionError\\); offline"):
+        datafiles.download_hellaswag("val", str(cache))
+    assert os.listdir(cache) == []  # neither a part of the file nor a temporary of it
+    monkeypatch.setattr(requests, "get", lambda *a, **k: StreamedResponse(chunks, broken=False))
+    path = datafiles.download_hellaswag("val", str(cache))
+    assert open(path, "rb").read() == lines and os.listdir(cache) == ["hellaswag_val.jsonl"]
+    examples = list(datafiles.iterate_examples("val", path))
+    assert len(examples) == 64 and examples[0]["label"] in range(4)

@@ -68,6 +68,52 @@ def test_imports_run_one_way():
         assert graph[module] <= set(SUPPORT), (module, graph[module] - set(SUPPORT))
 
 
+def test_the_trainer_reads_as_the_lectures_path():
+    # STYLE habit 1: the lecture's path, its extensions beside it and the plumbing below it;
+    # `from support import ...` counts as one module, the package of the plumbing
+    lines = open(os.path.join(ROOT, "train_gpt2.py")).read().count("\n")
+    assert lines <= 1100, lines
+    imported = {m.split(".")[0] for m in project_imports("train_gpt2")}
+    assert len(imported) <= 9 and "support" in imported, sorted(imported)
+    assert not imported & set(SCRIPTS)
+
+
+def calls(module, names):
+    """The lines of a module where it calls one of `names` (dotted, as written: torch.save)."""
+    found = []
+    for node in ast.walk(ast.parse(open(source_file(module)).read())):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in names:
+            found.append(node.lineno)
+    return found
+
+
+def test_checkpoints_are_written_in_one_module():
+    # torch.save and torch.distributed.checkpoint's save only in support/checkpoints.py, which
+    # writes through support/files.py's atomic writers, the only os.replace of the project
+    for module in PROJECT:
+        if module != "support.checkpoints":
+            assert not calls(module, {"torch.save", "dcp.save"}), module
+        if module != "support.files":
+            assert not calls(module, {"os.replace", "os.rename", "shutil.move"}), module
+    assert calls("support.checkpoints", {"torch.save"}) and calls("support.files", {"os.replace"})
+
+
+def test_importing_the_trainer_and_the_scripts_leaves_the_heavy_parts_unloaded(tmp_path):
+    # FSDP2, DTensor and torch.distributed.checkpoint (half a second each) load when a run shards
+    # or reads a sharded checkpoint; transformers when a transformers model is loaded or written
+    heavy = ["torch.distributed.checkpoint", "torch.distributed.tensor", "torch.distributed.fsdp"]
+    heavy += ["transformers", "datasets", "torch.utils.tensorboard", "wandb"]
+    code = (
+        "import sys, train_gpt2, sample, hellaswag, export_hf\n"
+        f"print([m for m in {heavy!r} if m in sys.modules])\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "[]", out.stderr
+
+
 def test_data_preparation_needs_no_torch(tmp_path):
     # a `torch` that cannot be imported shadows the installed one
     (tmp_path / "no_torch" / "torch").mkdir(parents=True)
