@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from generation import NonFiniteLogits
 from support import datafiles
@@ -32,6 +33,9 @@ from support.run_control import agree
 GPU_BATCH_TOKENS = 2**14
 CPU_BATCH_TOKENS = 2**11
 WIDTH_MULTIPLE = 32  # batch widths are multiples of this: HellaSwag's rows need 3 to 6 of them
+# a CPU computes the logits and their loss 64 positions at a time: their (64, 50304) logits stay in
+# its cache (2.4x faster than 485 at once on a 2-core Xeon; a GPU takes a batch's all at once)
+CPU_HEAD_ROWS = 64
 
 # -----------------------------------------------------------------------------
 # Rendering and packing the examples
@@ -86,23 +90,33 @@ def batch_tokens_for(device):
     return GPU_BATCH_TOKENS if str(device).startswith("cuda") else CPU_BATCH_TOKENS
 
 
-def load_packed(path, device, max_width=None, limit=None, split="val", batch_tokens=None):
+def load_packed(
+    path,
+    device,
+    max_width=None,
+    limit=None,
+    split="val",
+    batch_tokens=None,
+    multiple=WIDTH_MULTIPLE,
+):
     """The examples of a HellaSwag file (the downloaded split's if path is None; the first
     `limit` if given) packed for scoring on the device, in batches of about batch_tokens tokens
-    (by default the device's)."""
+    (by default the device's) whose widths are multiples of `multiple`."""
     examples = list(iterate_examples(split, path))[:limit]
     batch_tokens = batch_tokens or batch_tokens_for(device)
-    packed = pack_examples(examples, get_tokenizer(), batch_tokens, max_width)
+    packed = pack_examples(examples, get_tokenizer(), batch_tokens, max_width, multiple)
     if not len(packed):
         raise SystemExit(f"HellaSwag file {path or split} holds no examples")
     return packed
 
 
-def pack_examples(examples, enc, batch_tokens=CPU_BATCH_TOKENS, max_width=None):
+def pack_examples(
+    examples, enc, batch_tokens=CPU_BATCH_TOKENS, max_width=None, multiple=WIDTH_MULTIPLE
+):
     """Render every example with the tokenizer enc and pack the rows, longest first, into batches of
     batch_tokens // width rows each. A batch's width is its longest row rounded up to a multiple
-    of WIDTH_MULTIPLE (at most max_width), and every batch of one width has the same number of
-    rows (the last is padded with empty rows), so a compiled scorer meets few shapes."""
+    of `multiple` (at most max_width), and every batch of one width has the same number of rows
+    (the last is padded with empty rows), so a compiled scorer meets few shapes."""
     if batch_tokens < 1:
         raise SystemExit(f"the HellaSwag batch must hold at least one token, not {batch_tokens}")
     rows, labels = [], []
@@ -117,7 +131,7 @@ def pack_examples(examples, enc, batch_tokens=CPU_BATCH_TOKENS, max_width=None):
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
     batches, start = [], 0
     while start < len(order):
-        width = math.ceil(len(rows[order[start]][0]) / WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+        width = math.ceil(len(rows[order[start]][0]) / multiple) * multiple
         width = min(width, max_width or width)
         size = max(1, batch_tokens // width)
         members = order[start : start + size]
@@ -154,14 +168,20 @@ def ending_losses(hidden, head_fn, positions, targets):
     """Cross-entropy of each ending token, from the (rows, width, n_embd) hidden states: only the
     positions that predict an ending token (flat indices) go through head_fn, the lm_head.
 
-    Vocabulary entries past GPT-2's 50257 (padding) are ignored. The float32 upcast of bf16
-    logits covers those positions only, not the whole (rows, width, vocab) tensor.
+    Vocabulary entries past GPT-2's 50257 (padding) are masked out (a slice would leave the
+    logits strided, and the loss over them slower). The float32 upcast of bf16 logits covers
+    those positions only, not the whole (rows, width, vocab) tensor.
     """
     selected = hidden.flatten(0, 1).index_select(0, positions)
-    logits = head_fn(selected)[:, :GPT2_VOCAB_SIZE]
-    if logits.element_size() < 4:  # bf16 / fp16 under autocast
-        logits = logits.float()
-    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    rows = CPU_HEAD_ROWS if selected.device.type == "cpu" else max(1, len(selected))
+    losses = []
+    for x, y in zip(selected.split(rows), targets.split(rows)):
+        logits = head_fn(x)
+        logits[:, GPT2_VOCAB_SIZE:] = float("-inf")  # in place: scoring runs without gradients
+        if logits.element_size() < 4:  # bf16 / fp16 under autocast
+            logits = logits.float()
+        losses.append(F.cross_entropy(logits, y, reduction="none"))
+    return torch.cat(losses)
 
 
 def make_scorer(hidden_fn, head_fn, compile=False):

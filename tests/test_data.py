@@ -133,7 +133,7 @@ def test_bin_shards(tmp_path):
     assert raw.tolist() == [20240520, 1, 3000]
     a = DataLoaderLite(4, 32, 0, 1, "train", str(tmp_path / "npy"), shuffle=True)
     b = DataLoaderLite(4, 32, 0, 1, "train", str(tmp_path / "bin"), shuffle=True)
-    assert np.array_equal(b.shards[0], npy[1])
+    assert np.array_equal(b.sequences.shards[0], npy[1])
     for _ in range(30):
         assert all(torch.equal(u, v) for u, v in zip(a.next_batch(), b.next_batch()))
 
