@@ -447,9 +447,9 @@ class Evaluator:
     def run(self, step):
         """Evaluate after `step` steps, the time it takes told to the ETA."""
         with self.log.evaluation():
-            self.evaluate(step)
+            self.measure(step)
 
-    def evaluate(self, step):
+    def measure(self, step):
         """Val loss, HellaSwag and samples; returns early when a stop is requested."""
         env, requested = self.env, self.stop.requested
         args = (self.model, self.val_loader, self.val_steps, env, self.autocast, requested)
@@ -472,7 +472,7 @@ class Evaluator:
             self.log.samples(step, texts)
 
 
-def load_hellaswag(cfg, env):
+def hellaswag_examples(cfg, env):
     """HellaSwag packed for the loop, or None: asked for, or by default for FineWeb's data (a
     file that cannot be had then turns it off instead of failing the run)."""
     if not (cfg.hellaswag if cfg.hellaswag is not None else cfg.data_dir != BUNDLED):
@@ -944,7 +944,7 @@ def start_run(cfg, env, checkpoint, stop):
 
     # data, evaluation and the state a checkpoint holds
     train_loader, val_loader = make_loaders(cfg, env, data_dir)
-    hella = load_hellaswag(cfg, env)
+    hella = hellaswag_examples(cfg, env)
     state = TrainingState(raw_model, optimizer, scaler, train_loader, cfg)
     start_step = state.load_state_dict(checkpoint, print0) if checkpoint else 0
     if checkpoint:

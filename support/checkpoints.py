@@ -69,11 +69,9 @@ def is_sharded_checkpoint(path):
     return os.path.isfile(os.path.join(path, META_FILE))
 
 
-def remove_stale_temporaries(log_dir, others=""):
-    """Remove what killed saves left in log_dir (a temporary as large as a checkpoint), and the
-    temporaries of the other files named by the regular expression `others`."""
-    names = r"model_\d+\.(pt|dcp)" + (f"|{others}" if others else "")
-    files.remove_stale_temporaries(log_dir, names)
+def remove_unfinished_saves(log_dir):
+    """Remove what killed saves left in log_dir: a temporary as large as a checkpoint."""
+    files.remove_stale_temporaries(log_dir, CHECKPOINT_FILE.pattern)
 
 
 # -----------------------------------------------------------------------------

@@ -107,7 +107,8 @@ class RunLog:
         )
         try:
             os.makedirs(self.dir, exist_ok=True)
-            checkpoints.remove_stale_temporaries(self.dir, others=r"log\.txt|run\.json")
+            checkpoints.remove_unfinished_saves(self.dir)
+            files.remove_stale_temporaries(self.dir, r"log\.txt|run\.json")
             run = dict(run_info, resumes=[])
             lines = []
             if checkpoint is not None:

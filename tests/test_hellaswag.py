@@ -204,10 +204,10 @@ def test_default_hellaswag_turns_itself_off_when_the_file_cannot_be_had(tmp_path
     monkeypatch.setattr(datafiles, "HELLASWAG_CACHE_DIR", str(tmp_path / "cache"))
     cfg = tg.TrainConfig(hellaswag=None)
     env = tg.DistEnv.one_process("cpu")
-    assert tg.load_hellaswag(cfg, env) is None
+    assert tg.hellaswag_examples(cfg, env) is None
     with pytest.raises(SystemExit, match="could not download"):
-        tg.load_hellaswag(tg.TrainConfig(hellaswag=1), env)
-    assert tg.load_hellaswag(tg.TrainConfig(hellaswag=None, data_dir="bundled"), env) is None
+        tg.hellaswag_examples(tg.TrainConfig(hellaswag=1), env)
+    assert tg.hellaswag_examples(tg.TrainConfig(hellaswag=None, data_dir="bundled"), env) is None
 
 
 def test_compiled_training_logs_hellaswag(tmp_path):
