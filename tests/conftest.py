@@ -129,6 +129,19 @@ def run_in_process(script, args, cwd, stdin=""):
     return code, out.getvalue(), err.getvalue()
 
 
+def run_with_address_limit(argv, cwd, gigabytes):
+    """A script (argv: its path and arguments) in a process allowed `gigabytes` of address
+    space, as `ulimit -v` allows it: the completed process, stderr captured."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (gigabytes << 30, gigabytes << 30))
+
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    run = dict(cwd=cwd, env=env, capture_output=True, text=True, preexec_fn=limit, timeout=120)
+    return subprocess.run([sys.executable, *argv], **run)
+
+
 def make_shards(data_dir, lengths, seed=0, split_names=None, fmt="npy"):
     """Write random uint16 token shards; returns their arrays. Shard 0 is val, the rest train."""
     from support.datafiles import write_shard

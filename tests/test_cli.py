@@ -2,7 +2,6 @@
 
 import math
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 import train_gpt2 as tg
-from conftest import ROOT, TINY, fails_in_one_line, make_shards
+from conftest import ROOT, TINY, fails_in_one_line, make_shards, run_with_address_limit
 from support import checkpoints
 
 SCRIPT = os.path.join(ROOT, "train_gpt2.py")
@@ -369,19 +368,8 @@ def test_a_ctrl_c_while_torch_imports_ends_in_one_line(tmp_path):
 def test_running_out_of_host_memory_ends_in_one_line(tmp_path):
     # GPT-2 XL's weights alone are 6.2 GB: a process allowed 3 GB of address space (torch takes
     # under 1) cannot build them
-    def three_gigabytes():
-        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
-
     args = ["--model", "gpt2-xl", "--data_dir", "bundled", "--device", "cpu", "--max_steps", "1"]
-    run = subprocess.run(
-        [sys.executable, SCRIPT, *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=ROOT),
-        preexec_fn=three_gigabytes,
-        timeout=120,
-    )
+    run = run_with_address_limit([SCRIPT, *args], tmp_path, gigabytes=3)
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
     [line] = run.stderr.strip().splitlines()
     assert line.startswith("out of memory (") and "--activation_checkpointing 1" in line

@@ -3,7 +3,6 @@ batches of prompts of different lengths, top-k / top-p filtering, and sample.py'
 
 import contextlib
 import os
-import resource
 import subprocess
 import sys
 
@@ -12,7 +11,14 @@ import torch
 
 import generation
 import train_gpt2 as tg
-from conftest import ROOT, TINY, fails_in_one_line, make_shards, run_in_process
+from conftest import (
+    ROOT,
+    TINY,
+    fails_in_one_line,
+    make_shards,
+    run_in_process,
+    run_with_address_limit,
+)
 from generation import generate
 from speedrun import SpeedrunGPT
 from support import datafiles
@@ -309,19 +315,9 @@ def test_a_diverged_model_is_not_sampled(checkpoint, tmp_path):
 def test_out_of_memory_ends_in_one_line(checkpoint, tmp_path):
     # 100,000 samples at once, in a process allowed 4GB of address space: their logits alone
     # would need 10GB
-    def four_gigabytes():
-        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
-
     args = ["--checkpoint", str(checkpoint), "--num_samples", "100000", "--stream", "0"]
-    run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "sample.py"), "--device", "cpu", *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=ROOT),
-        preexec_fn=four_gigabytes,
-        timeout=120,
-    )
+    script = os.path.join(ROOT, "sample.py")
+    run = run_with_address_limit([script, "--device", "cpu", *args], tmp_path, gigabytes=4)
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert run.stderr.strip().splitlines()[-1].startswith("out of memory generating 100000 ")
 
