@@ -18,6 +18,7 @@ peak measured here, so that a CPU has one too), peak memory and the speed-up ove
     python bench.py --rows final --profile trace.json  # where the time goes (torch.profiler)
     python bench.py --rows none --preset gpt2 --generate 1   # generation: cache against none
     torchrun --standalone --nproc_per_node=8 bench.py --shard 1 --preset gpt2-xl  # DDP vs FSDP
+    python bench.py --checkpoint 1 --preset gpt2       # how long a save stalls the step loop
 
 It also measures the data loader, the val loss, HellaSwag evaluation and, with --generate 1,
 generation: tokens/s of generation.generate with its key/value cache (one stream, and a batch of
@@ -27,6 +28,11 @@ With --shard 1 it measures, instead, the training step under DDP, under FSDP (sh
 under FSDP with activation checkpointing, on every rank of torchrun (or on one process): tokens/s
 and the memory each rank holds for parameters, gradients and optimizer state, with the same
 memory computed for GPT-2's four sizes on 1 to 64 ranks.
+
+With --checkpoint 1 it measures, instead, how long saving a checkpoint (the model, AdamW's state
+after one step, and the rest of train_gpt2.TrainingState) keeps the step loop waiting: a
+synchronous save against one in the background (--async_checkpoint 1), whose stall is the copy
+to host memory; and how long the background write itself takes.
 """
 
 import contextlib
@@ -48,7 +54,7 @@ import sharding
 import train_gpt2 as tg
 from generation import generate, sample_next
 from kernels import fp8_hardware
-from support import PROJECT_DIR, files
+from support import PROJECT_DIR, checkpoints, files
 from support.cli import (
     ON_OFF,
     check_input_file,
@@ -467,6 +473,9 @@ class BenchConfig:
     json: str = setting("", "also write the figures to this file")
     profile: str = setting("", "profile the last row that ran and write its trace to this file")
     shard: int = setting(0, "instead: DDP against FSDP, each rank's memory", choices=ON_OFF)
+    checkpoint: int = setting(
+        0, "instead: a save's stall, synchronous against async", choices=ON_OFF
+    )
 
 
 def parse_args(argv=None):
@@ -551,6 +560,8 @@ def main(argv=None):
     dtype = autocast_dtype(cfg.dtype, env.device_type)
     if cfg.shard:
         return write_figures(cfg.json, sharding_figures(cfg, config, T, dtype))
+    if cfg.checkpoint:
+        return write_figures(cfg.json, checkpoint_figures(cfg, config, T, env))
     plan = plan_rows(cfg, dtype, fp8_hardware(device))
     figures = dict(device=env.device_type, torch=torch.__version__, preset=preset, T=T)
     figures.update(model=dataclasses.asdict(config), settings=dataclasses.asdict(cfg))
@@ -735,6 +746,58 @@ def sharding_figures(cfg, config, T, dtype):
     finally:
         dist.destroy_process_group()
     return dict(world_size=env.world_size, rows=rows) if env.master_process else None
+
+
+def checkpoint_figures(cfg, config, T, env, saves=3):
+    """Seconds the step loop waits for a save (median of `saves`), synchronous and in the
+    background, and the background write's own seconds; printed and returned."""
+    model = tg.GPT(dataclasses.replace(config, vocab_size=PADDED_VOCAB_SIZE)).to(env.device)
+    train_cfg = tg.TrainConfig(**{k: getattr(config, k) for k in tg.MODEL_FIELDS}, B=cfg.B, T=T)
+    optimizer = model.configure_optimizers(0.1, 6e-4, env.device_type, log=lambda *a: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        loader = DataLoaderLite(cfg.B, T, 0, 1, "train", synthetic_shards(tmp, cfg.B * T + 1))
+        x, y = loader.next_batch()
+        model(x.to(env.device), y.to(env.device))[1].backward()
+        optimizer.step()  # AdamW's moments exist: the state is a real checkpoint's
+        scaler = torch.amp.GradScaler(env.device_type, enabled=False)
+        state = tg.TrainingState(model, optimizer, scaler, loader, train_cfg)
+        size = sum(t.numel() * t.element_size() for t in tensors_of(state.state_dict(0)))
+        print(
+            f"{env.device}: a checkpoint of n_layer={config.n_layer}, n_embd={config.n_embd} is "
+            f"{size / 1e9:.3f} GB; median of {saves} saves"
+        )
+        figures = dict(device=env.device, checkpoint_bytes=size)
+        for background in (False, True):
+            log_dir = os.path.join(tmp, f"log_{int(background)}")
+            os.makedirs(log_dir)
+            saver = checkpoints.Saver(log_dir, env, 1, background=background)
+            stalls, writes = [], []
+            for step in range(1, saves + 1):
+                synchronize(env.device)
+                t0 = time.perf_counter()
+                saver.save(step, state, sharded=False)
+                synchronize(env.device)
+                stalls.append(time.perf_counter() - t0)
+                saver.wait()
+                writes.append(time.perf_counter() - t0)
+            kind = "async" if background else "sync"
+            figures[kind] = dict(stall_s=float(np.median(stalls)), total_s=float(np.median(writes)))
+            print(
+                f"  {kind:<5}  the loop waits {figures[kind]['stall_s']:.3f} s; "
+                f"complete after {figures[kind]['total_s']:.3f} s",
+                flush=True,
+            )
+    return figures
+
+
+def tensors_of(obj):
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in tensors_of(v)]
+    return []
 
 
 def print_computed_memory(world_size):

@@ -12,7 +12,7 @@ defaults are the GPT-2 124M reproduction (10B tokens, 19073 steps of 2**19 token
     # several nodes: run on every node, with its own --node_rank and the first node's address
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 \\
         --rdzv_backend=c10d --rdzv_endpoint=10.0.0.1:29500 train_gpt2.py
-    python train_gpt2.py --resume latest                     # continue from the newest checkpoint
+    python train_gpt2.py --resume auto      # continue from the newest checkpoint, if there is one
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --model gpt2-xl --shard fsdp \\
         --activation_checkpointing 1                         # GPT-2 XL, sharded (sharding.py)
 """
@@ -47,7 +47,7 @@ from kernels import check_fp8_device, linear_cross_entropy, use_fp8_matmuls
 from support import checkpoints, datafiles, devices, hf_gpt2, rundir
 from support.cli import ON_OFF, setting
 from support.datafiles import BUNDLED, BUNDLED_DEFAULTS, BUNDLED_NEXT, GPT2_VOCAB_SIZE
-from support.run_control import StopSignal, agree, exits_in_one_line, gather
+from support.run_control import StopSignal, agree, exits_in_one_line, gather, rendezvous_store
 
 PADDED_VOCAB_SIZE = 50304  # 50257 padded to a multiple of 128: faster on tensor cores
 RECIPES = ("gpt2", "speedrun")  # this file's GPT, speedrun.py's SpeedrunGPT: see get_recipe
@@ -377,8 +377,7 @@ def setup_distributed(device="", sharded=False):
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    # torchrun's rendezvous, or for one process a store in its own memory
-    store = dict(store=dist.HashStore(), rank=0, world_size=1) if "RANK" not in os.environ else {}
+    store = rendezvous_store()  # torchrun's, or for one process in its own memory
     cpu_group = None
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
@@ -560,9 +559,9 @@ class TrainingState:
         self.tokens_seen, self.val_loss = checkpoint["tokens_seen"], checkpoint["val_loss"]
         return checkpoint["step"]
 
-    def save(self, step, env):
-        """The checkpoint of `step`, by the master (a sharded model's by every rank); none of a
-        diverged model: every rank stops instead (they agree on the weights and the losses)."""
+    def save(self, step, saver):
+        """The checkpoint of `step`, by checkpoints.Saver; none of a diverged model: every rank
+        stops instead (they agree on the weights and the losses)."""
         finite = sharding.all_finite(self.model.parameters())
         if not (finite and math.isfinite(self.last_loss)):
             what = "its loss is" if finite else "its weights are"
@@ -570,13 +569,7 @@ class TrainingState:
                 f"the model has diverged after step {step - 1} ({what} not finite): not saved; "
                 f"lower --max_lr ({checkpoints.last_saved(self.cfg.log_dir)})"
             )
-        sharded = sharding.is_sharded(self.model)
-        path = checkpoints.checkpoint_path(self.cfg.log_dir, step, sharded)
-        if sharded:
-            checkpoints.save_sharded(path, self.progress(step), self.model, self.optimizer, env)
-        elif env.master_process:
-            checkpoints.save(path, self.state_dict(step))
-        env.print0(f"saved {path}")
+        saver.save(step, self, sharding.is_sharded(self.model))
 
 
 # -----------------------------------------------------------------------------
@@ -596,7 +589,7 @@ class TrainConfig(GPTConfig):
     the bundled corpus's run replaces some of them (BUNDLED_DEFAULTS).
     """
 
-    vocab_size: int = setting(PADDED_VOCAB_SIZE, "GPT-2's 50257 padded to a multiple of 128")
+    vocab_size: int = setting(PADDED_VOCAB_SIZE, "padded to 128s: faster", minimum=GPT2_VOCAB_SIZE)
 
     data_dir: str = setting("edu_fineweb10B", "token shards made by fineweb.py, or 'bundled'")
     log_dir: str = setting("log", "where log.txt, run.json and checkpoints go")
@@ -609,7 +602,7 @@ class TrainConfig(GPTConfig):
     T: int = setting(1024, "sequence length of a training sample", minimum=1)
     total_batch_size: int = setting(524288, "tokens per optimizer step: 2**19 (0.5M)", minimum=1)
     batch_ramp_tokens: int = setting(0, "GPT-3 batch ramp: tokens over which the batch grows")
-    batch_ramp_start: int = setting(32768, "GPT-3 batch ramp: tokens in the first batch")
+    batch_ramp_start: int = setting(32768, "GPT-3 batch ramp: the first batch's tokens", minimum=1)
     max_lr: float = setting(6e-4, "peak learning rate", above=0)
     min_lr_ratio: float = setting(0.1, "final lr as a fraction of the peak", minimum=0, maximum=1)
     warmup_steps: int = setting(715, "linear warmup: 375M tokens (GPT-3) / 2**19", minimum=0)
@@ -632,7 +625,10 @@ class TrainConfig(GPTConfig):
     num_return_sequences: int = setting(4, "samples printed at each evaluation", minimum=0)
     max_length: int = setting(32, "tokens per sample, prompt included", minimum=1)
     checkpoint_interval: int = setting(5000, "steps between checkpoints (and the last)", minimum=1)
-    resume: str = setting("", "checkpoint to continue from: a path, or 'latest' in log_dir")
+    checkpoint_minutes: float = setting(0.0, "also save this often (wall time; 0: off)", minimum=0)
+    keep_checkpoints: int = setting(0, "keep the newest K and the interval's (0: all)", minimum=0)
+    async_checkpoint: int = setting(0, "write checkpoints while training goes on", choices=ON_OFF)
+    resume: str = setting("", "a checkpoint path; latest, or auto (latest if any) in log_dir")
     resume_allow_new_data: int = setting(0, "resume on new shards from their start", choices=ON_OFF)
     device: str = setting("", "cuda, cuda:1, mps or cpu (default: the best available)")
     dtype: str = setting("auto", "autocast dtype", choices=("auto", *cli.DTYPES))
@@ -664,10 +660,13 @@ def resolve_config(overrides):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's
     if overrides.get("model"):
         overrides = with_model_preset(overrides)
+    log_dir = overrides.get("log_dir", base.log_dir)
+    restart = overrides.get("resume") == "auto"  # the first start and every restart alike
+    if restart:
+        overrides = dict(overrides, resume=checkpoints.latest_checkpoint(log_dir) or "")
     if overrides.get("resume") and overrides.get("init_from"):
         raise SystemExit("--resume and --init_from exclude each other: a resumed run has weights")
     if overrides.get("resume"):
-        log_dir = overrides.get("log_dir", base.log_dir)
         checkpoint = checkpoints.load(overrides["resume"], log_dir, CHECKPOINT_KEYS)
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         base = TrainConfig(**{k: v for k, v in checkpoint["train_config"].items() if k in known})
@@ -702,7 +701,7 @@ def resolve_config(overrides):
             f"--max_steps {cfg.max_steps} is below the step of the checkpoint to resume "
             f"({checkpoint['step']})"
         )
-    rundir.check_log_dir(cfg.log_dir, checkpoint)
+    rundir.check_log_dir(cfg.log_dir, checkpoint, restart)
     return cfg, checkpoint
 
 
@@ -727,10 +726,6 @@ def init_shape(cfg):
 
 def check_config(cfg, world_size):
     """Refuse, in one line, settings that do not fit together."""
-    if cfg.vocab_size < GPT2_VOCAB_SIZE:
-        raise SystemExit(
-            f"--vocab_size {cfg.vocab_size} is smaller than the tokenizer's {GPT2_VOCAB_SIZE}"
-        )
     if cfg.T > cfg.block_size:
         raise SystemExit(f"T={cfg.T} is longer than the model's block_size={cfg.block_size}")
     if cfg.max_length > cfg.block_size:
@@ -745,8 +740,6 @@ def check_config(cfg, world_size):
             "--shard fsdp trains the gpt2 recipe in bf16 or fp32, without --fp8: use DDP for the "
             "speedrun recipe (Muon orthogonalizes whole matrices), fp8 and float16"
         )
-    if cfg.batch_ramp_tokens > 0 and cfg.batch_ramp_start < 1:
-        raise SystemExit("--batch_ramp_start must be positive")
     micro = (cfg.B or 1) * cfg.T * world_size
     if cfg.B is not None and cfg.total_batch_size % micro:
         raise SystemExit(
@@ -916,6 +909,7 @@ class Run:
     start_step: int
     evaluator: Evaluator
     dashboard: dashboards.Dashboard  # log.txt's lines and more, on TensorBoard and W&B; the ETA
+    saver: checkpoints.Saver  # when to save, what to keep, the save in the background
 
 
 def start_run(cfg, env, checkpoint, stop):
@@ -961,7 +955,9 @@ def start_run(cfg, env, checkpoint, stop):
         f"{sum(p.numel() for p in raw_model.parameters()):,} parameters; {cfg.total_batch_size} "
         f"tokens per step on {env.world_size} x {env.device} ({dtype}), compile={bool(use_compile)}"
     )
-    return Run(cfg, recipe, model, autocast, state, start_step, evaluator, dashboard)
+    saving = (cfg.checkpoint_interval, cfg.checkpoint_minutes, cfg.keep_checkpoints)
+    saver = checkpoints.Saver(cfg.log_dir, env, *saving, background=bool(cfg.async_checkpoint))
+    return Run(cfg, recipe, model, autocast, state, start_step, evaluator, dashboard, saver)
 
 
 def train(cfg, env, checkpoint, stop, start_time):
@@ -976,8 +972,8 @@ def train(cfg, env, checkpoint, stop, start_time):
             run.evaluator.run(step)  # val loss, HellaSwag, samples
         if stop.requested():
             return stop_run(run, step, stop, env)
-        if step > run.start_step and (step % cfg.checkpoint_interval == 0 or last_step):
-            state.save(step, env)
+        if step > run.start_step and run.saver.due(step, last_step):
+            state.save(step, run.saver)
         if last_step:
             break
 
@@ -1009,6 +1005,7 @@ def train(cfg, env, checkpoint, stop, start_time):
             skipped_in_a_row += 1
             report_skipped_step(step, loss, norm, skipped_in_a_row, cfg, env)
 
+    run.saver.wait()
     env.print0(
         f"done: {cfg.max_steps} steps in {time.time() - start_time:.0f}s, final val loss "
         f"{state.val_loss:.4f}; log in {run.dashboard.run_log.path}"
@@ -1051,7 +1048,8 @@ def stop_run(run, step, stop, env):
     signum = stop.requested()
     name = signal.Signals(signum).name
     if step > run.start_step:
-        run.state.save(step, env)
+        run.state.save(step, run.saver)
+        run.saver.wait()
         how = f"python train_gpt2.py --resume latest --log_dir {run.cfg.log_dir}"
         env.print0(f"stopped by {name} after step {step - 1}; continue with: {how}")
     else:
@@ -1079,19 +1077,20 @@ def run(argv):
     """The run: 0 when done, or the number of the signal that stopped it."""
     start_time = time.time()
     cfg, checkpoint = resolve_config(parse_args(argv))
-    env = setup_distributed(cfg.device, sharded=cfg.shard == "fsdp")
-    if env.device_type == "cpu":
-        devices.keep_freed_cpu_memory()
-    try:
-        with StopSignal(env) as stop:
-            signum = train(cfg, env, checkpoint, stop, start_time)
-        if env.distributed:
-            # the ranks leave together: gloo aborts a process whose peers tear down the group
-            # while it still works (rank 0 saving the last checkpoint, say)
-            dist.barrier()
-    finally:
-        if env.distributed:
-            dist.destroy_process_group()
+    with rundir.owned(cfg.log_dir):  # by one run at a time, once its settings are good
+        env = setup_distributed(cfg.device, sharded=cfg.shard == "fsdp")
+        if env.device_type == "cpu":
+            devices.keep_freed_cpu_memory()
+        try:
+            with StopSignal(env) as stop:
+                signum = train(cfg, env, checkpoint, stop, start_time)
+            if env.distributed:
+                # the ranks leave together: gloo aborts a process whose peers tear down the
+                # group while it still works (rank 0 saving the last checkpoint, say)
+                dist.barrier()
+        finally:
+            if env.distributed:
+                dist.destroy_process_group()
     return signum
 
 

@@ -75,6 +75,17 @@ def replace_directory(tmp, path):
         os.close(fd)
 
 
+def atomic_remove(path):
+    """Remove a file or directory: renamed out of its listing first (atomically), then deleted;
+    a kill in between leaves a temporary that remove_stale_temporaries clears."""
+    tmp = temporary_path(path)
+    os.replace(path, tmp)
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    else:
+        os.remove(tmp)
+
+
 def remove_stale_temporaries(directory, names):
     """Delete the temporary files and directories of the given names (a regular expression of
     the final names) that killed processes left in directory: a SIGKILL during a save leaves one

@@ -86,6 +86,24 @@ class StopSignal:
         return signum
 
 
+def rendezvous_store():
+    """How the processes of a run find each other (init_process_group's store, rank and
+    world_size): for one process, a store in its own memory; under torchrun, its agent's store,
+    with the keys of this attempt apart from those of the attempts before it. A group that
+    torchrun restarts (--max-restarts) would otherwise read its peers' old addresses, and hang."""
+    if "RANK" not in os.environ:
+        return dict(store=dist.HashStore(), rank=0, world_size=1)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agents = dist.TCPStore(address, port, world_size, is_master=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dict(
+        store=dist.PrefixStore(f"attempt_{attempt}", agents), rank=rank, world_size=world_size
+    )
+
+
 def agree(env, action):
     """Run action() on this rank, then agree with every rank on how it went: its result if it
     worked on all of them, else SystemExit on all of them with the message of the lowest rank

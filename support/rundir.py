@@ -1,8 +1,10 @@
 """
 A run's directory (--log_dir): log.txt, run.json, and the rules that keep a run from overwriting
-or mixing with another run's files. The checkpoints in it are support/checkpoints.py's.
+or mixing with another run's files: one run at a time owns it. The checkpoints in it are
+support/checkpoints.py's.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -11,6 +13,11 @@ import time
 
 from support import PROJECT_DIR, checkpoints, files
 from support.cli import check_output_dir
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock
+    fcntl = None
 
 # log.txt's kinds of lines ({step} {kind} {value}), each with the metric it is (as dashboards
 # name it): the one list of them
@@ -31,12 +38,48 @@ def read_log(path):
     return lines
 
 
-def check_log_dir(log_dir, checkpoint):
+@contextlib.contextmanager
+def owned(log_dir):
+    """The log dir, owned by this run until the block ends: a second run into it, started while
+    this one runs, is refused in one line. Under torchrun rank 0 holds it for every rank. The
+    lock is the directory's own (flock), so it leaves no file behind, and the system drops it
+    when its process dies, however it dies."""
+    if fcntl is None or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    check_output_dir(log_dir, "--log_dir")
+    created = not os.path.exists(log_dir)
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        fd = os.open(log_dir, os.O_RDONLY)
+    except OSError as e:
+        raise SystemExit(f"cannot write to --log_dir {log_dir}: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(
+                f"{log_dir} is in use by another run: wait for it to end, or use another --log_dir"
+            ) from None
+        except OSError:  # a file system without locks (some network ones): nothing to hold
+            pass
+        try:
+            yield
+        finally:
+            if created and not os.listdir(log_dir):  # refused before it wrote: leave no trace
+                os.rmdir(log_dir)
+    finally:
+        os.close(fd)
+
+
+def check_log_dir(log_dir, checkpoint, restart=False):
     """Refuse, before anything is written, a log dir that would mix or lose another run's files.
 
-    A fresh run needs a log dir without checkpoints or log lines. A resumed run continues in its
-    checkpoint's directory only from the latest checkpoint there (a later one would be
-    overwritten); into any other directory it branches off, and that directory must be free.
+    A fresh run needs a log dir without checkpoints or log lines; one that starts again (--resume
+    auto, no checkpoint yet) replaces the log lines of a run that died before its first. A resumed
+    run continues in its checkpoint's directory only from the latest checkpoint there (a later
+    one would be overwritten); into any other directory it branches off, and that directory must
+    be free.
     """
     check_output_dir(log_dir, "--log_dir")
     steps = checkpoints.checkpoint_steps(log_dir)
@@ -65,10 +108,10 @@ def check_log_dir(log_dir, checkpoint):
             f"({checkpoints.latest_checkpoint(log_dir)})"
             ": continue it with --resume latest, or start afresh in another --log_dir"
         )
-    if log_lines:
+    if log_lines and not restart:
         raise SystemExit(
-            f"{log_dir}/log.txt holds the log of an earlier run ({len(log_lines)} lines): move it "
-            "away, or start afresh in another --log_dir"
+            f"{log_dir}/log.txt holds the log of an earlier run ({len(log_lines)} lines) and no "
+            "checkpoint: start it again with --resume auto, or afresh in another --log_dir"
         )
 
 

@@ -204,10 +204,11 @@ def log_lines(log_dir, kind):
     return [(int(s), float(v)) for s, k, v in (line.split() for line in lines) if k == kind]
 
 
-def torchrun(args, cwd, fault="", timeout=120):
-    """2 CPU processes under torchrun, optionally with a fault of tests/faults.py:
-    (exit code, output, seconds)."""
+def torchrun(args, cwd, fault="", timeout=120, restarts=0):
+    """2 CPU processes under torchrun, optionally with a fault of tests/faults.py and restarts by
+    torchrun's elastic agent: (exit code, output, seconds)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    launcher += [f"--max-restarts={restarts}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, FAULT=fault)
     t0 = time.perf_counter()
     out = subprocess.run(

@@ -22,6 +22,12 @@ Faults:
     kill_in_sharded_save:STEP  SIGKILL once this rank has written its shards of step STEP's
                             sharded checkpoint, before the checkpoint is complete
     disk_full_in_sharded_save  writing a sharded checkpoint's shards fails with ENOSPC partway
+    kill_in_save:POINT/STEP  SIGKILL at POINT of saving step STEP's checkpoint (and removing
+                            the older ones): before_write, during_write, before_rename,
+                            during_removal (one checkpoint renamed away, not yet deleted)
+    kill_at_step:STEP       SIGKILL as step STEP begins, in the first attempt of a torchrun job
+                            only (its restarts run on)
+    slow_save:STEP          SIGTERM as step STEP begins, and every checkpoint write takes 3 s
     fewer_shards            list_shards misses the last train shard
     slow_start:SECONDS      start-up (making the data loaders) takes this long
 """
@@ -38,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hellaswag_eval  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
-from support import datafiles, files  # noqa: E402
+from support import checkpoints, datafiles, files  # noqa: E402
 
 
 def kill_self(signum):
@@ -132,6 +138,44 @@ def failing_checkpoint_writes(fail, name=".pt"):
     files.atomic_open = patched
 
 
+def kill_in_save(point, step):
+    """SIGKILL at one point of the save of step `step` and the removals after it."""
+    name = f"model_{int(step):05d}"
+    kill = lambda: kill_self(signal.SIGKILL)  # noqa: E731
+    if point == "before_write":
+        atomic_open = files.atomic_open
+
+        def patched(path, mode="wb"):
+            if name in path:
+                kill()
+            return atomic_open(path, mode)
+
+        files.atomic_open = patched
+    elif point == "during_write":
+        failing_checkpoint_writes(kill, f"{name}.pt")
+    elif point == "before_rename":
+        replace = os.replace
+
+        def patched(src, dst):
+            if os.path.basename(dst).startswith(name):
+                kill()
+            return replace(src, dst)
+
+        os.replace = patched  # every rename; only the one into the checkpoint's name kills
+    elif point == "during_removal":
+        remove = files.atomic_remove
+
+        def patched(path):
+            if checkpoints.latest_checkpoint(os.path.dirname(path)).endswith(name + ".pt"):
+                os.replace(path, files.temporary_path(path))  # out of the listing, not deleted
+                kill()
+            return remove(path)
+
+        files.atomic_remove = patched
+    else:
+        raise SystemExit(f"unknown point {point}")
+
+
 def inject(name, arg):
     if name == "signal_at_step":
         at_step(int(arg), lambda: kill_self(signal.SIGTERM))
@@ -190,6 +234,21 @@ def inject(name, arg):
                 yield FailingFile(f, disk_full, after=1024)
 
         FileSystem.create_stream = failing
+    elif name == "kill_in_save":
+        kill_in_save(*arg.split("/"))
+    elif name == "kill_at_step":
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            at_step(int(arg), lambda: kill_self(signal.SIGKILL))
+    elif name == "slow_save":
+        at_step(int(arg), lambda: kill_self(signal.SIGTERM))
+        atomic_open = files.atomic_open
+
+        def slow(path, mode="wb"):
+            if checkpoints.CHECKPOINT_FILE.fullmatch(os.path.basename(path)):
+                time.sleep(3)
+            return atomic_open(path, mode)
+
+        files.atomic_open = slow
     elif name == "fewer_shards":
         list_shards = datafiles.list_shards
         datafiles.list_shards = lambda data_dir, split: list_shards(data_dir, split)[

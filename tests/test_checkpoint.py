@@ -253,7 +253,7 @@ def test_disk_full_at_save_ends_in_one_line_and_keeps_the_earlier_checkpoints(tm
     assert code == 1 and "Traceback" not in err
     assert err.strip().splitlines() == [
         f"could not save {log_dir}/model_00006.pt: No space left on device; the earlier "
-        "checkpoints are intact"
+        f"checkpoints are intact, the newest {log_dir}/model_00003.pt"
     ]
     assert sorted(os.listdir(log_dir)) == before
 

@@ -173,7 +173,7 @@ def test_unavailable_device(workdir):
         (["--total_batch_size", "0"], "--total_batch_size 0: must be positive"),
         (["--n_layer", "-1"], "--n_layer -1: must be positive"),
         (["--max_lr", "0"], "--max_lr 0.0: out of range"),
-        (["--vocab_size", "50000"], "--vocab_size 50000 is smaller than the tokenizer's 50257"),
+        (["--vocab_size", "50000"], "--vocab_size 50000: out of range (must be >= 50257)"),
         (["--recipe", "gpt3"], "argument --recipe: invalid choice: 'gpt3'"),
         (["--B", "many"], "argument --B: expected a number or 'auto', not 'many'"),
         (["--max_length", "100"], "--max_length 100 is longer than block_size"),

@@ -34,6 +34,24 @@ def test_two_processes_equal_one_with_twice_the_accumulation(two_runs):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
+def test_torchrun_restarts_a_killed_worker_and_the_job_ends_as_an_uninterrupted_one(two_runs):
+    root, args, _, _ = two_runs
+    log_dir = root / "restarted"
+    # a checkpoint at every step, the newest 2 and the milestones kept; rank 1 killed as step 6
+    # begins, in the first attempt only: torchrun restarts both ranks, which resume at step 6
+    again = args + ["--log_dir", str(log_dir), "--resume", "auto", "--keep_checkpoints", "2"]
+    again += ["--checkpoint_minutes", "1e-9"]
+    code, out, _ = torchrun(again, root, "kill_at_step:6:1", timeout=240, restarts=2)
+    assert code == 0, out[-3000:]
+    assert out.count("fault: sent SIGKILL") == 1 and "resumed from" in out
+    for kind in ("train", "val", "hella"):
+        assert log_lines(log_dir, kind) == log_lines(root / "two", kind), kind  # to the bit
+    assert checkpoints.checkpoint_steps(str(log_dir)) == [4, 8, 11, 12]
+    a = torch.load(root / "two" / "model_00012.pt", weights_only=True)["model"]
+    b = torch.load(log_dir / "model_00012.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 SMALL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--B", "2", "--T", "64"]
 SMALL += ["--total_batch_size", "256", "--val_loss_steps", "1", "--device", "cpu"]
 

@@ -125,6 +125,50 @@ def test_sigterm_to_one_rank_saves_and_resumes_exactly(two_runs, sharded, tmp_pa
     assert open(log_dir / "log.txt").read() == open(root / "fsdp" / "log.txt").read()
 
 
+def test_torchrun_restarts_a_killed_sharded_worker_with_async_checkpoints(
+    two_runs, sharded, tmp_path
+):
+    root, args, _, _ = two_runs
+    log_dir = tmp_path / "restarted"
+    # a sharded checkpoint at every step, written in the background (dcp.async_save), the
+    # newest 2 and the milestones kept; rank 1 killed as step 6 begins, in the first attempt
+    again = args + ["--shard", "fsdp", "--log_dir", str(log_dir), "--resume", "auto"]
+    again += ["--checkpoint_minutes", "1e-9", "--keep_checkpoints", "2", "--async_checkpoint", "1"]
+    code, out, _ = torchrun(again, tmp_path, "kill_at_step:6:1", timeout=240, restarts=2)
+    assert code == 0, out[-3000:]
+    assert out.count("fault: sent SIGKILL") == 1 and "resumed from" in out
+    assert open(log_dir / "log.txt").read() == open(root / "fsdp" / "log.txt").read()
+    assert checkpoints.checkpoint_steps(str(log_dir)) == [4, 8, 11, 12]
+    # the background writes hold what the synchronous ones do, to the bit
+    for step in (4, 12):
+        a, _ = tg.load_model_from_checkpoint(str(root / "fsdp" / f"model_{step:05d}.dcp"))
+        b, _ = tg.load_model_from_checkpoint(str(log_dir / f"model_{step:05d}.dcp"))
+        assert all(
+            torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())
+        )
+
+
+def test_a_shard_from_another_checkpoint_is_refused_naming_the_intact_one(
+    two_runs, sharded, tmp_path
+):
+    root = two_runs[0]
+    log_dir = tmp_path / "log"
+    for step in (8, 12):
+        name = f"model_{step:05d}.dcp"
+        shutil.copytree(root / "fsdp" / name, log_dir / name)
+    shard = sorted(n for n in os.listdir(log_dir / "model_00012.dcp") if n.endswith(".distcp"))[-1]
+    # the same shard of step 8: the same size, other weights
+    shutil.copy(log_dir / "model_00008.dcp" / shard, log_dir / "model_00012.dcp" / shard)
+    newest = log_dir / "model_00012.dcp"
+    with pytest.raises(SystemExit) as e:
+        checkpoints.load("latest", str(log_dir), ("model", "step"))
+    assert str(e.value.code) == (
+        f"checkpoint {newest}: {shard} is not the file it wrote (size, CRC-32); the one before "
+        f"it is {log_dir / 'model_00008.dcp'}: move {newest} away to resume from it"
+    )
+    tg.load_model_from_checkpoint(str(log_dir / "model_00008.dcp"))  # the intact one reads
+
+
 def test_the_scripts_read_a_sharded_checkpoint(two_runs, sharded, tmp_path):
     root = two_runs[0]
     path = str(root / "fsdp" / "model_00012.dcp")
@@ -152,7 +196,7 @@ def test_the_scripts_read_a_sharded_checkpoint(two_runs, sharded, tmp_path):
     with open(damaged / "__1_0.distcp", "r+b") as f:
         f.truncate(1000)
     args = ["--checkpoint", damaged, "--device", "cpu"]
-    fails_in_one_line("sample.py", args, tmp_path, "cannot be read into its model")
+    fails_in_one_line("sample.py", args, tmp_path, "__1_0.distcp is not the file it wrote")
     os.remove(damaged / ".metadata")
     fails_in_one_line("sample.py", args, tmp_path, "is incomplete: it has no .metadata")
     # and a training run starts from its weights (--init_from), given the directory as written
@@ -222,7 +266,7 @@ def test_a_kill_during_a_sharded_save_keeps_the_earlier_checkpoints(one_process,
     )
     assert full.returncode == 1 and "Traceback" not in full.stdout + full.stderr
     message = f"could not save {tmp_path / 'full' / 'model_00002.dcp'}: No space left on device"
-    assert full.stderr.splitlines() == [f"{message}; the earlier checkpoints are intact"]
+    assert full.stderr.splitlines() == [f"{message}; none was saved before"]
     assert sorted(os.listdir(tmp_path / "full")) == ["log.txt", "run.json"]
 
 
