@@ -13,7 +13,10 @@ GPU.
 import contextlib
 import os
 import signal
+import socket
 import sys
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -47,21 +50,51 @@ class StopSignal:
         if hasattr(signal, name)  # Windows has neither SIGPIPE nor SIGHUP
     )
 
-    def __init__(self, env):
-        self.env = env
+    def __init__(self, env, newest=lambda: None):
+        self.env, self.newest = env, newest  # newest(): the newest complete checkpoint, or None
         self.signum = 0
         self.deferred = False  # whether a signal waits for the run to save
+        self.agreed = threading.Event()
+        self.watch = None
 
     def __enter__(self):
         # nohup starts a run with SIGHUP ignored: it is meant to outlive its terminal
         nohup = hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
         signals = [s for s in self.SIGNALS if not (nohup and s == signal.SIGHUP)]
         self.previous = {s: signal.signal(s, self._handler) for s in signals}
+        if self.env.distributed and self.env.world_size > 1 and "MASTER_ADDR" in os.environ:
+            self.watch = StallWatch(self.env, self.agreed, self.stop_unagreed)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, error, traceback):
+        if self.watch is not None:
+            self.watch.close()
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        if self.env.distributed and lost_a_peer(error):
+            raise SystemExit(
+                f"rank {self.env.rank}: a collective failed, another rank is gone "
+                f"({peer_error(error)}); {self.saved()}"
+            )
+
+    def saved(self):
+        newest = self.newest()
+        return f"the newest checkpoint is {newest}" if newest else "no checkpoint was saved"
+
+    def stop_unagreed(self, signum, silent):
+        """A stop request the ranks have not agreed on in STOP_AGREE_SECONDS while ranks `silent`
+        do not answer (stopped, or their machine gone): the agreement would wait in a collective
+        until its timeout, minutes, past a preemption's grace time. End this rank now."""
+        ranks = ", ".join(map(str, silent))
+        print(
+            f"rank {self.env.rank}: stopped by {signal.Signals(signum).name} without saving: "
+            f"rank {ranks} does not answer, so no step can be agreed on; {self.saved()}",
+            file=sys.stderr,
+            flush=True,
+        )
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        os._exit(128 + signum)
 
     def _handler(self, signum, frame):
         name = signal.Signals(signum).name
@@ -83,7 +116,79 @@ class StopSignal:
             flag = torch.tensor(signum)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.env.cpu_group)
             signum = int(flag)
+        if signum:
+            self.agreed.set()
         return signum
+
+
+def lost_a_peer(error):
+    """Whether an error is a collective's whose peer has gone: NCCL's errors are
+    DistBackendError, gloo's a RuntimeError of its transport (connection reset or closed)."""
+    return isinstance(error, dist.DistBackendError) or (
+        isinstance(error, RuntimeError) and "gloo/transport" in str(error)
+    )
+
+
+def peer_error(error):
+    """The backend's own words, without its source location and advice."""
+    text = first_line(error)
+    return text.rsplit("] ", 1)[-1].split(". ")[0]
+
+
+STOP_AGREE_SECONDS = 5.0  # a stop request not agreed on by then: are all the ranks there?
+BEAT_SECONDS = 0.5
+
+
+class StallWatch:
+    """Whether every rank of a run still answers, kept outside its collectives: each rank's
+    thread counts beats in torchrun's store (a connection of its own), and on a stop signal a
+    second thread, woken at once by the signal itself (Python's wakeup fd, which needs no free
+    main thread), looks for ranks whose count stands still. A rank stopped (SIGSTOP) or whose
+    machine is gone beats no more; a rank that is only busy (a long step, compiling, saving)
+    does. While all answer the stop waits for the ranks to agree, however long that takes."""
+
+    def __init__(self, env, agreed, on_silent):
+        self.world_size, self.agreed, self.on_silent = env.world_size, agreed, on_silent
+        address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        client = dist.TCPStore(address, port, env.world_size, is_master=False)
+        self.store = dist.PrefixStore(f"attempt_{attempt}/beats", client)
+        self.key = f"rank_{env.rank}"
+        self.closed = threading.Event()
+        self.woken, wakeup = socket.socketpair()
+        wakeup.setblocking(False)
+        self.wakeup = wakeup
+        signal.set_wakeup_fd(wakeup.fileno(), warn_on_full_buffer=False)
+        for target in (self.beat, self.wait_for_signals):
+            threading.Thread(target=target, daemon=True).start()
+
+    def beat(self):
+        while not self.closed.wait(BEAT_SECONDS):
+            with contextlib.suppress(Exception):  # the store gone: the run is ending anyway
+                self.store.add(self.key, 1)
+
+    def beats(self):
+        return [self.store.add(f"rank_{r}", 0) for r in range(self.world_size)]
+
+    def silent_ranks(self):
+        """The ranks whose beats stood still for a few beats."""
+        before = self.beats()
+        time.sleep(4 * BEAT_SECONDS)
+        return [r for r, (a, b) in enumerate(zip(before, self.beats())) if a == b]
+
+    def wait_for_signals(self):
+        while data := self.woken.recv(64):
+            stops = [s for s in data if s in StopSignal.SIGNALS]
+            while stops and not self.agreed.wait(STOP_AGREE_SECONDS) and not self.closed.is_set():
+                silent = self.silent_ranks()
+                if silent and not self.agreed.is_set():
+                    self.on_silent(stops[0], silent)
+
+    def close(self):
+        self.closed.set()
+        signal.set_wakeup_fd(-1)
+        self.wakeup.close()
+        self.woken.shutdown(socket.SHUT_RDWR)
 
 
 def rendezvous_store():

@@ -28,6 +28,7 @@ Faults:
     kill_at_step:STEP       SIGKILL as step STEP begins, in the first attempt of a torchrun job
                             only (its restarts run on)
     slow_save:STEP          SIGTERM as step STEP begins, and every checkpoint write takes 3 s
+    stall_at_step:STEP      as step STEP begins rank 1 stops (SIGSTOP), and rank 0 gets SIGTERM
     fewer_shards            list_shards misses the last train shard
     slow_start:SECONDS      start-up (making the data loaders) takes this long
 """
@@ -37,7 +38,9 @@ import dataclasses
 import errno
 import os
 import signal
+import subprocess
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -176,6 +179,17 @@ def kill_in_save(point, step):
         raise SystemExit(f"unknown point {point}")
 
 
+def stall_or_stop():
+    """Rank 1 stops (SIGSTOP) as one whose machine hangs, and is killed 20 s later (no test
+    waits longer); rank 0 gets SIGTERM 2 s after, once it waits for rank 1 in a collective."""
+    if os.environ["RANK"] == "1":
+        subprocess.Popen(["sh", "-c", f"sleep 20; kill -KILL {os.getpid()}"])
+        print("fault: rank 1 stopped", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    else:
+        threading.Timer(2.0, kill_self, [signal.SIGTERM]).start()
+
+
 def inject(name, arg):
     if name == "signal_at_step":
         at_step(int(arg), lambda: kill_self(signal.SIGTERM))
@@ -249,6 +263,8 @@ def inject(name, arg):
             return atomic_open(path, mode)
 
         files.atomic_open = slow
+    elif name == "stall_at_step":
+        at_step(int(arg), stall_or_stop)
     elif name == "fewer_shards":
         list_shards = datafiles.list_shards
         datafiles.list_shards = lambda data_dir, split: list_shards(data_dir, split)[

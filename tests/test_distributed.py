@@ -52,6 +52,33 @@ def test_torchrun_restarts_a_killed_worker_and_the_job_ends_as_an_uninterrupted_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_stop_that_a_stalled_rank_cannot_agree_to_ends_the_others_in_one_line(two_runs):
+    # rank 1 stops (SIGSTOP) as step 6 begins; rank 0, waiting for it in a collective, gets
+    # SIGTERM 2 s later: it ends within seconds, naming the newest checkpoint, long before the
+    # stalled rank is killed (20 s after it stopped; without the watch rank 0 would wait for
+    # that and die of gloo's connection error)
+    root, args, _, _ = two_runs
+    log_dir = root / "stalled"
+    code, out, _ = torchrun(args + ["--log_dir", str(log_dir)], root, "stall_at_step:6")
+    assert code != 0 and no_traceback_of_ours(out), out[-3000:]
+    newest = log_dir / "model_00004.pt"
+    line = "rank 0: stopped by SIGTERM without saving: rank 1 does not answer, so no step can be "
+    line += f"agreed on; the newest checkpoint is {newest}"
+    assert out.count(line) == 1 and "Connection closed" not in out, out[-3000:]
+    assert checkpoints.checkpoint_steps(str(log_dir)) == [4]
+
+
+def test_a_rank_killed_mid_run_ends_the_others_in_one_line(two_runs):
+    # without restarts: rank 0's next collective fails on gloo's lost connection
+    root, args, _, _ = two_runs
+    log_dir = root / "lost"
+    code, out, _ = torchrun(args + ["--log_dir", str(log_dir)], root, "kill_at_step:6:1")
+    assert code != 0 and no_traceback_of_ours(out), out[-3000:]
+    line = "rank 0: a collective failed, another rank is gone ("
+    newest = f"); the newest checkpoint is {log_dir / 'model_00004.pt'}"
+    assert [s for s in out.splitlines() if s.startswith(line) and s.endswith(newest)], out[-3000:]
+
+
 SMALL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--B", "2", "--T", "64"]
 SMALL += ["--total_batch_size", "256", "--val_loss_steps", "1", "--device", "cpu"]
 
