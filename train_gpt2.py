@@ -1082,7 +1082,7 @@ def run(argv):
         if env.device_type == "cpu":
             devices.keep_freed_cpu_memory()
         try:
-            with StopSignal(env, lambda: checkpoints.latest_checkpoint(cfg.log_dir)) as stop:
+            with StopSignal(env, lambda: checkpoints.last_saved(cfg.log_dir)) as stop:
                 signum = train(cfg, env, checkpoint, stop, start_time)
             if env.distributed:
                 # the ranks leave together: gloo aborts a process whose peers tear down the

@@ -80,9 +80,8 @@ def is_sharded_checkpoint(path):
 def remove_old_checkpoints(log_dir, keep, milestone_interval):
     """All but the newest `keep` checkpoints in log_dir, and those of steps that are multiples of
     milestone_interval, removed."""
-    steps = checkpoint_steps(log_dir)
     found = checkpoints(log_dir)
-    for step in steps[:-keep]:
+    for step in sorted(found)[:-keep]:
         if step % milestone_interval:
             files.atomic_remove(found[step])
 

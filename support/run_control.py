@@ -50,8 +50,8 @@ class StopSignal:
         if hasattr(signal, name)  # Windows has neither SIGPIPE nor SIGHUP
     )
 
-    def __init__(self, env, newest=lambda: None):
-        self.env, self.newest = env, newest  # newest(): the newest complete checkpoint, or None
+    def __init__(self, env, saved=lambda: "no checkpoint was saved"):
+        self.env, self.saved = env, saved  # saved(): what a stop leaves, checkpoints.last_saved
         self.signum = 0
         self.deferred = False  # whether a signal waits for the run to save
         self.agreed = threading.Event()
@@ -76,10 +76,6 @@ class StopSignal:
                 f"rank {self.env.rank}: a collective failed, another rank is gone "
                 f"({peer_error(error)}); {self.saved()}"
             )
-
-    def saved(self):
-        newest = self.newest()
-        return f"the newest checkpoint is {newest}" if newest else "no checkpoint was saved"
 
     def stop_unagreed(self, signum, silent):
         """A stop request the ranks have not agreed on in STOP_AGREE_SECONDS while ranks `silent`
@@ -149,10 +145,7 @@ class StallWatch:
 
     def __init__(self, env, agreed, on_silent):
         self.world_size, self.agreed, self.on_silent = env.world_size, agreed, on_silent
-        address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        client = dist.TCPStore(address, port, env.world_size, is_master=False)
-        self.store = dist.PrefixStore(f"attempt_{attempt}/beats", client)
+        self.store = this_attempts_store(env.world_size, "/beats")  # a connection of its own
         self.key = f"rank_{env.rank}"
         self.closed = threading.Event()
         self.woken, wakeup = socket.socketpair()
@@ -201,12 +194,16 @@ def rendezvous_store():
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return dict(store=this_attempts_store(world_size), rank=rank, world_size=world_size)
+
+
+def this_attempts_store(world_size, name=""):
+    """A new connection to the store at MASTER_ADDR:MASTER_PORT (torchrun's agent's, or rank 0's),
+    its keys under those of this attempt of a job that torchrun may restart."""
     address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    agents = dist.TCPStore(address, port, world_size, is_master=False)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dict(
-        store=dist.PrefixStore(f"attempt_{attempt}", agents), rank=rank, world_size=world_size
-    )
+    client = dist.TCPStore(address, port, world_size, is_master=False)
+    return dist.PrefixStore(f"attempt_{attempt}{name}", client)
 
 
 def agree(env, action):

@@ -43,11 +43,11 @@ def owned(log_dir):
     """The log dir, owned by this run until the block ends: a second run into it, started while
     this one runs, is refused in one line. Under torchrun rank 0 holds it for every rank. The
     lock is the directory's own (flock), so it leaves no file behind, and the system drops it
-    when its process dies, however it dies."""
+    when its process dies, however it dies. After check_log_dir (a log dir that is a file, say,
+    is refused there)."""
     if fcntl is None or os.environ.get("RANK", "0") != "0":
         yield
         return
-    check_output_dir(log_dir, "--log_dir")
     created = not os.path.exists(log_dir)
     try:
         os.makedirs(log_dir, exist_ok=True)

@@ -63,7 +63,7 @@ def test_a_stop_that_a_stalled_rank_cannot_agree_to_ends_the_others_in_one_line(
     assert code != 0 and no_traceback_of_ours(out), out[-3000:]
     newest = log_dir / "model_00004.pt"
     line = "rank 0: stopped by SIGTERM without saving: rank 1 does not answer, so no step can be "
-    line += f"agreed on; the newest checkpoint is {newest}"
+    line += f"agreed on; the last checkpoint saved is {newest}"
     assert out.count(line) == 1 and "Connection closed" not in out, out[-3000:]
     assert checkpoints.checkpoint_steps(str(log_dir)) == [4]
 
@@ -75,7 +75,7 @@ def test_a_rank_killed_mid_run_ends_the_others_in_one_line(two_runs):
     code, out, _ = torchrun(args + ["--log_dir", str(log_dir)], root, "kill_at_step:6:1")
     assert code != 0 and no_traceback_of_ours(out), out[-3000:]
     line = "rank 0: a collective failed, another rank is gone ("
-    newest = f"); the newest checkpoint is {log_dir / 'model_00004.pt'}"
+    newest = f"); the last checkpoint saved is {log_dir / 'model_00004.pt'}"
     assert [s for s in out.splitlines() if s.startswith(line) and s.endswith(newest)], out[-3000:]
 
 
