@@ -5,10 +5,14 @@ lines is also a point on the dashboards, beside what only they show (learning ra
 parameter group, gradient norm, tokens/s, MFU, peak memory, tokens seen, skipped steps, samples).
 Only the master process writes them. Both packages are optional and imported only when asked for.
 
-A run resumed in its own log dir continues the same curves without a second point for the steps
-it redoes: TensorBoard hides the earlier process's points from the resumed step on (purge_step),
-and W&B, whose history only grows, gets no step at or below the last one logged before (the W&B
-run's id and that step are kept in the log dir's wandb_run.json).
+A run resumed in its own log dir continues the same curves with every step and every val point
+once, even after a SIGKILL: TensorBoard's points are written out with each log.txt line and the
+resumed process hides the earlier ones from the resumed step on (purge_step); W&B, whose history
+only grows, gets no step it already holds, and the steps it lost (its transaction log is written
+out every 15 s, its server gets them later still) are sent again from log.txt. Which steps W&B
+holds is the W&B run's own account: the server's count online, the transaction log of the process
+before offline (found through the log dir's wandb_run.json). Only log.txt's values come back for
+the lost steps; the other metrics of those steps (learning rates, norm, speed) are gone.
 """
 
 import atexit
@@ -18,12 +22,14 @@ import importlib
 import json
 import math
 import os
+import struct
 import time
+import zlib
 
 from support import files
 from support.cli import first_line
 from support.devices import peak_memory
-from support.rundir import LOG_KINDS
+from support.rundir import LOG_KINDS, read_log
 
 # the packages the dashboards' flags need: {flag: (module imported, pip package, how to turn it
 # off, which a resume needs: the checkpoint's settings have the flag on)}
@@ -32,6 +38,10 @@ PACKAGES = {
     "wandb_project": ("wandb", "wandb", "--wandb_project ''"),
 }
 WANDB_STATE = "wandb_run.json"
+# W&B's transaction log (run-ID.wandb) is LevelDB's log format: blocks of this size, holding
+# chunks of records, each chunk a whole record or its first, middle or last part
+LOG_BLOCK = 32768
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 # the ETA's window: whole eval intervals (one evaluation each, so it does not jump after one), at
 # least this many steps
 ETA_MIN_STEPS = 20
@@ -126,7 +136,7 @@ class Dashboard:
         if tensorboard:
             self.start_tensorboard(log_dir, config, start_step)
         if wandb_project:
-            self.start_wandb(wandb_project, wandb_name, log_dir, config, here)
+            self.start_wandb(wandb_project, wandb_name, log_dir, config, here, start_step)
 
     def start_tensorboard(self, log_dir, config, start_step):
         """TensorBoard event files in log_dir, from start_step on (a resumed run's points hide
@@ -138,9 +148,10 @@ class Dashboard:
         text = json.dumps(config, indent=2).replace("\n", "\n    ")
         self.tensorboard.add_text("config", f"    {text}", start_step)
 
-    def start_wandb(self, project, run_name, log_dir, config, resumed_here):
-        """A new W&B run, or on a resume in the same log dir the run it continues; in the mode the
-        user's W&B settings say (WANDB_MODE=offline: no network)."""
+    def start_wandb(self, project, run_name, log_dir, config, resumed_here, start_step):
+        """A new W&B run, or on a resume in the same log dir the run it continues, sent from
+        log.txt the steps before start_step that it lost; in the mode the user's W&B settings say
+        (WANDB_MODE=offline: no network)."""
         import wandb
 
         self.wandb_path = os.path.join(log_dir, WANDB_STATE)
@@ -155,15 +166,39 @@ class Dashboard:
                 id=earlier["id"] if earlier else None,
                 resume="allow" if earlier else None,
             )
-        except wandb.Error as e:  # no login, no server: the first line of W&B's own account
+        except Exception as e:  # no login, no server, the run's id in use: W&B's own account
             raise SystemExit(f"cannot start the W&B run: {first_line(e)}") from None
         self.wandb.config.update(config, allow_val_change=True)  # a resume may change settings
-        self.wandb_floor = self.wandb_step = earlier["step"] if earlier else -1
+        self.wandb_log_file = self.wandb.settings.sync_file
+        self.wandb_floor = self.wandb_step = self.last_step_wandb_holds(earlier)
         self.save_wandb_state()
+        self.resend_from_log(start_step)
+
+    def last_step_wandb_holds(self, earlier):
+        """The last step that the W&B run holds for sure (-1: none), by the account of the
+        process before (earlier: its wandb_run.json) and of W&B itself: the server's count
+        online, offline that process's transaction log, which W&B writes out every 15 s."""
+        if earlier is None:
+            return -1
+        if self.wandb.offline:
+            return max(earlier["step"], last_step_in(earlier.get("transaction_log")))
+        return max(earlier["step"], self.wandb.starting_step - 1)
 
     def save_wandb_state(self):
-        # written at every step, atomically: a crashed run leaves the last step it logged
-        files.write_json(self.wandb_path, {"id": self.wandb.id, "step": self.wandb_step})
+        # the W&B run, the last step it holds for sure, and where this process's records go
+        state = {"id": self.wandb.id, "step": self.wandb_floor}
+        files.write_json(self.wandb_path, dict(state, transaction_log=self.wandb_log_file))
+
+    def resend_from_log(self, start_step):
+        """log.txt's values of the steps before start_step that the W&B run lacks (the other
+        metrics of those steps are not in log.txt: they are lost)."""
+        rows = collections.defaultdict(dict)
+        for line in read_log(self.run_log.path):
+            step, kind, value = line.split()
+            if self.wandb_floor < int(step) < start_step:
+                rows[int(step)][LOG_KINDS[kind]] = float(value)
+        for step in sorted(rows):
+            self.log_wandb(step, rows[step])
 
     def log(self, step, metrics):
         """Scalars of step on the dashboards that are on."""
@@ -175,14 +210,14 @@ class Dashboard:
     def log_wandb(self, step, data):
         if self.wandb is not None and step > self.wandb_floor:
             self.wandb.log(data, step=step)
-            if step != self.wandb_step:
-                self.wandb_step = step
-                self.save_wandb_state()
+            self.wandb_step = max(self.wandb_step, step)
 
     def write(self, step, kind, value):
         """A line of log.txt ({step} {kind} {value}), and its point on the dashboards."""
         self.run_log.write(step, kind, value)
         self.log(step, {LOG_KINDS[kind]: float(value)})
+        if self.tensorboard is not None:  # out with the line: a killed run's points survive it
+            self.tensorboard.flush()
 
     @contextlib.contextmanager
     def evaluation(self):
@@ -231,5 +266,47 @@ class Dashboard:
             atexit.unregister(self.tensorboard.close)
             self.tensorboard = None
         if self.wandb is not None:
-            self.wandb.finish(exit_code=exit_code)
+            self.wandb.finish(exit_code=exit_code)  # returns once W&B holds every step logged
+            self.wandb_floor = self.wandb_step
+            self.save_wandb_state()
             self.wandb = None
+
+
+def transaction_log_records(path):
+    """The records of a W&B transaction log (a header, then protobuf Records in LevelDB's log
+    format: chunks with a 7-byte header of CRC-32, length and type), up to the first chunk that is
+    torn or damaged, as a process killed while writing leaves it."""
+    from wandb.proto import wandb_internal_pb2
+
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b":W&B":
+        return
+    pos, record = 7, b""
+    while pos + 7 <= len(data):
+        if LOG_BLOCK - pos % LOG_BLOCK < 7:  # a block's tail too short for a header is padding
+            pos += LOG_BLOCK - pos % LOG_BLOCK
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        if kind not in (FULL, FIRST, MIDDLE, LAST) or len(chunk) < length:
+            return
+        if zlib.crc32(bytes([kind]) + chunk) != crc:
+            return
+        pos += 7 + length
+        record += chunk
+        if kind in (FULL, LAST):
+            parsed = wandb_internal_pb2.Record()
+            parsed.ParseFromString(record)
+            yield parsed
+            record = b""
+
+
+def last_step_in(transaction_log):
+    """The last history step in a W&B transaction log that is on disk (-1: none, or no log)."""
+    try:
+        records = list(transaction_log_records(transaction_log)) if transaction_log else []
+    except OSError:
+        return -1
+    steps = [r.history.step.num for r in records if r.WhichOneof("record_type") == "history"]
+    return max(steps, default=-1)

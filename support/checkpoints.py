@@ -154,18 +154,37 @@ def save_sharded(path, progress, model, optimizer, env, group=None):
                 with files.atomic_open(os.path.join(tmp, META_FILE)) as f:
                     torch.save(dict(progress, shard_files=written), f)
 
+    writing = dict(checkpoint_id=tmp, storage_writer=shard_writer(tmp))
     if group is None:
-        complete(lambda: dcp.save(tensors, checkpoint_id=tmp))
+        complete(lambda: dcp.save(tensors, **writing))
         dist.barrier(group=env.cpu_group)  # no rank reads or leaves before the checkpoint is there
         return None
     try:
         with write_errors(path):  # the copy to host memory (async_save's staging) happens here
-            future = dcp.async_save(tensors, checkpoint_id=tmp, process_group=group)
+            future = dcp.async_save(tensors, process_group=group, **writing)
     except BaseException:
         if owner:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return lambda: complete(future.result)
+
+
+def shard_writer(directory):
+    """torch.distributed.checkpoint's file writer into directory, whose failure is the OSError
+    beneath it (a full disk). Inside it, torch.save reports a short write as a RuntimeError
+    raised during the OSError, and dcp sends every rank's failure to the others pickled, which
+    keeps an exception but not the one it was raised during."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class Writer(FileSystemWriter):
+        def write_data(self, plan, planner):
+            try:
+                return super().write_data(plan, planner)
+            except Exception as e:
+                cause = next((c for c in error_chain(e) if isinstance(c, OSError)), e)
+                raise cause from None
+
+    return Writer(directory)
 
 
 def shard_files(directory):

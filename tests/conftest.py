@@ -2,6 +2,7 @@ import contextlib
 import importlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -204,10 +205,12 @@ def log_lines(log_dir, kind):
     return [(int(s), float(v)) for s, k, v in (line.split() for line in lines) if k == kind]
 
 
-def torchrun(args, cwd, fault="", timeout=120, restarts=0):
+def torchrun(args, cwd, fault="", timeout=120, restarts=0, inside=()):
     """2 CPU processes under torchrun, optionally with a fault of tests/faults.py and restarts by
-    torchrun's elastic agent: (exit code, output, seconds)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    torchrun's elastic agent, the whole run inside the command `inside` if given (a prefix such
+    as small_filesystem's): (exit code, output, seconds)."""
+    launcher = [*inside, sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launcher += ["--nproc_per_node=2"]
     launcher += [f"--max-restarts={restarts}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, FAULT=fault)
     t0 = time.perf_counter()
@@ -220,6 +223,25 @@ def torchrun(args, cwd, fault="", timeout=120, restarts=0):
         timeout=timeout,
     )
     return out.returncode, out.stdout + out.stderr, time.perf_counter() - t0
+
+
+def small_filesystem(directory, megabytes):
+    """A command prefix that runs a command with a real filesystem of this size (tmpfs) mounted
+    at directory, in a mount namespace of its own, and copies what is on it to directory.after
+    once the command ends (the filesystem goes with the namespace); None where this machine lets
+    no test make one (no unshare, or no user namespaces)."""
+    os.makedirs(directory, exist_ok=True)
+    prefix = ["unshare", "--map-root-user", "--mount", "sh", "-c"]
+    script = f'mount -t tmpfs -o size={megabytes}m tmpfs "$0" && "$@"; code=$?; '
+    script += 'cp -a "$0" "$0.after"; exit $code'
+    try:
+        probe = subprocess.run(prefix + [script, str(directory), "true"], capture_output=True)
+    except FileNotFoundError:
+        return None
+    if probe.returncode != 0:
+        return None
+    shutil.rmtree(f"{directory}.after")
+    return prefix + [script, str(directory)]
 
 
 def no_traceback_of_ours(output):

@@ -22,6 +22,9 @@ Faults:
     kill_in_sharded_save:STEP  SIGKILL once this rank has written its shards of step STEP's
                             sharded checkpoint, before the checkpoint is complete
     disk_full_in_sharded_save  writing a sharded checkpoint's shards fails with ENOSPC partway
+    kill_writing_shards:STEP  SIGKILL as this rank opens its first shard file of step STEP's
+                            sharded checkpoint (the other ranks are inside the same save), in
+                            the first attempt of a torchrun job only
     kill_in_save:POINT/STEP  SIGKILL at POINT of saving step STEP's checkpoint (and removing
                             the older ones): before_write, during_write, before_rename,
                             during_removal (one checkpoint renamed away, not yet deleted)
@@ -231,8 +234,8 @@ def inject(name, arg):
 
         save = dcp.save
 
-        def killed_after(state, checkpoint_id):
-            save(state, checkpoint_id=checkpoint_id)
+        def killed_after(state, checkpoint_id, **writing):
+            save(state, checkpoint_id=checkpoint_id, **writing)
             if f"model_{int(arg):05d}" in checkpoint_id:
                 kill_self(signal.SIGKILL)
 
@@ -248,6 +251,18 @@ def inject(name, arg):
                 yield FailingFile(f, disk_full, after=1024)
 
         FileSystem.create_stream = failing
+    elif name == "kill_writing_shards":
+        from torch.distributed.checkpoint.filesystem import FileSystem
+
+        create_stream = FileSystem.create_stream
+
+        def killed(self, path, mode):
+            first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+            if first_attempt and f"model_{int(arg):05d}" in str(path):
+                kill_self(signal.SIGKILL)
+            return create_stream(self, path, mode)
+
+        FileSystem.create_stream = killed
     elif name == "kill_in_save":
         kill_in_save(*arg.split("/"))
     elif name == "kill_at_step":

@@ -10,7 +10,7 @@ import json
 import os
 import re
 import signal
-import struct
+import subprocess
 import sys
 import types
 
@@ -19,13 +19,29 @@ import pytest
 import dashboards
 import speedrun
 import train_gpt2 as tg
-from conftest import HELLASWAG_SLICE, TINY, fails_in_one_line, make_shards, refuse_network
+from conftest import (
+    FAULTS,
+    HELLASWAG_SLICE,
+    ROOT,
+    TINY,
+    fails_in_one_line,
+    make_shards,
+    refuse_network,
+)
 from train_gpt2 import DistEnv, TrainConfig
 
 STEP_LINE = re.compile(
     r"step +(\d+) \| loss (\S+) \| lr (\S+) \| norm (\S+) \| dt \S+ms \| tok/sec (\S+) \| "
     r"mfu (\S+)% \| eta (\d+d\d\dh|\d+h\d\dm|\d+m\d\ds|\d+s)"
 )
+
+
+def offline_wandb_env(wandb_root):
+    """The environment of an offline W&B run that keeps all its files under wandb_root."""
+    env = dict(WANDB_MODE="offline", WANDB_CONSOLE="off", WANDB_ERROR_REPORTING="false")
+    for name in ("DIR", "CONFIG_DIR", "CACHE_DIR", "DATA_DIR", "ARTIFACT_DIR"):
+        env[f"WANDB_{name}"] = str(wandb_root / name.lower())
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +61,7 @@ def watched(tmp_path_factory):
     args += ["--hellaswag", "1", "--hellaswag_path", str(hella), "--block_size", "128"]
     args += ["--recipe", "speedrun", "--tensorboard", "1"]
     args += ["--wandb_project", "repro", "--wandb_run_name", "tiny"]
-    wandb_env = dict(WANDB_MODE="offline", WANDB_CONSOLE="off", WANDB_ERROR_REPORTING="false")
-    for name in ("DIR", "CONFIG_DIR", "CACHE_DIR", "DATA_DIR", "ARTIFACT_DIR"):
-        wandb_env[f"WANDB_{name}"] = str(tmp / "wandb" / name.lower())
+    wandb_env = offline_wandb_env(tmp / "wandb")
     get_recipe = tg.get_recipe
 
     def sigterm_at_step_7(name):
@@ -161,28 +175,6 @@ def test_tensorboard_has_every_metric_at_its_steps_across_a_stop_and_resume(watc
     assert sorted(config) == [0, 6] and '"recipe": "speedrun"' in config[6]
 
 
-def wandb_records(path):
-    """The records of a .wandb file (W&B's transaction log, as protobuf Records in LevelDB's log
-    format: 32 KiB blocks of chunks, each with a 7-byte header of crc32, length and type)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = open(path, "rb").read()
-    assert data[:4] == b":W&B"
-    pos, record = 7, b""
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
-            pos += 32768 - pos % 32768
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        record += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # a FULL record, or the LAST chunk of one
-            parsed = wandb_internal_pb2.Record()
-            parsed.ParseFromString(record)
-            yield parsed
-            record = b""
-
-
 def test_wandb_offline_run_has_the_history_and_config_and_continues_on_resume(watched):
     runs = sorted(glob.glob(str(watched.wandb_dir / "wandb" / "offline-run-*")))
     assert len(runs) == 2  # the stopped process and the resumed one
@@ -190,7 +182,9 @@ def test_wandb_offline_run_has_the_history_and_config_and_continues_on_resume(wa
     assert state["step"] == 8 and all(run.endswith("-" + state["id"]) for run in runs)
     history, config = {}, {}
     for run in runs:
-        for record in wandb_records(glob.glob(os.path.join(run, "run-*.wandb"))[0]):
+        for record in dashboards.transaction_log_records(
+            glob.glob(os.path.join(run, "run-*.wandb"))[0]
+        ):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 assert (record.run.run_id, record.run.display_name) == (state["id"], "tiny")
@@ -223,6 +217,59 @@ def test_wandb_offline_run_has_the_history_and_config_and_continues_on_resume(wa
     assert config["recipe"] == "speedrun" and config["n_layer"] == 2 and config["B"] == 2
     assert config["wandb_project"] == "repro" and config["resume"] == "latest"
     assert config["device"] == "cpu" and config["world_size"] == 1 and "torch" in config
+
+
+def test_a_run_killed_twice_has_every_step_once_on_both_dashboards(tmp_path):
+    # budget: 30 s (three processes that start W&B)
+    """SIGKILL as step 17 begins, while W&B writes out its transaction log every 0.1 s (it holds
+    most of the steps); resumed from step 10 and killed again as step 34 begins, while W&B holds
+    back that process's records (it holds none of them); resumed from step 30 to the end. Each
+    dashboard ends with every step's train loss and every val point once, log.txt's values."""
+    make_shards(tmp_path / "data", [3000, 9000])
+    log_dir, wandb_root = tmp_path / "log", tmp_path / "wandb"
+    args = TINY + ["--data_dir", str(tmp_path / "data"), "--log_dir", str(log_dir)]
+    args += ["--max_steps", "40", "--total_batch_size", "128", "--eval_interval", "5"]
+    args += ["--val_loss_steps", "1", "--checkpoint_interval", "10", "--num_return_sequences"]
+    args += ["0", "--tensorboard", "1", "--wandb_project", "repro", "--resume", "auto"]
+    env = dict(os.environ, PYTHONPATH=ROOT, **offline_wandb_env(wandb_root))
+    env.pop("WANDB_SERVICE", None)  # the W&B service of this process (a test before) is not theirs
+    for fault, flush_seconds, code in [("kill_at_step:17", 0.1, -9), ("kill_at_step:34", 600, -9)]:
+        env.update(FAULT=fault, WANDB__TRANSACTION_LOG_FLUSH_INTERVAL=str(flush_seconds))
+        done = subprocess.run([sys.executable, FAULTS] + args, env=env, capture_output=True)
+        assert done.returncode == code, done.stderr.decode()[-2000:]
+    env.pop("FAULT")
+    done = subprocess.run([sys.executable, FAULTS] + args, env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+    train, val = log_values(log_dir, "train"), log_values(log_dir, "val")
+    assert sorted(train) == list(range(40)) and sorted(val) == list(range(0, 41, 5))
+    runs = sorted(glob.glob(str(wandb_root / "dir" / "wandb" / "offline-run-*")))
+    assert len(runs) == 3 and len({run[-8:] for run in runs}) == 1  # one W&B run, 3 processes
+    rows, steps_of = {}, []
+    for run in runs:
+        steps_of.append([])
+        for record in dashboards.transaction_log_records(glob.glob(run + "/run-*.wandb")[0]):
+            if record.WhichOneof("record_type") == "history":
+                step = record.history.step.num
+                assert step not in rows, f"step {step} logged twice"
+                rows[step] = {"/".join(i.nested_key): i.value_json for i in record.history.item}
+                steps_of[-1].append(step)
+    assert sorted(rows) == list(range(41))
+    assert {s: float(r["train/loss"]) for s, r in rows.items() if s < 40} == train
+    assert {s: float(r["val/loss"]) for s, r in rows.items() if "val/loss" in r} == val
+    first, second, third = steps_of
+    assert first and not second  # W&B held some steps of the first process, none of the second
+    assert min(third) <= 20  # the third process sent the second's steps again, from log.txt
+    assert all("lr" in rows[s] for s in first)  # what W&B held keeps every metric
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag, expected in [("train/loss", train), ("val/loss", val)]:
+        points = [(e.step, e.value) for e in acc.Scalars(tag)]
+        assert [step for step, _ in points] == sorted(expected), tag  # once each, in order
+        assert dict(points) == pytest.approx(expected, abs=1e-6), tag
 
 
 def test_eta_from_known_step_times():

@@ -20,11 +20,13 @@ from conftest import (
     FAULTS,
     ROOT,
     TINY,
+    TRAIN_SCRIPT,
     fails_in_one_line,
     log_lines,
     no_traceback_of_ours,
     run_in_process,
     run_training,
+    small_filesystem,
     torchrun,
 )
 from support import checkpoints
@@ -146,6 +148,59 @@ def test_torchrun_restarts_a_killed_sharded_worker_with_async_checkpoints(
         assert all(
             torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())
         )
+
+
+def test_a_rank_killed_inside_a_sharded_save_ends_the_other_in_one_line_and_restarts(
+    two_runs, sharded, tmp_path
+):
+    # budget: 25 s
+    root, args, _, _ = two_runs
+    log_dir = tmp_path / "killed"
+    # rank 1 killed as it opens its shard file of step 8's checkpoint, written in the background,
+    # while rank 0 writes its own; torchrun restarts the pair
+    again = args + ["--shard", "fsdp", "--log_dir", str(log_dir), "--resume", "auto"]
+    again += ["--async_checkpoint", "1"]
+    code, out, _ = torchrun(again, tmp_path, "kill_writing_shards:8:1", timeout=240, restarts=1)
+    assert code == 0 and no_traceback_of_ours(out), out[-3000:]
+    gone = re.findall(r"rank 0: a collective failed, another rank is gone \(.+\); (.+)\n", out)
+    assert gone == [f"the last checkpoint saved is {log_dir / 'model_00004.dcp'}"], out[-3000:]
+    assert open(log_dir / "log.txt").read() == open(root / "fsdp" / "log.txt").read()
+
+
+@pytest.mark.parametrize("nproc, background", [(1, 0), (1, 1), (2, 1)])
+def test_a_real_full_disk_in_a_sharded_save_ends_each_rank_in_one_line(
+    two_runs, tmp_path, nproc, background
+):
+    # budget: 10 s each
+    root, args, _, _ = two_runs
+    disk = tmp_path / "disk"
+    inside = small_filesystem(disk, 40)  # step 4's checkpoint (26 MB) fits, step 8's does not
+    if inside is None:
+        pytest.skip("no tmpfs can be mounted here: the injected ENOSPC of the tests above stands")
+    args = args + ["--shard", "fsdp", "--log_dir", str(disk / "log")]
+    args += ["--async_checkpoint", str(background)]
+    if nproc == 2:
+        code, out, _ = torchrun(args, tmp_path, inside=inside)
+    else:  # one process writes its shards in a fixed order: the disk fills inside torch.save
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        done = subprocess.run(
+            inside + [sys.executable, TRAIN_SCRIPT] + args,
+            env=env,
+            text=True,
+            capture_output=True,
+            cwd=tmp_path,
+        )
+        code, out = done.returncode, done.stdout + done.stderr
+    assert code != 0 and no_traceback_of_ours(out) and "unexpected pos" not in out, out[-3000:]
+    said = [line for line in out.splitlines() if line.startswith("could not save")]
+    newest = disk / "log" / "model_00004.dcp"
+    message = f"could not save {disk / 'log' / 'model_00008.dcp'}: No space left on device"
+    assert set(said) == {f"{message}; the earlier checkpoints are intact, the newest {newest}"}
+    # what was on the disk afterwards: step 4's checkpoint, whole, and nothing half-written
+    after = tmp_path / "disk.after" / "log"
+    assert sorted(os.listdir(after)) == ["log.txt", "model_00004.dcp", "run.json"]
+    meta = torch.load(after / "model_00004.dcp" / checkpoints.META_FILE, weights_only=False)
+    checkpoints.check_shard_files(str(after / "model_00004.dcp"), meta["shard_files"])
 
 
 def test_a_shard_from_another_checkpoint_is_refused_naming_the_intact_one(
