@@ -12,9 +12,14 @@ Against the lecture's GPT-2 it changes:
 - Muon for the blocks' matrices, AdamW for the embedding and the head, each at its own rate;
 - no warmup: constant rates, then a linear cooldown.
 
-Everything else of a run (data, DDP, evaluation, checkpoints, resume) is train_gpt2.py's. The
-model has GPT's parameter names and interface: forward, hidden, head, flops_per_token.
+Everything else of a run (data, DDP, evaluation, checkpoints, resume) is train_gpt2.py's. What
+the trainer takes from here (train_gpt2.get_recipe) is the model, which has GPT's parameter names
+and interface (forward, hidden, head, flops_per_token), the optimizer and the schedule at the
+run's settings, and the recipe's own settings (Settings: flags of train_gpt2.py).
 """
+
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -23,12 +28,56 @@ import torch.nn.functional as F
 
 from generation import token_positions
 from kernels import linear_cross_entropy
+from support import devices
+from support.cli import ON_OFF, setting
 
 # With q and k RMS-normalized, a fixed attention temperature of 0.12 trains better than
 # 1/sqrt(head_dim), and logits soft-capped by 15 * tanh(logits / 15) keep the early steps stable.
 ATTN_SCALE = 0.12
 SOFTCAP = 15.0
 ROPE_BASE = 10000  # RoFormer's
+
+
+@dataclass
+class ModelSettings:
+    """The recipe's switches that change its model (each is also a flag of train_gpt2.py, and in
+    a checkpoint's model_config: GPTConfig has them). The lecture's GPT ignores them."""
+
+    unet_skips: int = setting(
+        1, "speedrun: block i's output into block L-1-i (U-net)", choices=ON_OFF
+    )
+    value_embeds: int = setting(
+        3, "speedrun: value embeddings into the first and last N blocks' attention", minimum=0
+    )
+
+
+# A checkpoint without one of these was written before the switch existed: it is off there
+SWITCHES = ("unet_skips", "value_embeds", "polar_express", "normuon")
+
+
+def absent_switches_off(config, settings_class):
+    """A checkpoint's settings (a dict of settings_class's fields) with the switches it lacks
+    set to 0 (off): it was trained without them, and resumes, samples and scores so."""
+    fields = {f.name for f in dataclasses.fields(settings_class)}
+    return {**{k: 0 for k in SWITCHES if k in fields}, **config}
+
+
+@dataclass
+class Settings:
+    """The recipe's own settings; each is also a flag of train_gpt2.py (its TrainConfig has them),
+    used by this recipe only. The cooldown ends at the run's --min_lr_ratio."""
+
+    muon_lr: float = setting(0.05, "speedrun: Muon's rate (the blocks' matrices)", above=0)
+    muon_wd: float = setting(0.0, "speedrun: Muon's decoupled weight decay", minimum=0)
+    embed_lr: float = setting(0.6, "speedrun: AdamW rate of the token embedding", above=0)
+    head_lr: float = setting(0.008, "speedrun: AdamW rate of the lm_head", above=0)
+    cooldown_frac: float = setting(0.6, "speedrun: steps of lr cooldown", minimum=0, maximum=1)
+    scalar_lr: float = setting(0.04, "speedrun: AdamW rate of the skip and value weights", above=0)
+    polar_express: int = setting(
+        1, "speedrun: Muon orthogonalizes by Polar Express", choices=ON_OFF
+    )
+    normuon: int = setting(1, "speedrun: NorMuon's per-neuron step sizes", choices=ON_OFF)
+
 
 # -----------------------------------------------------------------------------
 # The model
@@ -68,17 +117,21 @@ def apply_rotary(x, rope):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, layer):
+    def __init__(self, config, layer, value_embedded=False):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.layer = layer  # its slot in a generation.KVCache
+        if value_embedded:  # the weights of v and of the value embedding in the values used
+            self.value_mix = nn.Parameter(torch.tensor([0.5, 0.5]))
 
-    def forward(self, x, rope, cache=None):
+    def forward(self, x, rope, cache=None, value_embedding=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        if value_embedding is not None:
+            v = self.value_mix[0] * v + self.value_mix[1] * value_embedding
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
@@ -105,15 +158,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer):
+    def __init__(self, config, layer, value_embedded=False):
         super().__init__()
-        self.attn = CausalSelfAttention(config, layer)
+        self.attn = CausalSelfAttention(config, layer, value_embedded)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, cache=None):
-        x = x + self.attn(rms_norm(x), rope, cache)
+    def forward(self, x, rope, cache=None, value_embedding=None):
+        x = x + self.attn(rms_norm(x), rope, cache, value_embedding)
         x = x + self.mlp(rms_norm(x))
         return x
+
+
+def value_embedded_blocks(config):
+    """{block: its value embedding table} under --value_embeds N: table j feeds block j and block
+    L-1-j (as the U-net pairs them), N at most half the blocks."""
+    tables = min(config.value_embeds, config.n_layer // 2)
+    return {**{j: j for j in range(tables)}, **{config.n_layer - 1 - j: j for j in range(tables)}}
 
 
 class SpeedrunGPT(nn.Module):
@@ -122,12 +182,18 @@ class SpeedrunGPT(nn.Module):
         if (config.n_embd // config.n_head) % 2:
             raise ValueError("the speedrun recipe's rotary embeddings need an even head size")
         self.config = config
+        self.value_tables = value_embedded_blocks(config)
+        blocks = [Block(config, i, i in self.value_tables) for i in range(config.n_layer)]
         self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            )
+            dict(wte=nn.Embedding(config.vocab_size, config.n_embd), h=nn.ModuleList(blocks))
         )
+        if self.value_tables:  # value embeddings (modded-nanogpt record 14)
+            tables = len(set(self.value_tables.values()))
+            self.value_embeds = nn.ModuleList(
+                nn.Embedding(config.vocab_size, config.n_embd) for _ in range(tables)
+            )
+        if config.unet_skips:  # the weight of each skip into the second half (record 11)
+            self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied
         self.rotary = Rotary(config.n_embd // config.n_head, config.block_size)
         self.fused_loss = fused_loss  # kernels.linear_cross_entropy instead of the full logits
@@ -158,8 +224,15 @@ class SpeedrunGPT(nn.Module):
         """The final (normalized) hidden state of every position: (B, T, n_embd)."""
         rope = self.rotary(token_positions(idx, cache, self.config.block_size))
         x = rms_norm(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, rope, cache)
+        L, skips = self.config.n_layer, []
+        for i, block in enumerate(self.transformer.h):
+            if self.config.unet_skips and i >= L - L // 2:  # the second half: skip from L-1-i
+                x = x + self.skip_weights[i - (L - L // 2)] * skips.pop()
+            table = self.value_tables.get(i)
+            values = None if table is None else self.value_embeds[table](idx)
+            x = block(x, rope, cache, values)
+            if self.config.unet_skips and i < L // 2:
+                skips.append(x)
         return rms_norm(x)
 
     def head(self, x):
@@ -186,33 +259,83 @@ def newton_schulz(G, steps=5):
     Muon write-up, Jordan et al. 2024) pull all of [0, 1] quickly towards 1 at the cost of not
     converging exactly, which Muon does not need. Runs in G's dtype.
     """
-    a, b, c = 3.4445, -4.7750, 2.0315
     X = G / (G.norm() + 1e-7)  # singular values <= 1: the iteration's range
+    return odd_quintic_steps(X, [(3.4445, -4.7750, 2.0315)] * steps)
+
+
+# Polar Express (Amsel, Persson, Musco and Gower 2025, arXiv 2505.16932): its own quintic for each
+# of 5 steps, each chosen so that the singular value furthest from 1 ends as near 1 as it can
+# after that step; these are the paper's for a safety factor of 2e-2 (as modded-nanogpt uses)
+POLAR_EXPRESS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+def polar_express(G):
+    """As newton_schulz, nearer to orthogonal in the same 5 steps (modded-nanogpt record 38)."""
+    X = G / (G.norm() * (1 + 2e-2) + 1e-6)  # a little below norm 1: the safety factor
+    return odd_quintic_steps(X, POLAR_EXPRESS)
+
+
+def odd_quintic_steps(X, coefficients):
+    """X after one step X <- a X + b (X X^T) X + c (X X^T)^2 X for each (a, b, c): each maps every
+    singular value s of X to a s + b s^3 + c s^5 and keeps the singular vectors."""
     transposed = X.size(0) > X.size(1)
     if transposed:  # X @ X.T is then the smaller Gram matrix
         X = X.T
-    for _ in range(steps):
+    for a, b, c in coefficients:
         A = X @ X.T
         X = a * X + (b * A + c * A @ A) @ X
     return X.T if transposed else X
 
 
-def make_optimizer(model, muon_lr, muon_wd, embed_lr, head_lr, ns_dtype, log=print):
-    """Muon for the blocks' matrices (Newton-Schulz in ns_dtype); AdamW (betas 0.8, 0.95) for the
-    embedding and the head, each with its own learning rate (modded-nanogpt's choices)."""
-    matrices = [p for block in model.transformer.h for p in block.parameters()]
+def normuon(update, state, beta2=0.95):
+    """NorMuon (Li et al. 2025, arXiv 2510.05491; modded-nanogpt record 41): an orthogonalized
+    update with each neuron's row (each column of a wide matrix) divided by the root of a running
+    mean of its mean square (state["second_moment"], in float32 at least), then scaled back to the
+    update's own norm: orthogonal updates leave some neurons far larger steps than others."""
+    u = update.to(torch.promote_types(update.dtype, torch.float32))
+    mean_square = u.square().mean(dim=1 if u.size(0) >= u.size(1) else 0, keepdim=True)
+    if "second_moment" not in state:
+        state["second_moment"] = torch.zeros_like(mean_square)
+    second_moment = state["second_moment"].lerp_(mean_square, 1 - beta2)
+    scaled = u * second_moment.clamp_min(1e-10).rsqrt()
+    return scaled * (u.norm() / scaled.norm().clamp_min(1e-10))
+
+
+def make_optimizer(model, cfg, device_type, log=print):
+    """Muon for the blocks' matrices; AdamW (betas 0.8, 0.95) for the embeddings, the head and
+    the scalar weights (skips, value mixes), each group at its own rate (modded-nanogpt's
+    choices), at the run's settings (cfg: train_gpt2.TrainConfig, which has Settings' fields)."""
+    blocks = [p for block in model.transformer.h for p in block.parameters()]
+    matrices = [p for p in blocks if p.ndim == 2]
+    embeddings = [model.transformer.wte.weight]
+    if hasattr(model, "value_embeds"):
+        embeddings += [table.weight for table in model.value_embeds]
+    scalars = [p for p in blocks if p.ndim < 2] + [getattr(model, "skip_weights", None)]
+    scalars = [p for p in scalars if p is not None]
     groups = [
-        dict(params=matrices, use_muon=True, lr=muon_lr, weight_decay=muon_wd),
-        dict(params=[model.transformer.wte.weight], lr=embed_lr),
-        dict(params=[model.lm_head.weight], lr=head_lr),
+        dict(params=matrices, use_muon=True, lr=cfg.muon_lr, weight_decay=cfg.muon_wd),
+        dict(params=embeddings, lr=cfg.embed_lr),
+        dict(params=[model.lm_head.weight], lr=cfg.head_lr),
     ]
+    if scalars:
+        groups.append(dict(params=scalars, lr=cfg.scalar_lr))
     for group in groups:
         group["initial_lr"] = group["lr"]  # the schedule scales every group's own rate
+    adamw = sum(p.numel() for group in groups[1:] for p in group["params"])
     log(
         f"Muon: {len(matrices)} matrices with {sum(p.numel() for p in matrices):,} parameters; "
-        f"AdamW: embedding and head, {2 * model.lm_head.weight.numel():,} parameters"
+        f"AdamW: embedding and head, {adamw:,} parameters"
     )
-    return Muon(groups, ns_dtype=ns_dtype)
+    dtype = devices.autocast_dtype(cfg.dtype, device_type)
+    ns_dtype = newton_schulz_dtype(device_type, dtype, model.lm_head.weight.dtype)
+    switches = dict(polar_express=bool(cfg.polar_express), normuon=bool(cfg.normuon))
+    return Muon(groups, ns_dtype=ns_dtype, **switches)
 
 
 def newton_schulz_dtype(device_type, dtype, weights=torch.float32):
@@ -241,18 +364,22 @@ class Muon(torch.optim.Optimizer):
     orthogonal by newton_schulz: every direction of the update has the same size, whatever the
     gradient's spectrum. The update is scaled by sqrt(max(1, rows / cols)) so that tall matrices
     move as much per element as square ones; weight decay is decoupled (p *= 1 - lr * wd).
-    The other groups (embedding, head) get AdamW with betas (0.8, 0.95) and eps 1e-10.
+    With polar_express the orthogonalization is polar_express's; with normuon each update then
+    gets NorMuon's per-neuron step sizes (every rank computes those for every matrix, from the
+    gathered updates, so that all ranks keep the same state).
+    The other groups (embeddings, head, scalars) get AdamW with betas (0.8, 0.95) and eps 1e-10.
     Under DDP every rank holds the same averaged gradients and momenta, and orthogonalizes only
     its share of the matrices; the updates are then all-gathered, so that Newton-Schulz's cost
     is split across the ranks rather than repeated on each (modded-nanogpt does the same).
     """
 
-    def __init__(self, params, ns_dtype=torch.bfloat16):
+    def __init__(self, params, ns_dtype=torch.bfloat16, polar_express=False, normuon=False):
         defaults = dict(
             lr=0.02, use_muon=False, momentum=0.95, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0
         )
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
+        self.polar_express, self.normuon = polar_express, normuon
 
     @torch.no_grad()
     def step(self):
@@ -278,11 +405,15 @@ class Muon(torch.optim.Optimizer):
             buf.mul_(group["momentum"]).add_(p.grad)
             if i in mine:
                 direction = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-                updates[i] = newton_schulz(direction.to(self.ns_dtype))
+                orthogonalize = polar_express if self.polar_express else newton_schulz
+                updates[i] = orthogonalize(direction.to(self.ns_dtype))
         if world > 1:
             updates = self._all_gather_updates(params, shares, [updates[i] for i in shares[rank]])
         for i, p in enumerate(params):
-            update = updates[i].to(p.dtype) * max(1.0, p.size(0) / p.size(1)) ** 0.5
+            update = updates[i]
+            if self.normuon:
+                update = normuon(update, self.state[p])
+            update = update.to(p.dtype) * max(1.0, p.size(0) / p.size(1)) ** 0.5
             p.mul_(1.0 - group["lr"] * group["weight_decay"])
             p.add_(update, alpha=-group["lr"])
 
@@ -338,3 +469,9 @@ def scale_learning_rates(optimizer, factor):
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * factor
     return optimizer.param_groups[0]["lr"]
+
+
+def set_learning_rate(optimizer, step, cfg):
+    """Every group at its own rate times lr_factor at `step` of the run (cfg); returns Muon's."""
+    factor = lr_factor(step, cfg.max_steps, cfg.cooldown_frac, cfg.min_lr_ratio)
+    return scale_learning_rates(optimizer, factor)

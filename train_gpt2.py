@@ -57,8 +57,10 @@ RECIPES = ("gpt2", "speedrun")  # this file's GPT, speedrun.py's SpeedrunGPT: se
 
 
 @dataclass
-class GPTConfig:
-    """The model's shape; each field is also a flag of train_gpt2.py (TrainConfig has them)."""
+class GPTConfig(speedrun.ModelSettings):
+    """The model's shape; each field is also a flag of train_gpt2.py (TrainConfig has them).
+    The speedrun recipe's switches of its model (speedrun.ModelSettings) come first: GPT ignores
+    them."""
 
     block_size: int = setting(1024, "longest context the model handles", minimum=1)
     vocab_size: int = setting(GPT2_VOCAB_SIZE, "50,000 BPE merges + 256 bytes + <|endoftext|>")
@@ -316,23 +318,13 @@ def make_adamw(model, cfg, device_type, log):
     return model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device_type, log)
 
 
-def make_muon(model, cfg, device_type, log):
-    dtype = devices.autocast_dtype(cfg.dtype, device_type)
-    ns_dtype = speedrun.newton_schulz_dtype(device_type, dtype, model.lm_head.weight.dtype)
-    rates = (cfg.muon_lr, cfg.muon_wd, cfg.embed_lr, cfg.head_lr)
-    return speedrun.make_optimizer(model, *rates, ns_dtype, log)
-
-
-def set_speedrun_learning_rate(optimizer, step, cfg):
-    factor = speedrun.lr_factor(step, cfg.max_steps, cfg.cooldown_frac, cfg.min_lr_ratio)
-    return speedrun.scale_learning_rates(optimizer, factor)
-
-
 def get_recipe(name):
     """--recipe gpt2, the lecture's (GPT, AdamW, warmup and cosine decay), or speedrun (speedrun.py:
-    its own model, Muon, and a constant rate with a linear cooldown): where a recipe is chosen."""
+    its own model, Muon, and a constant rate with a linear cooldown; its settings are
+    speedrun.Settings, fields of TrainConfig): where a recipe is chosen."""
     if name == "speedrun":
-        return Recipe(speedrun.SpeedrunGPT, make_muon, set_speedrun_learning_rate, shards=False)
+        run = (speedrun.make_optimizer, speedrun.set_learning_rate)
+        return Recipe(speedrun.SpeedrunGPT, *run, shards=False)
     return Recipe(GPT, make_adamw, set_learning_rate, shards=True)
 
 
@@ -490,7 +482,7 @@ CHECKPOINT_KEYS += ("val_loss", "loader", "rng")
 
 def model_config_of(checkpoint):
     try:
-        return GPTConfig(**checkpoint["model_config"])
+        return GPTConfig(**speedrun.absent_switches_off(checkpoint["model_config"], GPTConfig))
     except TypeError:
         kind = "a model_config of another kind"
         raise SystemExit(f"checkpoint {checkpoint.path} has {kind}") from None
@@ -581,12 +573,13 @@ MICRO_BATCH_HELP = "micro-batch size; auto: the largest that fits on CUDA, else 
 
 
 @dataclass
-class TrainConfig(GPTConfig):
+class TrainConfig(speedrun.Settings, GPTConfig):
     """Every setting of a run; each field is also a command-line flag (--name value).
 
-    The model's shape (GPTConfig's fields), then how to train it. The defaults are the GPT-2 124M
-    reproduction on FineWeb-Edu 10B (GPT-3 paper, table 2.1 and appendix B, as in the lecture);
-    the bundled corpus's run replaces some of them (BUNDLED_DEFAULTS).
+    The model's shape and recipe (GPTConfig's fields), the speedrun recipe's own settings
+    (speedrun.Settings, declared in speedrun.py), then how to train it. The defaults are the
+    GPT-2 124M reproduction on FineWeb-Edu 10B (GPT-3 paper, table 2.1 and appendix B, as in the
+    lecture); the bundled corpus's run replaces some of them (BUNDLED_DEFAULTS).
     """
 
     vocab_size: int = setting(PADDED_VOCAB_SIZE, "padded to 128s: faster", minimum=GPT2_VOCAB_SIZE)
@@ -609,12 +602,6 @@ class TrainConfig(GPTConfig):
     max_steps: int = setting(19073, "optimizer steps: 10B tokens / 2**19 is one epoch", minimum=1)
     weight_decay: float = setting(0.1, "AdamW weight decay of matmuls and embeddings", minimum=0)
     grad_clip: float = setting(1.0, "clip the global gradient norm to this", above=0)
-    # the speedrun recipe's own rates (speedrun.py); its min_lr_ratio is the one above
-    muon_lr: float = setting(0.05, "speedrun: Muon's rate (the blocks' matrices)", above=0)
-    muon_wd: float = setting(0.0, "speedrun: Muon's decoupled weight decay", minimum=0)
-    embed_lr: float = setting(0.6, "speedrun: AdamW rate of the token embedding", above=0)
-    head_lr: float = setting(0.008, "speedrun: AdamW rate of the lm_head", above=0)
-    cooldown_frac: float = setting(0.6, "speedrun: steps of lr cooldown", minimum=0, maximum=1)
     fused_loss: int = setting(0, "lm_head and loss in chunks: no full logits", choices=ON_OFF)
     fp8: int = setting(0, "the blocks' matmuls in FP8 (compute capability 8.9+)", choices=ON_OFF)
     max_skipped_steps: int = setting(5, "stop after this many non-finite steps in a row", minimum=1)
@@ -669,7 +656,8 @@ def resolve_config(overrides):
     if overrides.get("resume"):
         checkpoint = checkpoints.load(overrides["resume"], log_dir, CHECKPOINT_KEYS)
         known = {f.name for f in dataclasses.fields(TrainConfig)}
-        base = TrainConfig(**{k: v for k, v in checkpoint["train_config"].items() if k in known})
+        saved = {k: v for k, v in checkpoint["train_config"].items() if k in known}
+        base = TrainConfig(**speedrun.absent_switches_off(saved, TrainConfig))
         if os.path.abspath(base.data_dir) == datafiles.BUNDLED_SHARDS_DIR:  # older checkpoints
             base = dataclasses.replace(base, data_dir=BUNDLED)
         model_config = dataclasses.asdict(model_config_of(checkpoint))

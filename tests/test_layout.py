@@ -2,6 +2,7 @@
 no work, every flag is in --help, and checkpoints keep the format older versions wrote."""
 
 import ast
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,10 +11,11 @@ import sys
 import pytest
 import torch
 
+import speedrun
 import train_gpt2 as tg
 from conftest import ROOT, TINY, make_shards
 
-SCRIPTS = ("fineweb", "hellaswag", "sample", "bench", "export_hf")
+SCRIPTS = ("fineweb", "hellaswag", "sample", "bench", "export_hf", "recipe_proxy")
 ROOT_MODULES = sorted(n[:-3] for n in os.listdir(ROOT) if n.endswith(".py"))
 SUPPORT = sorted(
     f"support.{n[:-3]}" for n in os.listdir(os.path.join(ROOT, "support")) if n.endswith(".py")
@@ -225,13 +227,17 @@ def test_checkpoints_keep_their_format(tmp_path, recipe):
     args = TINY + ["--data_dir", str(tmp_path / "data"), "--log_dir", str(tmp_path / "log")]
     args += ["--n_embd", "64", "--block_size", "256", "--recipe", recipe, "--max_steps", "1"]
     args += ["--total_batch_size", "64", "--eval_interval", "10", "--val_loss_steps", "1"]
-    tg.main(args)
+    # the speedrun's switches since then (speedrun.SWITCHES), off: e2a0390's speedrun recipe
+    tg.main(args + [x for switch in speedrun.SWITCHES for x in (f"--{switch}", "0")])
     found = checkpoint_format(tmp_path / "log" / "model_00001.pt")
     # settings added since e2a0390 (the code of then and now ignores train_config keys it does
     # not know, so checkpoints stay readable both ways)
     added = {"model", "shard", "activation_checkpointing"}  # sharding.py's
     added |= {"tensorboard", "wandb_project", "wandb_run_name"}  # dashboards.py's
     added |= {"checkpoint_minutes", "keep_checkpoints", "async_checkpoint"}  # long runs' flags
+    added |= set(speedrun.SWITCHES) | {"scalar_lr"}  # the current speedrun recipe's
     assert added <= set(found["train_config"])
     found["train_config"] = [k for k in found["train_config"] if k not in added]
+    model_switches = [f.name for f in dataclasses.fields(speedrun.ModelSettings)]
+    assert all(found["model_config"].pop(switch) == 0 for switch in model_switches)
     assert found == expected[recipe]

@@ -130,8 +130,11 @@ def test_fused_loss_in_the_model(recipe):
         results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
     (plain, plain_grads), (fused, fused_grads) = results
     assert abs(fused - plain) / plain < 1e-5  # float32
+    # each tensor to float32's rounding of its own gradients, or of the model's largest where
+    # its own are exactly 0 (the speedrun's skip weights at init: RMSNorm undoes their scale)
+    largest = max(b.abs().max().item() for b in plain_grads)
     for a, b in zip(fused_grads, plain_grads):
-        assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item() + 1e-9
+        assert (a - b).abs().max().item() <= max(1e-5 * b.abs().max().item(), 1e-6 * largest)
     # under bf16 autocast the two agree to bf16 rounding of the logits
     with torch.autocast("cpu", torch.bfloat16):
         model.fused_loss = True

@@ -1,21 +1,30 @@
 """--recipe speedrun: its model (rotary positions, QK-norm, ReLU^2, zero-initialized projections
-and head, soft-capped logits), Muon, its schedule, and its checkpoints in the other scripts."""
+and head, soft-capped logits, U-net skips, value embeddings), Muon (Polar Express, NorMuon), its
+schedule, each switch off alone, the previous recipe (every switch off) as it was, and its
+checkpoints in the other scripts."""
 
 import math
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from test_train import SAME_SUMS_EVERYWHERE
 
 import hellaswag
 import speedrun
 import train_gpt2 as tg
-from conftest import HELLASWAG_SLICE, TINY, fails_in_one_line, make_shards
+from conftest import HELLASWAG_SLICE, ROOT, TINY, fails_in_one_line, make_shards
 from speedrun import SpeedrunGPT
 from train_gpt2 import GPTConfig
 
 SPEEDRUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50304, recipe="speedrun")
+# the recipe of the speedrun's first records, as this project had it before the switches
+PREVIOUS = dict(unet_skips=0, value_embeds=0, polar_express=0, normuon=0)
+PREVIOUS_FLAGS = [x for k, v in PREVIOUS.items() for x in (f"--{k}", str(v))]
 
 
 # ----------------------------------------------------------------------------- the model
@@ -23,25 +32,83 @@ SPEEDRUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50304,
 
 def test_speedrun_model_parameters_and_init():
     torch.manual_seed(0)
-    model = SpeedrunGPT(GPTConfig(**SPEEDRUN))
-    names = set(dict(model.named_parameters()))
+    previous = SpeedrunGPT(GPTConfig(**SPEEDRUN, unet_skips=0, value_embeds=0))
+    names = set(dict(previous.named_parameters()))
     # no learned positions, no norm gains, no biases: only matrices, and an untied head
-    assert names == {"transformer.wte.weight", "lm_head.weight"} | {
+    blocks = {
         f"transformer.h.{i}.{m}.weight"
         for i in range(2)
         for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     }
-    assert model.lm_head.weight is not model.transformer.wte.weight
-    zero = [n for n, p in model.named_parameters() if not p.any()]
-    assert sorted(zero) == sorted(
-        ["lm_head.weight"]
-        + [f"transformer.h.{i}.{m}.c_proj.weight" for i in range(2) for m in ("attn", "mlp")]
-    )
-    # at init every block is the identity and the prediction uniform: loss = ln(vocab)
-    idx = torch.randint(0, 50257, (2, 16))
+    assert names == {"transformer.wte.weight", "lm_head.weight"} | blocks
+    assert previous.lm_head.weight is not previous.transformer.wte.weight
+    # the current one adds a skip weight per pair of blocks and the value embeddings, with the
+    # weight of v and of the embedding in each value-embedded block's values
+    model = SpeedrunGPT(GPTConfig(**SPEEDRUN))
+    mixes = {f"transformer.h.{i}.attn.value_mix" for i in range(2)}
+    added = {"skip_weights", "value_embeds.0.weight"} | mixes
+    assert set(dict(model.named_parameters())) == names | added
+    assert model.skip_weights.tolist() == [1.0]
+    assert all(model.get_parameter(m).tolist() == [0.5, 0.5] for m in mixes)
+    assert 0.015 < model.value_embeds[0].weight.std().item() < 0.025  # normal(0, 0.02)
+    for m in (previous, model):
+        zero = [n for n, p in m.named_parameters() if not p.any()]
+        assert sorted(zero) == sorted(
+            ["lm_head.weight"]
+            + [f"transformer.h.{i}.{m}.c_proj.weight" for i in range(2) for m in ("attn", "mlp")]
+        )
+        # at init every block is the identity and the prediction uniform: loss = ln(vocab)
+        idx = torch.randint(0, 50257, (2, 16))
+        with torch.no_grad():
+            _, loss = m(idx, idx)
+        assert abs(loss.item() - math.log(50304)) < 1e-5
+
+
+def test_value_embeddings_go_to_the_first_and_last_blocks():
+    def blocks(n_layer, value_embeds):
+        config = GPTConfig(**dict(SPEEDRUN, n_layer=n_layer, value_embeds=value_embeds))
+        return speedrun.value_embedded_blocks(config)
+
+    assert blocks(12, 3) == {0: 0, 1: 1, 2: 2, 9: 2, 10: 1, 11: 0}  # as the U-net pairs blocks
+    assert blocks(4, 3) == {0: 0, 1: 1, 2: 1, 3: 0}  # at most half the blocks get their own
+    assert blocks(2, 3) == {0: 0, 1: 0} and blocks(12, 0) == {}
+
+
+def test_unet_skips_and_value_embeddings_against_the_blocks_run_by_hand():
+    torch.manual_seed(0)
+    config = GPTConfig(**dict(SPEEDRUN, n_layer=5, value_embeds=2))
+    model = SpeedrunGPT(config)
     with torch.no_grad():
-        _, loss = model(idx, idx)
-    assert abs(loss.item() - math.log(50304)) < 1e-5
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    idx = torch.randint(0, 50257, (2, 16))
+    h = model.transformer.h
+    rope = model.rotary(torch.arange(16))
+    ve = [model.value_embeds[j](idx) for j in range(2)]
+    w = model.skip_weights
+    with torch.no_grad():
+        # blocks 0 and 1 feed blocks 4 and 3 (block 2, the middle one, has no pair); tables 0
+        # and 1 go to blocks 0 and 4, and 1 and 3
+        x0 = speedrun.rms_norm(model.transformer.wte(idx))
+        x1 = h[0](x0, rope, None, ve[0])
+        x2 = h[1](x1, rope, None, ve[1])
+        x3 = h[2](x2, rope)
+        x4 = h[3](x3 + w[0] * x2, rope, None, ve[1])
+        x5 = h[4](x4 + w[1] * x1, rope, None, ve[0])
+        assert torch.equal(model.hidden(idx), speedrun.rms_norm(x5))
+        # in the attention, the values are value_mix[0] v + value_mix[1] (the value embedding)
+        attn, x = h[0].attn, speedrun.rms_norm(x0)
+        q, k, v = attn.c_attn(x).split(32, dim=2)
+        v = attn.value_mix[0] * v + attn.value_mix[1] * ve[0]
+        q, k, v = (t.view(2, 16, 2, 16).transpose(1, 2) for t in (q, k, v))
+        q, k = (
+            speedrun.apply_rotary(speedrun.rms_norm(q), rope),
+            speedrun.apply_rotary(speedrun.rms_norm(k), rope),
+        )
+        scores = (q @ k.transpose(-1, -2)) * speedrun.ATTN_SCALE
+        scores = scores.masked_fill(torch.ones(16, 16).triu(1).bool(), float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 16, 32)
+        assert (attn(x, rope, None, ve[0]) - attn.c_proj(y)).abs().max().item() < 1e-5
 
 
 def test_speedrun_logits_are_soft_capped():
@@ -104,22 +171,53 @@ def test_newton_schulz_makes_the_singular_values_about_one(shape):
     assert 0.5 < np.linalg.svd(small.double().numpy(), compute_uv=False).min() < 1.0
 
 
-def muon_reference(p, grads, lr, momentum, weight_decay):
-    """Muon by hand in float64, through the SVD: the quintic acts on each singular value."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    buf = torch.zeros_like(p)
+@pytest.mark.parametrize("shape", [(768, 768), (3072, 768), (768, 3072)])
+def test_polar_express_is_nearer_the_polar_factor_than_newton_schulz(shape):
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    u, _, vh = np.linalg.svd(G.double().numpy(), full_matrices=False)
+    polar = u @ vh  # the orthogonal matrix nearest G
+
+    def error(X):
+        return np.linalg.norm(X.double().numpy() - polar) / np.linalg.norm(polar)
+
+    X = speedrun.polar_express(G)
+    pe, ns = error(X), error(speedrun.newton_schulz(G))
+    # in the same five steps (the paper's point): on these 0.6 of Newton-Schulz's error
+    assert pe < 0.75 * ns and pe < 0.13, (pe, ns)
+    if shape[0] != shape[1]:  # every singular value within 0.86-1.15 (Newton-Schulz: 0.68-1.14)
+        after = np.linalg.svd(X.double().numpy(), compute_uv=False)
+        assert 0.85 < after.min() and after.max() < 1.16, (after.min(), after.max())
+
+
+def muon_reference(p, grads, lr, momentum, weight_decay, polar_express=False, normuon=False):
+    """Muon by hand in float64, through the SVD: each quintic acts on each singular value;
+    NorMuon's running mean square per row (per column of a wide matrix), by its formulas."""
+    if polar_express:
+        steps, scale, eps = speedrun.POLAR_EXPRESS, 1.02, 1e-6
+    else:
+        steps, scale, eps = [(3.4445, -4.7750, 2.0315)] * 5, 1.0, 1e-7
+    buf, second_moment = torch.zeros_like(p), 0.0
     for grad in grads:
         buf = momentum * buf + grad
         direction = grad + momentum * buf
-        u, s, vh = torch.linalg.svd(direction / (direction.norm() + 1e-7), full_matrices=False)
-        for _ in range(5):
+        u, s, vh = torch.linalg.svd(
+            direction / (direction.norm() * scale + eps), full_matrices=False
+        )
+        for a, b, c in steps:
             s = a * s + b * s**3 + c * s**5
-        update = (u * s) @ vh * max(1.0, p.size(0) / p.size(1)) ** 0.5
+        update = (u * s) @ vh
+        if normuon:
+            dim = 1 if p.size(0) >= p.size(1) else 0
+            second_moment = 0.95 * second_moment + 0.05 * update.square().mean(dim, keepdim=True)
+            scaled = update / second_moment.sqrt()
+            update = scaled * update.norm() / scaled.norm()
+        update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
         p = p * (1 - lr * weight_decay) - lr * update
     return p
 
 
-def test_muon_steps_equal_a_float64_reference():
+@pytest.mark.parametrize("switches", [{}, dict(polar_express=True, normuon=True)])
+def test_muon_steps_equal_a_float64_reference(switches):
     torch.manual_seed(0)
     tall = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
     wide = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
@@ -129,7 +227,7 @@ def test_muon_steps_equal_a_float64_reference():
         dict(params=[tall, wide], use_muon=True, lr=0.05, weight_decay=0.1),
         dict(params=[embedding], lr=0.3, weight_decay=0.01),
     ]
-    optimizer = speedrun.Muon(groups, ns_dtype=torch.float64)
+    optimizer = speedrun.Muon(groups, ns_dtype=torch.float64, **switches)
     reference = torch.optim.AdamW(
         [start[2].clone().requires_grad_()], lr=0.3, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.01
     )
@@ -141,7 +239,7 @@ def test_muon_steps_equal_a_float64_reference():
         reference.param_groups[0]["params"][0].grad = step_grads[2].clone()
         reference.step()
     for t, p0, i in ((tall, start[0], 0), (wide, start[1], 1)):
-        want = muon_reference(p0, [g[i] for g in grads], 0.05, 0.95, 0.1)
+        want = muon_reference(p0, [g[i] for g in grads], 0.05, 0.95, 0.1, **switches)
         assert (t.detach() - want).abs().max().item() < 1e-10
     # the other groups are AdamW: torch's own, with the speedrun's betas and eps
     adamw = reference.param_groups[0]["params"][0].detach()
@@ -157,17 +255,19 @@ def muon_steps(steps=2):
     orthogonalized; under DDP each rank calls it with the same seeds."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape)) for shape in MUON_SHAPES]
-    optimizer = speedrun.Muon([dict(params=params, use_muon=True, lr=0.05)], ns_dtype=torch.float32)
+    group = dict(params=params, use_muon=True, lr=0.05)
+    # the current recipe's: NorMuon's state too must end the same on every rank
+    optimizer = speedrun.Muon([group], ns_dtype=torch.float32, polar_express=True, normuon=True)
     orthogonalized = []
-    newton_schulz = speedrun.newton_schulz
-    speedrun.newton_schulz = lambda G: orthogonalized.append(tuple(G.shape)) or newton_schulz(G)
+    polar_express = speedrun.polar_express
+    speedrun.polar_express = lambda G: orthogonalized.append(tuple(G.shape)) or polar_express(G)
     try:
         for _ in range(steps):
             for p in params:
                 p.grad = torch.randn_like(p)
             optimizer.step()
     finally:
-        speedrun.newton_schulz = newton_schulz
+        speedrun.polar_express = polar_express
     return [p.detach() for p in params], orthogonalized
 
 
@@ -220,7 +320,8 @@ def test_speedrun_schedule():
     optimizer = recipe.make_optimizer(model, cfg, "cpu", lambda *a: None)
     assert recipe.set_learning_rate(optimizer, 70, cfg) == pytest.approx(cfg.muon_lr * 0.55)
     rates = [g["lr"] for g in optimizer.param_groups]
-    assert rates == pytest.approx([r * 0.55 for r in (cfg.muon_lr, cfg.embed_lr, cfg.head_lr)])
+    every = (cfg.muon_lr, cfg.embed_lr, cfg.head_lr, cfg.scalar_lr)
+    assert rates == pytest.approx([r * 0.55 for r in every])
 
 
 # ----------------------------------------------------------------------------- runs
@@ -236,6 +337,52 @@ def speedrun_run(tmp_path_factory):
     args += ["--block_size", "128"]
     tg.main(args + ["--log_dir", str(root / "full")])
     return root, args
+
+
+def test_the_previous_recipe_logs_what_it_logged_before_the_switches(tmp_path):
+    # tests/data/speedrun_recipe_log.txt was written by this run at commit a5b42bb, before the
+    # switches (Muon's and the head's rates raised, so that 8 steps move the losses); every
+    # switch off is that recipe, to the bit (the same sums on every x86 CPU: test_train.py's)
+    make_shards(tmp_path / "data", [3000, 20000])
+    hella = tmp_path / "h8.jsonl"
+    hella.write_text("".join(open(HELLASWAG_SLICE).readlines()[:8]))
+    args = TINY + ["--data_dir", str(tmp_path / "data"), "--log_dir", str(tmp_path / "log")]
+    args += ["--recipe", "speedrun", "--max_steps", "8", "--total_batch_size", "128"]
+    args += ["--eval_interval", "4", "--val_loss_steps", "2", "--checkpoint_interval", "8"]
+    args += ["--block_size", "128", "--hellaswag", "1", "--hellaswag_path", str(hella)]
+    args += ["--num_return_sequences", "1", "--head_lr", "0.2", "--muon_lr", "0.1"]
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train_gpt2.py")] + args + PREVIOUS_FLAGS,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT, **SAME_SUMS_EVERYWHERE),
+    )
+    assert out.returncode == 0, out.stderr
+    expected = open(os.path.join(ROOT, "tests", "data", "speedrun_recipe_log.txt")).read()
+    assert open(tmp_path / "log" / "log.txt").read() == expected
+
+
+def test_a_checkpoint_from_before_the_switches_resumes_with_them_off(speedrun_run, tmp_path):
+    root, args = speedrun_run
+    previous = args + PREVIOUS_FLAGS
+    tg.main(previous + ["--log_dir", str(tmp_path / "full")])
+    # step 3's checkpoint as the code before the switches wrote it: without their settings
+    old = torch.load(tmp_path / "full" / "model_00003.pt", weights_only=True)
+    for switch in speedrun.SWITCHES:
+        del old["train_config"][switch]
+        old["model_config"].pop(switch, None)  # the model's are in both
+    (tmp_path / "before").mkdir()
+    shutil.copy(tmp_path / "full" / "log.txt", tmp_path / "before")
+    torch.save(old, tmp_path / "before" / "model_00003.pt")
+    checkpoint = str(tmp_path / "before" / "model_00003.pt")
+    model, _ = tg.load_model_from_checkpoint(checkpoint)  # as the scripts read it
+    assert not hasattr(model, "skip_weights") and not hasattr(model, "value_embeds")
+    tg.main(["--resume", checkpoint, "--log_dir", str(tmp_path / "resumed")])
+    expected = open(tmp_path / "full" / "log.txt").read()
+    assert open(tmp_path / "resumed" / "log.txt").read() == expected
+    # ... and differs from the current recipe's run, which each switch changes
+    assert open(root / "full" / "log.txt").read() != expected
 
 
 def test_speedrun_resumes_exactly(speedrun_run, tmp_path):
@@ -259,3 +406,24 @@ def test_speedrun_checkpoints_in_hellaswag_and_export(speedrun_run, tmp_path, ca
         "export_hf.py", [checkpoint, str(out_dir)], tmp_path, "not a GPT-2 architecture"
     )
     assert not os.path.exists(out_dir)
+
+
+def test_the_recipe_proxy_names_its_runs_and_finds_when_a_curve_reaches_a_loss(tmp_path):
+    import recipe_proxy
+
+    # the previous recipe is every switch off; no_SWITCH is the current one with that one off
+    assert recipe_proxy.PREVIOUS == dict(PREVIOUS) and set(PREVIOUS) == set(speedrun.SWITCHES)
+    assert recipe_proxy.run_flags("no_normuon") == ["--recipe", "speedrun", "--normuon", "0"]
+    assert recipe_proxy.run_flags("previous") == ["--recipe", "speedrun"] + PREVIOUS_FLAGS
+    curve = {0: 10.0, 10: 6.0, 20: 5.0, 30: 4.5}
+    assert recipe_proxy.tokens_to_reach(curve, 5.5, 100) == pytest.approx(1500.0)
+    assert recipe_proxy.tokens_to_reach(curve, 6.0, 100) == pytest.approx(1000.0)
+    assert recipe_proxy.tokens_to_reach(curve, 4.0, 100) is None
+    for argv, message in [
+        (["--runs", "previous,fast"], "--runs: no run 'fast'"),
+        (["--seeds", "1"], "--seeds: at least 2, for a standard deviation"),
+    ]:
+        with pytest.raises(SystemExit) as refused:
+            recipe_proxy.main(argv + ["--out_dir", str(tmp_path / "proxy")])
+        assert str(refused.value).startswith(message)
+    assert not (tmp_path / "proxy").exists()  # refused before anything was made
