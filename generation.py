@@ -30,12 +30,17 @@ class KVCache:
         self.start = self.length = 0  # the new tokens fill positions start..length-1
         self.k, self.v = {}, {}  # layer -> (B, n_head, max_len, head_size)
         self.mask = None  # (B, 1, T, length) for the T new positions
+        self.tokens = None  # (B, max_len): the tokens of every position so far
 
-    def extend(self, T):
-        """Room for T new tokens in every row: their positions, counted from the row's first real
-        token, and the mask of their queries: causal, and blind to padding (a padding query
-        attends to itself only, so that its row of weights is never empty)."""
+    def extend(self, idx):
+        """Room for the new tokens idx (B, T) in every row: their positions, counted from the
+        row's first real token, and the mask of their queries: causal, and blind to padding (a
+        padding query attends to itself only, so that its row of weights is never empty)."""
+        T = idx.size(1)
+        if self.tokens is None:
+            self.tokens = idx.new_zeros(idx.size(0), self.max_len)
         self.start, self.length = self.length, self.length + T
+        self.tokens[:, self.start : self.length] = idx
         keys = torch.arange(self.length, device=self.pad.device)
         queries = keys[self.start :]
         causal = keys.view(1, -1) <= queries.view(-1, 1)  # (T, L)
@@ -64,7 +69,7 @@ def token_positions(idx, cache, block_size):
         raise ValueError(f"sequence of length {past + T} is longer than block_size {block_size}")
     if cache is None:
         return torch.arange(0, T, dtype=torch.long, device=idx.device)
-    return cache.extend(T)
+    return cache.extend(idx)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -24,11 +24,12 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 
+import speedrun
 from support import PROJECT_DIR
 from support.cli import parse_settings, setting
 
 # the recipe of the speedrun's first records: every switch of the current one off
-PREVIOUS = {"unet_skips": 0, "value_embeds": 0, "polar_express": 0, "normuon": 0}
+PREVIOUS = dict.fromkeys(speedrun.SWITCHES, 0)
 RUN_SETS = {"recipes": ["previous", "current"]}
 RUN_SETS["ablations"] = RUN_SETS["recipes"] + [f"no_{switch}" for switch in PREVIOUS]
 
@@ -39,14 +40,14 @@ class ProxySettings:
 
     runs: str = setting("recipes", "recipes, ablations, or run names joined by commas")
     seeds: tuple = setting((1337, 1338, 1339), "the seeds of each run", nargs="+", parse=int)
-    tokens: int = setting(524_288, "training tokens of each run", minimum=1)
+    tokens: int = setting(262_144, "training tokens of each run", minimum=1)
     out_dir: str = setting("recipe_proxy", "the shards, and a log dir per run and seed")
     n_layer: int = setting(4, "the model's blocks", minimum=1)
     n_head: int = setting(4, "its attention heads", minimum=1)
     n_embd: int = setting(128, "its width", minimum=1)
     T: int = setting(256, "sequence length", minimum=1)
     B: int = setting(16, "micro-batch", minimum=1)
-    total_batch_size: int = setting(8192, "tokens per optimizer step", minimum=1)
+    total_batch_size: int = setting(4096, "tokens per optimizer step", minimum=1)
     evals: int = setting(8, "val evaluations over a run (and one at its end)", minimum=1)
     val_loss_steps: int = setting(4, "val loss over this many total_batch_size", minimum=1)
     # bf16 autocast: 2.9x float32's tokens/s on an AMX Xeon; on a CPU without bf16 units, float32

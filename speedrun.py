@@ -1,8 +1,8 @@
 """
 The speedrun recipe (`train_gpt2.py --recipe speedrun`): the model and optimizer of the NanoGPT
-speedrun's first records (Keller Jordan's modded-nanogpt, 2024-2025), whole, in one file.
+speedrun's records (Keller Jordan's modded-nanogpt, 2024-2026), whole, in one file.
 
-Against the lecture's GPT-2 it changes:
+Against the lecture's GPT-2 its first records change:
 - rotary position embeddings (RoFormer) instead of the learned wpe;
 - RMSNorm without weights instead of LayerNorm, and no biases;
 - QK-norm: queries and keys RMS-normalized, with a fixed attention scale of 0.12;
@@ -12,6 +12,11 @@ Against the lecture's GPT-2 it changes:
 - Muon for the blocks' matrices, AdamW for the embedding and the head, each at its own rate;
 - no warmup: constant rates, then a linear cooldown.
 
+Later records add, each behind a switch that is on by default (SWITCHES; all off is the recipe of
+the first records, to the bit): U-net skips between the first and the second half of the blocks,
+value embeddings mixed into the attention values, Polar Express in place of Newton-Schulz, and
+NorMuon's per-neuron step sizes.
+
 Everything else of a run (data, DDP, evaluation, checkpoints, resume) is train_gpt2.py's. What
 the trainer takes from here (train_gpt2.get_recipe) is the model, which has GPT's parameter names
 and interface (forward, hidden, head, flops_per_token), the optimizer and the schedule at the
@@ -19,6 +24,7 @@ run's settings, and the recipe's own settings (Settings: flags of train_gpt2.py)
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +36,7 @@ from generation import token_positions
 from kernels import linear_cross_entropy
 from support import devices
 from support.cli import ON_OFF, setting
+from support.datafiles import EOT
 
 # With q and k RMS-normalized, a fixed attention temperature of 0.12 trains better than
 # 1/sqrt(head_dim), and logits soft-capped by 15 * tanh(logits / 15) keep the early steps stable.
@@ -49,10 +56,23 @@ class ModelSettings:
     value_embeds: int = setting(
         3, "speedrun: value embeddings into the first and last N blocks' attention", minimum=0
     )
+    doc_attention: int = setting(1, "speedrun: no attention across <|endoftext|>", choices=ON_OFF)
+    sliding_window: int = setting(
+        128, "speedrun: the attention window at first, grown to block_size (0: none)", minimum=0
+    )
 
 
 # A checkpoint without one of these was written before the switch existed: it is off there
-SWITCHES = ("unet_skips", "value_embeds", "polar_express", "normuon")
+SWITCHES = (
+    "unet_skips",
+    "value_embeds",
+    "doc_attention",
+    "sliding_window",
+    "polar_express",
+    "normuon",
+)
+# the sliding window grows in steps of this many tokens: a compiled model recompiles for each
+WINDOW_STEP = 64
 
 
 def absent_switches_off(config, settings_class):
@@ -127,7 +147,7 @@ class CausalSelfAttention(nn.Module):
         if value_embedded:  # the weights of v and of the value embedding in the values used
             self.value_mix = nn.Parameter(torch.tensor([0.5, 0.5]))
 
-    def forward(self, x, rope, cache=None, value_embedding=None):
+    def forward(self, x, rope, mask, cache=None, value_embedding=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         if value_embedding is not None:
@@ -137,11 +157,12 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         # QK-norm (Dehghani et al. 2023): unit-RMS queries and keys bound the attention logits
         q, k = apply_rotary(rms_norm(q), rope), apply_rotary(rms_norm(k), rope)
-        if cache is None:
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        if mask is None:  # causal attention over the whole sequence: SDPA's own kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=ATTN_SCALE)
         else:
-            k, v = cache.update(self.layer, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, scale=ATTN_SCALE)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ATTN_SCALE)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
@@ -163,8 +184,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer, value_embedded)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, cache=None, value_embedding=None):
-        x = x + self.attn(rms_norm(x), rope, cache, value_embedding)
+    def forward(self, x, rope, mask=None, cache=None, value_embedding=None):
+        x = x + self.attn(rms_norm(x), rope, mask, cache, value_embedding)
         x = x + self.mlp(rms_norm(x))
         return x
 
@@ -195,6 +216,7 @@ class SpeedrunGPT(nn.Module):
         if config.unet_skips:  # the weight of each skip into the second half (record 11)
             self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied
+        self.window = config.block_size  # the attention window now: set_window grows it
         self.rotary = Rotary(config.n_embd // config.n_head, config.block_size)
         self.fused_loss = fused_loss  # kernels.linear_cross_entropy instead of the full logits
         # normal(0, 0.02) as GPT-2's, then zero-initialized projections into the residual stream
@@ -223,6 +245,7 @@ class SpeedrunGPT(nn.Module):
     def hidden(self, idx, cache=None):
         """The final (normalized) hidden state of every position: (B, T, n_embd)."""
         rope = self.rotary(token_positions(idx, cache, self.config.block_size))
+        mask = self.attention_mask(idx, cache)
         x = rms_norm(self.transformer.wte(idx))
         L, skips = self.config.n_layer, []
         for i, block in enumerate(self.transformer.h):
@@ -230,10 +253,31 @@ class SpeedrunGPT(nn.Module):
                 x = x + self.skip_weights[i - (L - L // 2)] * skips.pop()
             table = self.value_tables.get(i)
             values = None if table is None else self.value_embeds[table](idx)
-            x = block(x, rope, cache, values)
+            x = block(x, rope, mask, cache, values)
             if self.config.unet_skips and i < L // 2:
                 skips.append(x)
         return rms_norm(x)
+
+    def attention_mask(self, idx, cache=None):
+        """Which keys each query of idx (B, T) may attend, (B, 1, T, keys): the earlier positions
+        (and with a KVCache its mask: no padding), of the same document if doc_attention (each
+        starts with <|endoftext|>, as fineweb.py writes them), and fewer than self.window back.
+        None where that is all of the earlier positions: SDPA's causal kernel then."""
+        T = idx.size(1)
+        keys = T if cache is None else cache.length
+        documents = bool(self.config.doc_attention)
+        if cache is None and not documents and self.window >= T:
+            return None
+        q = torch.arange(keys - T, keys, device=idx.device).view(-1, 1)
+        k = torch.arange(keys, device=idx.device).view(1, -1)
+        mask = ((k <= q) & (q - k < self.window)).unsqueeze(0)  # (1, T, keys)
+        if documents:
+            tokens = idx if cache is None else cache.tokens[:, :keys]
+            document = (tokens == EOT).cumsum(dim=1)  # (B, keys)
+            mask = mask & (document[:, -T:].unsqueeze(2) == document.unsqueeze(1))
+        if cache is not None:
+            mask = mask & cache.mask.squeeze(1)
+        return mask.unsqueeze(1)
 
     def head(self, x):
         """Soft-capped logits from hidden states (..., n_embd)."""
@@ -475,3 +519,16 @@ def set_learning_rate(optimizer, step, cfg):
     """Every group at its own rate times lr_factor at `step` of the run (cfg); returns Muon's."""
     factor = lr_factor(step, cfg.max_steps, cfg.cooldown_frac, cfg.min_lr_ratio)
     return scale_learning_rates(optimizer, factor)
+
+
+def set_window(model, step, cfg):
+    """The attention window of step `step` of the run (cfg): with --sliding_window W, W tokens
+    at the start, growing linearly to the whole block_size at max_steps, in WINDOW_STEP steps
+    (modded-nanogpt record 12): early training needs only local context, and short windows are
+    cheaper."""
+    start, full = cfg.sliding_window, model.config.block_size
+    if not start:
+        model.window = full
+        return
+    grown = start + (full - start) * min(1.0, step / cfg.max_steps)
+    model.window = min(full, WINDOW_STEP * math.ceil(grown / WINDOW_STEP))

@@ -311,7 +311,12 @@ class Recipe:
     model: type  # model(GPTConfig)
     make_optimizer: typing.Callable  # (model, cfg, device_type, log) -> optimizer
     set_learning_rate: typing.Callable  # (optimizer, step, cfg) -> the lr printed
+    set_model_schedule: typing.Callable  # (model, step, cfg): what else of it changes by step
     shards: bool  # whether --shard fsdp can train it (Muon needs whole matrices: it cannot)
+
+
+def same_model_every_step(model, step, cfg):
+    """The lecture's model has nothing that changes with the step."""
 
 
 def make_adamw(model, cfg, device_type, log):
@@ -323,9 +328,9 @@ def get_recipe(name):
     its own model, Muon, and a constant rate with a linear cooldown; its settings are
     speedrun.Settings, fields of TrainConfig): where a recipe is chosen."""
     if name == "speedrun":
-        run = (speedrun.make_optimizer, speedrun.set_learning_rate)
+        run = (speedrun.make_optimizer, speedrun.set_learning_rate, speedrun.set_window)
         return Recipe(speedrun.SpeedrunGPT, *run, shards=False)
-    return Recipe(GPT, make_adamw, set_learning_rate, shards=True)
+    return Recipe(GPT, make_adamw, set_learning_rate, same_model_every_step, shards=True)
 
 
 # -----------------------------------------------------------------------------
@@ -956,6 +961,7 @@ def train(cfg, env, checkpoint, stop, start_time):
     skipped_in_a_row = 0
     for step in range(run.start_step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps
+        run.recipe.set_model_schedule(state.model, step, cfg)  # before this step's evaluation
         if step % cfg.eval_interval == 0 or last_step:
             run.evaluator.run(step)  # val loss, HellaSwag, samples
         if stop.requested():

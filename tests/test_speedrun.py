@@ -3,6 +3,7 @@ and head, soft-capped logits, U-net skips, value embeddings), Muon (Polar Expres
 schedule, each switch off alone, the previous recipe (every switch off) as it was, and its
 checkpoints in the other scripts."""
 
+import dataclasses
 import math
 import os
 import shutil
@@ -23,7 +24,7 @@ from train_gpt2 import GPTConfig
 
 SPEEDRUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50304, recipe="speedrun")
 # the recipe of the speedrun's first records, as this project had it before the switches
-PREVIOUS = dict(unet_skips=0, value_embeds=0, polar_express=0, normuon=0)
+PREVIOUS = dict.fromkeys(speedrun.SWITCHES, 0)
 PREVIOUS_FLAGS = [x for k, v in PREVIOUS.items() for x in (f"--{k}", str(v))]
 
 
@@ -76,7 +77,10 @@ def test_value_embeddings_go_to_the_first_and_last_blocks():
 
 def test_unet_skips_and_value_embeddings_against_the_blocks_run_by_hand():
     torch.manual_seed(0)
-    config = GPTConfig(**dict(SPEEDRUN, n_layer=5, value_embeds=2))
+    # plain causal attention here: the masks have a test of their own
+    config = GPTConfig(
+        **dict(SPEEDRUN, n_layer=5), value_embeds=2, doc_attention=0, sliding_window=0
+    )
     model = SpeedrunGPT(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -90,11 +94,12 @@ def test_unet_skips_and_value_embeddings_against_the_blocks_run_by_hand():
         # blocks 0 and 1 feed blocks 4 and 3 (block 2, the middle one, has no pair); tables 0
         # and 1 go to blocks 0 and 4, and 1 and 3
         x0 = speedrun.rms_norm(model.transformer.wte(idx))
-        x1 = h[0](x0, rope, None, ve[0])
-        x2 = h[1](x1, rope, None, ve[1])
+        assert model.attention_mask(idx) is None  # SDPA's causal kernel
+        x1 = h[0](x0, rope, None, None, ve[0])
+        x2 = h[1](x1, rope, None, None, ve[1])
         x3 = h[2](x2, rope)
-        x4 = h[3](x3 + w[0] * x2, rope, None, ve[1])
-        x5 = h[4](x4 + w[1] * x1, rope, None, ve[0])
+        x4 = h[3](x3 + w[0] * x2, rope, None, None, ve[1])
+        x5 = h[4](x4 + w[1] * x1, rope, None, None, ve[0])
         assert torch.equal(model.hidden(idx), speedrun.rms_norm(x5))
         # in the attention, the values are value_mix[0] v + value_mix[1] (the value embedding)
         attn, x = h[0].attn, speedrun.rms_norm(x0)
@@ -108,7 +113,87 @@ def test_unet_skips_and_value_embeddings_against_the_blocks_run_by_hand():
         scores = (q @ k.transpose(-1, -2)) * speedrun.ATTN_SCALE
         scores = scores.masked_fill(torch.ones(16, 16).triu(1).bool(), float("-inf"))
         y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 16, 32)
-        assert (attn(x, rope, None, ve[0]) - attn.c_proj(y)).abs().max().item() < 1e-5
+        assert (attn(x, rope, None, None, ve[0]) - attn.c_proj(y)).abs().max().item() < 1e-5
+
+
+def random_speedrun(**switches):
+    """A speedrun model of TINY's shape with random weights everywhere (its init's zeros would
+    make every position's output the same)."""
+    torch.manual_seed(0)
+    config = GPTConfig(**dict(SPEEDRUN, n_head=4, n_embd=64, block_size=64, **switches))
+    model = SpeedrunGPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5 if p.size(0) == 50304 else 0.1)
+    return model.eval()
+
+
+def test_attention_stays_in_its_document_and_window_as_a_plain_masked_attention():
+    model = random_speedrun()
+    model.window = 8
+    eot = 50256
+    idx = torch.randint(0, 50256, (2, 32))
+    idx[0, [0, 13, 20]] = eot
+    idx[1, 5] = eot
+    mask = model.attention_mask(idx)
+    attn, x = model.transformer.h[0].attn, torch.randn(2, 32, 64)
+    rope = model.rotary(torch.arange(32))
+    with torch.no_grad():
+        got = attn(x, rope, mask, None, model.value_embeds[0](idx))
+        # the reference: each query's softmax over the keys it may see, one at a time, float64
+        q, k, v = attn.c_attn(x).split(64, dim=2)
+        v = attn.value_mix[0] * v + attn.value_mix[1] * model.value_embeds[0](idx)
+        q, k, v = (t.view(2, 32, 4, 16).transpose(1, 2).double() for t in (q, k, v))
+        rope64 = tuple(r.double() for r in rope)
+        q = speedrun.apply_rotary(speedrun.rms_norm(q), rope64)
+        k = speedrun.apply_rotary(speedrun.rms_norm(k), rope64)
+        y = torch.zeros_like(q)
+        for b in range(2):
+            doc = (idx[b] == eot).cumsum(0)
+            for i in range(32):
+                seen = [j for j in range(i + 1) if doc[j] == doc[i] and i - j < 8]
+                weights = ((q[b, :, i : i + 1] @ k[b, :, seen].mT) * speedrun.ATTN_SCALE).softmax(
+                    -1
+                )
+                y[b, :, i] = (weights @ v[b, :, seen]).squeeze(1)
+        want = attn.c_proj(y.transpose(1, 2).reshape(2, 32, 64).float())
+    assert (got - want).abs().max().item() < 1e-5
+    # a document's outputs are those of the document alone (rotary attention sees distances only)
+    model.window = 64
+    two = torch.randint(0, 50256, (1, 40))
+    two[0, [0, 17]] = eot
+    with torch.no_grad():
+        together, alone = model(two)[0], model(two[:, 17:])[0]
+    assert (together[0, 17:] - alone[0]).abs().max().item() < 1e-4
+    # ... and off, the second document does see the first
+    model.config.doc_attention = 0
+    with torch.no_grad():
+        assert (model(two)[0][0, 17:] - alone[0]).abs().max().item() > 1e-2
+
+
+def test_cached_generation_with_documents_and_a_window_equals_recomputing():
+    from test_sample import logits_by_recompute, logits_with_cache
+
+    model = random_speedrun()
+    model.window = 16
+    tokens = torch.randint(0, 50256, (48,)).tolist()
+    for i in (0, 13, 30):
+        tokens[i] = 50256
+    cached, recomputed = logits_with_cache(model, tokens, 5), logits_by_recompute(model, tokens, 5)
+    assert max((a - b).abs().max().item() for a, b in zip(cached, recomputed)) < 1e-4
+
+
+def test_the_window_grows_to_the_block_size_by_the_end_of_the_run():
+    model = SpeedrunGPT(GPTConfig(**dict(SPEEDRUN, block_size=1024)))
+    cfg = tg.TrainConfig(recipe="speedrun", max_steps=100, sliding_window=128)
+    windows = []
+    for step in (0, 1, 50, 99, 100):
+        speedrun.set_window(model, step, cfg)
+        windows.append(model.window)
+    # linear from 128 to 1024 in 64-token steps, rounded up: 128 + 896 * step / 100
+    assert windows == [128, 192, 576, 1024, 1024]
+    speedrun.set_window(model, 0, dataclasses.replace(cfg, sliding_window=0))
+    assert model.window == 1024
 
 
 def test_speedrun_logits_are_soft_capped():
