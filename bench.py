@@ -124,14 +124,16 @@ BASELINE = "fp32"
 PROFILE_STEPS = 3  # enough to see the steady state; a trace of each kernel launch grows fast
 
 
-def manual_attention(q, k, v, is_causal=True, scale=None):
+def manual_attention(q, k, v, attn_mask=None, is_causal=False, scale=None):
     """The lecture's attention before flash attention: softmax(QK^T / sqrt(d) + causal mask) V,
-    with the (T, T) attention matrix materialized in memory."""
-    assert is_causal  # the training step's attention
+    with the (T, T) attention matrix materialized in memory; or with the boolean attn_mask that
+    a model gives (the speedrun recipe's documents and window) in place of the causal one."""
+    assert is_causal or attn_mask is not None  # the training step's attention
     T = q.size(-2)
     att = (q @ k.transpose(-2, -1)) * (scale or 1.0 / math.sqrt(k.size(-1)))
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    att = F.softmax(att.masked_fill(~causal, float("-inf")), dim=-1)
+    if attn_mask is None:
+        attn_mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    att = F.softmax(att.masked_fill(~attn_mask, float("-inf")), dim=-1)
     return att @ v
 
 

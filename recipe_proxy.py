@@ -3,8 +3,10 @@ The recipes compared on a CPU, where anyone can rerun it: a small model trained 
 standard library's own sources (each file one document, tokenized by fineweb.py; its first shard
 is val) for a fixed number of tokens, over several seeds, once per recipe and once for each switch
 of the speedrun recipe turned off alone. Prints each run's final val loss (mean and standard
-deviation over the seeds) and the fraction of the tokens after which the current speedrun recipe
-first reaches the previous one's final val loss: the figures of docs/recipes.md.
+deviation over the seeds; and against the current recipe, the mean and standard deviation of the
+difference seed by seed: a seed fixes the data order and the init, so that runs of one seed move
+together) and the fraction of the tokens after which the current speedrun recipe first reaches
+the previous one's final val loss: the figures of docs/recipes.md.
 
     python recipe_proxy.py                          # the previous and the current speedrun recipe
     python recipe_proxy.py --runs ablations         # and the current one with each switch off
@@ -145,10 +147,17 @@ def main(argv=None):
     finals = {name: [curve[steps] for curve in runs] for name, runs in curves.items()}
     figures = {}
     print(f"final val loss after {steps * cfg.total_batch_size:,} tokens, {len(cfg.seeds)} seeds")
+    print("  (against current: the difference seed by seed, the same data order and init)")
     for name in names:
         mean, std = statistics.mean(finals[name]), statistics.stdev(finals[name])
         figures[name] = dict(mean=mean, std=std, finals=finals[name])
-        print(f"  {name:<18} {mean:.4f} +- {std:.4f}", flush=True)
+        line = f"  {name:<18} {mean:.4f} +- {std:.4f}"
+        if "current" in finals and name != "current":
+            paired = [a - b for a, b in zip(finals[name], finals["current"])]
+            diff, diff_std = statistics.mean(paired), statistics.stdev(paired)
+            figures[name].update(minus_current=diff, minus_current_std=diff_std)
+            line += f"   minus current {diff:+.4f} +- {diff_std:.4f}"
+        print(line, flush=True)
     if {"previous", "current"} <= set(names):
         target = figures["previous"]["mean"]
         mean_curve = {

@@ -7,13 +7,11 @@ import dataclasses
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from test_train import SAME_SUMS_EVERYWHERE
+from test_train import log_of_the_stored_run
 
 import hellaswag
 import speedrun
@@ -426,26 +424,11 @@ def speedrun_run(tmp_path_factory):
 
 def test_the_previous_recipe_logs_what_it_logged_before_the_switches(tmp_path):
     # tests/data/speedrun_recipe_log.txt was written by this run at commit a5b42bb, before the
-    # switches (Muon's and the head's rates raised, so that 8 steps move the losses); every
-    # switch off is that recipe, to the bit (the same sums on every x86 CPU: test_train.py's)
-    make_shards(tmp_path / "data", [3000, 20000])
-    hella = tmp_path / "h8.jsonl"
-    hella.write_text("".join(open(HELLASWAG_SLICE).readlines()[:8]))
-    args = TINY + ["--data_dir", str(tmp_path / "data"), "--log_dir", str(tmp_path / "log")]
-    args += ["--recipe", "speedrun", "--max_steps", "8", "--total_batch_size", "128"]
-    args += ["--eval_interval", "4", "--val_loss_steps", "2", "--checkpoint_interval", "8"]
-    args += ["--block_size", "128", "--hellaswag", "1", "--hellaswag_path", str(hella)]
-    args += ["--num_return_sequences", "1", "--head_lr", "0.2", "--muon_lr", "0.1"]
-    out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train_gpt2.py")] + args + PREVIOUS_FLAGS,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=ROOT, **SAME_SUMS_EVERYWHERE),
-    )
-    assert out.returncode == 0, out.stderr
-    expected = open(os.path.join(ROOT, "tests", "data", "speedrun_recipe_log.txt")).read()
-    assert open(tmp_path / "log" / "log.txt").read() == expected
+    # switches (Muon's and the head's rates raised, so that 8 steps move the losses): every
+    # switch off is that recipe, to the bit
+    rates = ["--head_lr", "0.2", "--muon_lr", "0.1"]
+    log = log_of_the_stored_run(tmp_path, ["--recipe", "speedrun"] + rates + PREVIOUS_FLAGS)
+    assert log == open(os.path.join(ROOT, "tests", "data", "speedrun_recipe_log.txt")).read()
 
 
 def test_a_checkpoint_from_before_the_switches_resumes_with_them_off(speedrun_run, tmp_path):
