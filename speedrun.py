@@ -247,13 +247,14 @@ class SpeedrunGPT(nn.Module):
         rope = self.rotary(token_positions(idx, cache, self.config.block_size))
         mask = self.attention_mask(idx, cache)
         x = rms_norm(self.transformer.wte(idx))
+        # each table's lookup once: a table feeds two blocks
+        tables = [table(idx) for table in self.value_embeds] if self.value_tables else []
         L, skips = self.config.n_layer, []
         for i, block in enumerate(self.transformer.h):
             if self.config.unet_skips and i >= L - L // 2:  # the second half: skip from L-1-i
                 x = x + self.skip_weights[i - (L - L // 2)] * skips.pop()
             table = self.value_tables.get(i)
-            values = None if table is None else self.value_embeds[table](idx)
-            x = block(x, rope, mask, cache, values)
+            x = block(x, rope, mask, cache, None if table is None else tables[table])
             if self.config.unet_skips and i < L // 2:
                 skips.append(x)
         return rms_norm(x)
@@ -374,7 +375,7 @@ def make_optimizer(model, cfg, device_type, log=print):
     adamw = sum(p.numel() for group in groups[1:] for p in group["params"])
     log(
         f"Muon: {len(matrices)} matrices with {sum(p.numel() for p in matrices):,} parameters; "
-        f"AdamW: embedding and head, {adamw:,} parameters"
+        f"AdamW: embeddings, head and scalar weights, {adamw:,} parameters"
     )
     dtype = devices.autocast_dtype(cfg.dtype, device_type)
     ns_dtype = newton_schulz_dtype(device_type, dtype, model.lm_head.weight.dtype)

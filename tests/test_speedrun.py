@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from test_sample import logits_by_recompute, logits_with_cache, random_model
 from test_train import log_of_the_stored_run
 
 import hellaswag
@@ -23,6 +24,8 @@ from train_gpt2 import GPTConfig
 SPEEDRUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50304, recipe="speedrun")
 # the recipe of the speedrun's first records, as this project had it before the switches
 PREVIOUS = dict.fromkeys(speedrun.SWITCHES, 0)
+# a shape with 4 heads of 16: room for a window and documents inside a head's attention
+SPEEDRUN_64 = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=50304)
 PREVIOUS_FLAGS = [x for k, v in PREVIOUS.items() for x in (f"--{k}", str(v))]
 
 
@@ -114,20 +117,8 @@ def test_unet_skips_and_value_embeddings_against_the_blocks_run_by_hand():
         assert (attn(x, rope, None, None, ve[0]) - attn.c_proj(y)).abs().max().item() < 1e-5
 
 
-def random_speedrun(**switches):
-    """A speedrun model of TINY's shape with random weights everywhere (its init's zeros would
-    make every position's output the same)."""
-    torch.manual_seed(0)
-    config = GPTConfig(**dict(SPEEDRUN, n_head=4, n_embd=64, block_size=64, **switches))
-    model = SpeedrunGPT(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5 if p.size(0) == 50304 else 0.1)
-    return model.eval()
-
-
 def test_attention_stays_in_its_document_and_window_as_a_plain_masked_attention():
-    model = random_speedrun()
+    model = random_model("speedrun", shape=SPEEDRUN_64)
     model.window = 8
     eot = 50256
     idx = torch.randint(0, 50256, (2, 32))
@@ -170,9 +161,7 @@ def test_attention_stays_in_its_document_and_window_as_a_plain_masked_attention(
 
 
 def test_cached_generation_with_documents_and_a_window_equals_recomputing():
-    from test_sample import logits_by_recompute, logits_with_cache
-
-    model = random_speedrun()
+    model = random_model("speedrun", shape=SPEEDRUN_64)
     model.window = 16
     tokens = torch.randint(0, 50256, (48,)).tolist()
     for i in (0, 13, 30):
