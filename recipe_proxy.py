@@ -6,11 +6,13 @@ of the speedrun recipe turned off alone. Prints each run's final val loss (mean 
 deviation over the seeds; and against the current recipe, the mean and standard deviation of the
 difference seed by seed: a seed fixes the data order and the init, so that runs of one seed move
 together) and the fraction of the tokens after which the current speedrun recipe first reaches
-the previous one's final val loss: the figures of docs/recipes.md.
+the previous one's final val loss: the figures of docs/recipes.md. Every run trains on the same
+number of tokens: under the batch schedule, whose first steps are smaller, in more steps.
 
     python recipe_proxy.py                          # the previous and the current speedrun recipe
     python recipe_proxy.py --runs ablations         # and the current one with each switch off
     python recipe_proxy.py --runs previous,current,no_normuon --seeds 1 2 3 4 5
+    python recipe_proxy.py --runs current,cautious_wd=0.3,cautious_wd=3   # a setting's values
 
 Each run is train_gpt2.py in a log dir of its own under --out_dir, with --resume auto: a proxy
 run that is stopped continues where it was, and a run already done is read back, not redone.
@@ -24,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import sysconfig
+import types
 from dataclasses import dataclass
 
 import speedrun
@@ -32,6 +35,7 @@ from support.cli import parse_settings, setting
 
 # the recipe of the speedrun's first records: every switch of the current one off
 PREVIOUS = dict.fromkeys(speedrun.SWITCHES, 0)
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(speedrun.Settings)}
 RUN_SETS = {"recipes": ["previous", "current"]}
 RUN_SETS["ablations"] = RUN_SETS["recipes"] + [f"no_{switch}" for switch in PREVIOUS]
 
@@ -40,7 +44,9 @@ RUN_SETS["ablations"] = RUN_SETS["recipes"] + [f"no_{switch}" for switch in PREV
 class ProxySettings:
     """The proxy's runs; each field is also a flag."""
 
-    runs: str = setting("recipes", "recipes, ablations, or run names joined by commas")
+    runs: str = setting(
+        "recipes", "recipes, ablations, or run names (previous, current, no_SWITCH, SWITCH=VALUE)"
+    )
     seeds: tuple = setting((1337, 1338, 1339), "the seeds of each run", nargs="+", parse=int)
     tokens: int = setting(262_144, "training tokens of each run", minimum=1)
     out_dir: str = setting("recipe_proxy", "the shards, and a log dir per run and seed")
@@ -57,18 +63,46 @@ class ProxySettings:
     shard_size: int = setting(1_000_000, "tokens per shard (the first is val)", minimum=1)
 
 
-def run_flags(name):
-    """train_gpt2.py's flags of a run: previous, current, or no_SWITCH (current, it off)."""
+def run_switches(name):
+    """The switches that a run sets apart from the current recipe's defaults: previous (all
+    off), current (none), no_SWITCH (that one off) or SWITCH=VALUE (that one at VALUE)."""
+    switch, is_value, value = name.partition("=")
     if name == "previous":
-        switches = PREVIOUS
-    elif name == "current":
-        switches = {}
-    elif name.startswith("no_") and name[3:] in PREVIOUS:
-        switches = {name[3:]: 0}
-    else:
-        known = ", ".join(["previous", "current"] + [f"no_{s}" for s in PREVIOUS])
-        raise SystemExit(f"--runs: no run {name!r} (the runs: {known})")
+        return PREVIOUS
+    if name == "current":
+        return {}
+    if name.startswith("no_") and name[3:] in PREVIOUS:
+        return {name[3:]: "0"}
+    if is_value and switch in PREVIOUS and value:
+        return {switch: value}
+    known = ", ".join(["previous", "current"] + [f"no_{s}" for s in PREVIOUS])
+    raise SystemExit(f"--runs: no run {name!r} (the runs: {known}, or SWITCH=VALUE)")
+
+
+def run_flags(name):
+    """train_gpt2.py's flags of a run (run_switches)."""
+    switches = run_switches(name)
     return ["--recipe", "speedrun"] + [x for k, v in switches.items() for x in (f"--{k}", str(v))]
+
+
+def tokens_after_steps(cfg, steps, batch_schedule):
+    """The training tokens after each step of a run of `steps` steps, [0, after 1, ...]: a step
+    trains on total_batch_size tokens, or on its part of them under the batch schedule."""
+    run = types.SimpleNamespace(B=cfg.B, max_steps=steps, batch_schedule=batch_schedule)
+    accumulation = cfg.total_batch_size // (cfg.B * cfg.T)
+    tokens = [0]
+    for step in range(steps):
+        tokens.append(tokens[-1] + accumulation * speedrun.micro_batch(step, run) * cfg.T)
+    return tokens
+
+
+def steps_for_tokens(cfg, name):
+    """The fewest steps in which run `name` trains on at least cfg.tokens tokens."""
+    schedule = int(run_switches(name).get("batch_schedule", DEFAULTS["batch_schedule"]))
+    steps = max(1, cfg.tokens // cfg.total_batch_size)
+    while tokens_after_steps(cfg, steps, schedule)[-1] < cfg.tokens:
+        steps += 1
+    return steps, tokens_after_steps(cfg, steps, schedule)
 
 
 def stdlib_shards(cfg):
@@ -94,8 +128,8 @@ def stdlib_shards(cfg):
 
 
 def train(cfg, data, name, seed):
-    """One run (train_gpt2.py, continued if it was stopped): its {step: val loss}."""
-    steps = max(1, cfg.tokens // cfg.total_batch_size)
+    """One run (train_gpt2.py, continued if it was stopped): its {tokens trained: val loss}."""
+    steps, tokens = steps_for_tokens(cfg, name)
     log_dir = os.path.join(cfg.out_dir, f"{name}_seed{seed}")
     command = [sys.executable, os.path.join(PROJECT_DIR, "train_gpt2.py"), *run_flags(name)]
     command += ["--data_dir", data, "--log_dir", log_dir, "--seed", str(seed), "--device", "cpu"]
@@ -109,10 +143,10 @@ def train(cfg, data, name, seed):
     command += ["--keep_checkpoints", "1", "--resume", "auto"]
     losses = val_losses(log_dir)
     if steps not in losses:
-        print(f"{name}, seed {seed}: {steps} steps of {cfg.total_batch_size} tokens", flush=True)
+        print(f"{name}, seed {seed}: {steps} steps, {tokens[-1]:,} tokens", flush=True)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         losses = val_losses(log_dir)
-    return losses
+    return {tokens[step]: loss for step, loss in losses.items()}
 
 
 def val_losses(log_dir):
@@ -123,14 +157,14 @@ def val_losses(log_dir):
     return {int(step): float(value) for step, kind, value in rows if kind == "val"}
 
 
-def tokens_to_reach(curve, target, tokens_per_step):
-    """The tokens after which a val curve ({step: loss}) first reaches target, interpolated
+def tokens_to_reach(curve, target):
+    """The tokens after which a val curve ({tokens: loss}) first reaches target, interpolated
     linearly between evaluations; None if it never does."""
     points = sorted(curve.items())
-    for (s0, v0), (s1, v1) in zip(points, points[1:]):
+    for (t0, v0), (t1, v1) in zip(points, points[1:]):
         if v1 <= target:
             frac = 0.0 if v0 == v1 else min(1.0, max(0.0, (v0 - target) / (v0 - v1)))
-            return (s0 + frac * (s1 - s0)) * tokens_per_step
+            return t0 + frac * (t1 - t0)
     return None
 
 
@@ -143,15 +177,16 @@ def main(argv=None):
         raise SystemExit("--seeds: at least 2, for a standard deviation")
     data = stdlib_shards(cfg)
     curves = {name: [train(cfg, data, name, seed) for seed in cfg.seeds] for name in names}
-    steps = max(1, cfg.tokens // cfg.total_batch_size)
-    finals = {name: [curve[steps] for curve in runs] for name, runs in curves.items()}
+    finals = {name: [curve[max(curve)] for curve in runs] for name, runs in curves.items()}
     figures = {}
-    print(f"final val loss after {steps * cfg.total_batch_size:,} tokens, {len(cfg.seeds)} seeds")
+    print(f"final val loss after {cfg.tokens:,} tokens or just over, {len(cfg.seeds)} seeds")
     print("  (against current: the difference seed by seed, the same data order and init)")
     for name in names:
         mean, std = statistics.mean(finals[name]), statistics.stdev(finals[name])
         figures[name] = dict(mean=mean, std=std, finals=finals[name])
-        line = f"  {name:<18} {mean:.4f} +- {std:.4f}"
+        steps, tokens = steps_for_tokens(cfg, name)
+        figures[name].update(steps=steps, tokens=tokens[-1])
+        line = f"  {name:<22} {steps:>4} steps  {mean:.4f} +- {std:.4f}"
         if "current" in finals and name != "current":
             paired = [a - b for a, b in zip(finals[name], finals["current"])]
             diff, diff_std = statistics.mean(paired), statistics.stdev(paired)
@@ -161,12 +196,12 @@ def main(argv=None):
     if {"previous", "current"} <= set(names):
         target = figures["previous"]["mean"]
         mean_curve = {
-            s: statistics.mean(c[s] for c in curves["current"]) for s in curves["current"][0]
+            t: statistics.mean(c[t] for c in curves["current"]) for t in curves["current"][0]
         }
-        reached = tokens_to_reach(mean_curve, target, cfg.total_batch_size)
+        reached = tokens_to_reach(mean_curve, target)
         gap = figures["previous"]["mean"] - figures["current"]["mean"]
         stds = gap / max(figures["previous"]["std"], figures["current"]["std"])
-        fraction = None if reached is None else reached / (steps * cfg.total_batch_size)
+        fraction = None if reached is None else reached / figures["previous"]["tokens"]
         figures["current_vs_previous"] = dict(gap=gap, in_stds=stds, tokens_fraction=fraction)
         print(f"current below previous by {gap:.4f} = {stds:.1f} x the larger seed std")
         reach = "never" if fraction is None else f"after {fraction:.2f} of the tokens"

@@ -14,8 +14,9 @@ Against the lecture's GPT-2 its first records change:
 
 Later records add, each behind a switch that is on by default (SWITCHES; all off is the recipe of
 the first records, to the bit): U-net skips between the first and the second half of the blocks,
-value embeddings mixed into the attention values, Polar Express in place of Newton-Schulz, and
-NorMuon's per-neuron step sizes.
+value embeddings mixed into the attention values, document-aware attention in a sliding window
+that grows over the run, Polar Express in place of Newton-Schulz, NorMuon's per-neuron step sizes,
+cautious weight decay, and schedules of the batch size and of the context length.
 
 Everything else of a run (data, DDP, evaluation, checkpoints, resume) is train_gpt2.py's. What
 the trainer takes from here (train_gpt2.get_recipe) is the model, which has GPT's parameter names
@@ -24,6 +25,7 @@ run's settings, and the recipe's own settings (Settings: flags of train_gpt2.py)
 """
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -31,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from generation import token_positions
 from kernels import linear_cross_entropy
@@ -70,9 +73,17 @@ SWITCHES = (
     "sliding_window",
     "polar_express",
     "normuon",
+    "cautious_wd",
+    "batch_schedule",
+    "seq_schedule",
 )
 # the sliding window grows in steps of this many tokens: a compiled model recompiles for each
 WINDOW_STEP = 64
+# cautious weight decay's rate, times Muon's scheduled lr as modded-nanogpt couples them: its
+# NorMuon's 1.2, not tuned for other scales (docs/recipes.md measures it on and off)
+CAUTIOUS_WD = 1.2
+# the schedules' stages: the run in thirds of its steps (modded-nanogpt's batch size schedule)
+STAGES = 3
 
 
 def absent_switches_off(config, settings_class):
@@ -97,6 +108,17 @@ class Settings:
         1, "speedrun: Muon orthogonalizes by Polar Express", choices=ON_OFF
     )
     normuon: int = setting(1, "speedrun: NorMuon's per-neuron step sizes", choices=ON_OFF)
+    cautious_wd: float = setting(
+        CAUTIOUS_WD,
+        "speedrun: Muon's weight decay where it agrees with the update (0: off)",
+        minimum=0,
+    )
+    batch_schedule: int = setting(
+        1, "speedrun: batches of 1/3, 2/3, then all of total_batch_size", choices=ON_OFF
+    )
+    seq_schedule: int = setting(
+        1, "speedrun: contexts of at most T/2 tokens for the first third", choices=ON_OFF
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -161,10 +183,20 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(self.layer, k, v)
         if mask is None:  # causal attention over the whole sequence: SDPA's own kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=ATTN_SCALE)
+        elif isinstance(mask, BlockMask):  # FlexAttention: only the blocks that the mask keeps
+            y = flex_attention_kernel(q.device.type)(q, k, v, block_mask=mask, scale=ATTN_SCALE)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ATTN_SCALE)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
+
+
+@functools.cache
+def flex_attention_kernel(device_type):
+    """flex_attention compiled on CUDA, once a process (uncompiled, it computes every score of
+    the (T, T) matrix); elsewhere uncompiled: there it serves the tests that hold it equal to the
+    boolean mask of the other devices."""
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
 
 
 class MLP(nn.Module):
@@ -216,7 +248,10 @@ class SpeedrunGPT(nn.Module):
         if config.unet_skips:  # the weight of each skip into the second half (record 11)
             self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied
-        self.window = config.block_size  # the attention window now: set_window grows it
+        # how far back attention sees now: set_attention_span changes both over a run
+        self.window = config.block_size  # a sliding window: keys fewer than this back
+        self.context = config.block_size  # and in the same context of this many positions
+        self.flex = None  # FlexAttention for the masks: None is on CUDA only, True/False forces
         self.rotary = Rotary(config.n_embd // config.n_head, config.block_size)
         self.fused_loss = fused_loss  # kernels.linear_cross_entropy instead of the full logits
         # normal(0, 0.02) as GPT-2's, then zero-initialized projections into the residual stream
@@ -262,16 +297,22 @@ class SpeedrunGPT(nn.Module):
     def attention_mask(self, idx, cache=None):
         """Which keys each query of idx (B, T) may attend, (B, 1, T, keys): the earlier positions
         (and with a KVCache its mask: no padding), of the same document if doc_attention (each
-        starts with <|endoftext|>, as fineweb.py writes them), and fewer than self.window back.
-        None where that is all of the earlier positions: SDPA's causal kernel then."""
+        starts with <|endoftext|>, as fineweb.py writes them), fewer than self.window back, and
+        in the same self.context positions (0 to context-1, context to 2 context-1, ...).
+        None where that is all of the earlier positions: SDPA's causal kernel then. Training on
+        CUDA (self.flex), the same mask as a FlexAttention BlockMask instead (block_mask)."""
         T = idx.size(1)
         keys = T if cache is None else cache.length
         documents = bool(self.config.doc_attention)
-        if cache is None and not documents and self.window >= T:
+        whole = self.window >= keys and self.context >= keys
+        if cache is None and not documents and whole:
             return None
+        if cache is None and (idx.is_cuda if self.flex is None else self.flex):
+            return self.block_mask(idx)
         q = torch.arange(keys - T, keys, device=idx.device).view(-1, 1)
         k = torch.arange(keys, device=idx.device).view(1, -1)
-        mask = ((k <= q) & (q - k < self.window)).unsqueeze(0)  # (1, T, keys)
+        mask = (k <= q) & (q - k < self.window) & (q // self.context == k // self.context)
+        mask = mask.unsqueeze(0)  # (1, T, keys)
         if documents:
             tokens = idx if cache is None else cache.tokens[:, :keys]
             document = (tokens == EOT).cumsum(dim=1)  # (B, keys)
@@ -279,6 +320,20 @@ class SpeedrunGPT(nn.Module):
         if cache is not None:
             mask = mask & cache.mask.squeeze(1)
         return mask.unsqueeze(1)
+
+    def block_mask(self, idx):
+        """attention_mask's rule for idx (B, T) without a cache, as a FlexAttention BlockMask:
+        its kernel skips every block of 128 x 128 scores that the mask leaves out entirely (most
+        of them under a short window), where SDPA computes the whole (T, T) of a boolean mask."""
+        B, T = idx.shape
+        window, context = self.window, self.context
+        document = (idx == EOT).cumsum(dim=1) if self.config.doc_attention else None
+
+        def may_attend(b, h, q, k):
+            seen = (k <= q) & (q - k < window) & (q // context == k // context)
+            return seen if document is None else seen & (document[b, q] == document[b, k])
+
+        return create_block_mask(may_attend, B, None, T, T, device=idx.device)
 
     def head(self, x):
         """Soft-capped logits from hidden states (..., n_embd)."""
@@ -352,6 +407,13 @@ def normuon(update, state, beta2=0.95):
     return scaled * (u.norm() / scaled.norm().clamp_min(1e-10))
 
 
+def cautious_weight_decay(p, update, rate):
+    """Cautious weight decay (Chen et al. 2025, arXiv 2510.12402; modded-nanogpt record 43):
+    p *= 1 - rate only where p and its update (the step is -lr * update) have the same sign, so
+    that decay never pulls a weight against where the optimizer takes it."""
+    p.sub_(p * (update * p > 0), alpha=rate)
+
+
 def make_optimizer(model, cfg, device_type, log=print):
     """Muon for the blocks' matrices; AdamW (betas 0.8, 0.95) for the embeddings, the head and
     the scalar weights (skips, value mixes), each group at its own rate (modded-nanogpt's
@@ -364,7 +426,13 @@ def make_optimizer(model, cfg, device_type, log=print):
     scalars = [p for p in blocks if p.ndim < 2] + [getattr(model, "skip_weights", None)]
     scalars = [p for p in scalars if p is not None]
     groups = [
-        dict(params=matrices, use_muon=True, lr=cfg.muon_lr, weight_decay=cfg.muon_wd),
+        dict(
+            params=matrices,
+            use_muon=True,
+            lr=cfg.muon_lr,
+            weight_decay=cfg.muon_wd,
+            cautious_wd=cfg.cautious_wd,
+        ),
         dict(params=embeddings, lr=cfg.embed_lr),
         dict(params=[model.lm_head.weight], lr=cfg.head_lr),
     ]
@@ -408,7 +476,8 @@ class Muon(torch.optim.Optimizer):
     Muon keeps a momentum of each matrix's gradient and steps along its Nesterov look-ahead made
     orthogonal by newton_schulz: every direction of the update has the same size, whatever the
     gradient's spectrum. The update is scaled by sqrt(max(1, rows / cols)) so that tall matrices
-    move as much per element as square ones; weight decay is decoupled (p *= 1 - lr * wd).
+    move as much per element as square ones; weight decay is decoupled (p *= 1 - lr * wd), and
+    a group's cautious_wd decays only the weights that its update already moves towards zero.
     With polar_express the orthogonalization is polar_express's; with normuon each update then
     gets NorMuon's per-neuron step sizes (every rank computes those for every matrix, from the
     gathered updates, so that all ranks keep the same state).
@@ -420,7 +489,13 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, ns_dtype=torch.bfloat16, polar_express=False, normuon=False):
         defaults = dict(
-            lr=0.02, use_muon=False, momentum=0.95, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0
+            lr=0.02,
+            use_muon=False,
+            momentum=0.95,
+            betas=(0.8, 0.95),
+            eps=1e-10,
+            weight_decay=0.0,
+            cautious_wd=0.0,
         )
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
@@ -460,6 +535,9 @@ class Muon(torch.optim.Optimizer):
                 update = normuon(update, self.state[p])
             update = update.to(p.dtype) * max(1.0, p.size(0) / p.size(1)) ** 0.5
             p.mul_(1.0 - group["lr"] * group["weight_decay"])
+            # a checkpoint's groups from before cautious weight decay lack it: it was off there
+            if group.get("cautious_wd"):
+                cautious_weight_decay(p, update, group["lr"] * group["cautious_wd"])
             p.add_(update, alpha=-group["lr"])
 
     def _all_gather_updates(self, params, shares, mine):
@@ -516,18 +594,40 @@ def scale_learning_rates(optimizer, factor):
     return optimizer.param_groups[0]["lr"]
 
 
+def stage(step, cfg):
+    """Which of the STAGES equal parts of the run (cfg) step `step` is in: 0, 1, ... STAGES-1."""
+    return min(STAGES - 1, STAGES * step // cfg.max_steps)
+
+
+def micro_batch(step, cfg):
+    """The micro-batch (--B) of step `step` of the run (cfg): with --batch_schedule, about 1/3,
+    2/3 and then all of it over the thirds of the run (modded-nanogpt record 46), so that a step
+    trains on that part of total_batch_size: early training learns the common patterns, which
+    small batches already show, and goes further with more steps on fewer tokens; the rarer
+    patterns of later training need the larger batch."""
+    if not cfg.batch_schedule:
+        return cfg.B
+    return max(1, round(cfg.B * (stage(step, cfg) + 1) / STAGES))
+
+
 def set_learning_rate(optimizer, step, cfg):
-    """Every group at its own rate times lr_factor at `step` of the run (cfg); returns Muon's."""
+    """Every group at its own rate times lr_factor at `step` of the run (cfg) and, under the
+    batch schedule, times the root of the part of the batch that the step trains on (as
+    modded-nanogpt scales its rates between the batch's stages); returns Muon's."""
     factor = lr_factor(step, cfg.max_steps, cfg.cooldown_frac, cfg.min_lr_ratio)
-    return scale_learning_rates(optimizer, factor)
+    return scale_learning_rates(optimizer, factor * (micro_batch(step, cfg) / cfg.B) ** 0.5)
 
 
-def set_window(model, step, cfg):
-    """The attention window of step `step` of the run (cfg): with --sliding_window W, W tokens
-    at the start, growing linearly to the whole block_size at max_steps, in WINDOW_STEP steps
-    (modded-nanogpt record 12): early training needs only local context, and short windows are
-    cheaper."""
+def set_attention_span(model, step, cfg):
+    """How far back the attention of step `step` of the run (cfg) sees.
+
+    With --sliding_window W, its window is W tokens at the start, growing linearly to the whole
+    block_size at max_steps, in WINDOW_STEP steps (modded-nanogpt record 12): early training
+    needs only local context, and short windows are cheaper. With --seq_schedule, the first third
+    of the run also cuts each training row into independent contexts of T/2 tokens (as record 72
+    trains on shorter sequences first), in the same tokens per step."""
     start, full = cfg.sliding_window, model.config.block_size
+    model.context = max(1, cfg.T // 2) if cfg.seq_schedule and stage(step, cfg) == 0 else full
     if not start:
         model.window = full
         return

@@ -312,6 +312,7 @@ class Recipe:
     make_optimizer: typing.Callable  # (model, cfg, device_type, log) -> optimizer
     set_learning_rate: typing.Callable  # (optimizer, step, cfg) -> the lr printed
     set_model_schedule: typing.Callable  # (model, step, cfg): what else of it changes by step
+    micro_batch: typing.Callable  # (step, cfg) -> the step's B: the recipe's batch schedule
     shards: bool  # whether --shard fsdp can train it (Muon needs whole matrices: it cannot)
 
 
@@ -319,18 +320,22 @@ def same_model_every_step(model, step, cfg):
     """The lecture's model has nothing that changes with the step."""
 
 
+def same_micro_batch_every_step(step, cfg):
+    return cfg.B  # the lecture's micro-batch is --B throughout
+
+
 def make_adamw(model, cfg, device_type, log):
     return model.configure_optimizers(cfg.weight_decay, cfg.max_lr, device_type, log)
 
 
 def get_recipe(name):
-    """--recipe gpt2, the lecture's (GPT, AdamW, warmup and cosine decay), or speedrun (speedrun.py:
-    its own model, Muon, and a constant rate with a linear cooldown; its settings are
-    speedrun.Settings, fields of TrainConfig): where a recipe is chosen."""
+    """--recipe gpt2, the lecture's (GPT, AdamW, warmup and cosine decay), or speedrun (its model,
+    Muon and schedules in speedrun.py; speedrun.Settings in TrainConfig): where one is chosen."""
     if name == "speedrun":
-        run = (speedrun.make_optimizer, speedrun.set_learning_rate, speedrun.set_window)
-        return Recipe(speedrun.SpeedrunGPT, *run, shards=False)
-    return Recipe(GPT, make_adamw, set_learning_rate, same_model_every_step, shards=True)
+        run = (speedrun.set_learning_rate, speedrun.set_attention_span, speedrun.micro_batch)
+        return Recipe(speedrun.SpeedrunGPT, speedrun.make_optimizer, *run, shards=False)
+    schedule = (set_learning_rate, same_model_every_step, same_micro_batch_every_step)
+    return Recipe(GPT, make_adamw, *schedule, shards=True)
 
 
 # -----------------------------------------------------------------------------
@@ -974,6 +979,7 @@ def train(cfg, env, checkpoint, stop, start_time):
         t0 = time.time()
         lr = run.recipe.set_learning_rate(state.optimizer, step, cfg)
         check_finite_rates(state.optimizer, step)
+        state.loader.B = run.recipe.micro_batch(step, cfg)
         grad_accum_steps = grad_accum_steps_at(state.tokens_seen, cfg, env.world_size)
         how = (run.model, state.optimizer, state.loader, grad_accum_steps, env, run.autocast)
         result = train_step(*how, state.scaler, cfg.grad_clip, stop.requested)
@@ -986,7 +992,7 @@ def train(cfg, env, checkpoint, stop, start_time):
         if step == run.start_step:  # the gradients and the optimizer state exist from now on
             env.print0(sharding.memory_line(state.model, state.optimizer, env.world_size))
         state.last_loss = loss
-        tokens = grad_accum_steps * cfg.B * cfg.T * env.world_size
+        tokens = grad_accum_steps * state.loader.B * cfg.T * env.world_size
         state.tokens_seen += tokens
         rate = tokens / dt / env.world_size  # per device
         util = devices.mfu(flops_per_token, rate, peak) if peak else None

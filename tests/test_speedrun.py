@@ -117,9 +117,9 @@ def test_unet_skips_and_value_embeddings_against_the_blocks_run_by_hand():
         assert (attn(x, rope, None, None, ve[0]) - attn.c_proj(y)).abs().max().item() < 1e-5
 
 
-def test_attention_stays_in_its_document_and_window_as_a_plain_masked_attention():
+def test_attention_stays_in_its_document_window_and_context_as_a_plain_masked_attention():
     model = random_model("speedrun", shape=SPEEDRUN_64)
-    model.window = 8
+    model.window, model.context = 8, 24
     eot = 50256
     idx = torch.randint(0, 50256, (2, 32))
     idx[0, [0, 13, 20]] = eot
@@ -141,6 +141,7 @@ def test_attention_stays_in_its_document_and_window_as_a_plain_masked_attention(
             doc = (idx[b] == eot).cumsum(0)
             for i in range(32):
                 seen = [j for j in range(i + 1) if doc[j] == doc[i] and i - j < 8]
+                seen = [j for j in seen if j // 24 == i // 24]  # positions 0-23, 24-31
                 weights = ((q[b, :, i : i + 1] @ k[b, :, seen].mT) * speedrun.ATTN_SCALE).softmax(
                     -1
                 )
@@ -148,7 +149,7 @@ def test_attention_stays_in_its_document_and_window_as_a_plain_masked_attention(
         want = attn.c_proj(y.transpose(1, 2).reshape(2, 32, 64).float())
     assert (got - want).abs().max().item() < 1e-5
     # a document's outputs are those of the document alone (rotary attention sees distances only)
-    model.window = 64
+    model.window = model.context = 64
     two = torch.randint(0, 50256, (1, 40))
     two[0, [0, 17]] = eot
     with torch.no_grad():
@@ -160,9 +161,29 @@ def test_attention_stays_in_its_document_and_window_as_a_plain_masked_attention(
         assert (model(two)[0][0, 17:] - alone[0]).abs().max().item() > 1e-2
 
 
-def test_cached_generation_with_documents_and_a_window_equals_recomputing():
+# uncompiled on purpose: the reference implementation, which is what is compared here
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_gives_the_boolean_masks_outputs():
+    # FlexAttention (CUDA's kernel for the masks) against SDPA with the boolean mask (the other
+    # devices'), on 160 positions: two 128-blocks, windows and contexts across their boundary.
+    # Forward only: flex_attention has no backward on a CPU (.ci/gpu checks the gradients)
+    model = random_model("speedrun", shape=dict(SPEEDRUN_64, block_size=160))
+    model.window, model.context = 40, 96
+    idx = torch.randint(0, 50256, (2, 160))
+    idx[0, [0, 70, 130]] = 50256
+    idx[1, 100] = 50256
+    assert isinstance(model.attention_mask(idx), torch.Tensor)  # a CPU's: the boolean mask
+    with torch.no_grad():
+        masked = model(idx)[0]
+        model.flex = True
+        assert isinstance(model.attention_mask(idx), speedrun.BlockMask)
+        flexed = model(idx)[0]
+    assert (flexed - masked).abs().max().item() < 1e-4  # logits of about +-15
+
+
+def test_cached_generation_with_documents_a_window_and_contexts_equals_recomputing():
     model = random_model("speedrun", shape=SPEEDRUN_64)
-    model.window = 16
+    model.window, model.context = 16, 40
     tokens = torch.randint(0, 50256, (48,)).tolist()
     for i in (0, 13, 30):
         tokens[i] = 50256
@@ -175,12 +196,20 @@ def test_the_window_grows_to_the_block_size_by_the_end_of_the_run():
     cfg = tg.TrainConfig(recipe="speedrun", max_steps=100, sliding_window=128)
     windows = []
     for step in (0, 1, 50, 99, 100):
-        speedrun.set_window(model, step, cfg)
+        speedrun.set_attention_span(model, step, cfg)
         windows.append(model.window)
     # linear from 128 to 1024 in 64-token steps, rounded up: 128 + 896 * step / 100
     assert windows == [128, 192, 576, 1024, 1024]
-    speedrun.set_window(model, 0, dataclasses.replace(cfg, sliding_window=0))
+    speedrun.set_attention_span(model, 0, dataclasses.replace(cfg, sliding_window=0))
     assert model.window == 1024
+    # the sequence-length schedule: contexts of T/2 for the first third of the run, then whole
+    contexts = []
+    for step in (0, 33, 34, 99):
+        speedrun.set_attention_span(model, step, dataclasses.replace(cfg, T=512))
+        contexts.append(model.context)
+    assert contexts == [256, 256, 1024, 1024]
+    speedrun.set_attention_span(model, 0, dataclasses.replace(cfg, seq_schedule=0))
+    assert model.context == 1024
 
 
 def test_speedrun_logits_are_soft_capped():
@@ -261,9 +290,12 @@ def test_polar_express_is_nearer_the_polar_factor_than_newton_schulz(shape):
         assert 0.85 < after.min() and after.max() < 1.16, (after.min(), after.max())
 
 
-def muon_reference(p, grads, lr, momentum, weight_decay, polar_express=False, normuon=False):
+def muon_reference(
+    p, grads, lr, momentum, weight_decay, polar_express=False, normuon=False, cautious_wd=0.0
+):
     """Muon by hand in float64, through the SVD: each quintic acts on each singular value;
-    NorMuon's running mean square per row (per column of a wide matrix), by its formulas."""
+    NorMuon's running mean square per row (per column of a wide matrix), by its formulas;
+    cautious weight decay element by element where the weight and its update agree in sign."""
     if polar_express:
         steps, scale, eps = speedrun.POLAR_EXPRESS, 1.02, 1e-6
     else:
@@ -284,22 +316,27 @@ def muon_reference(p, grads, lr, momentum, weight_decay, polar_express=False, no
             scaled = update / second_moment.sqrt()
             update = scaled * update.norm() / scaled.norm()
         update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
-        p = p * (1 - lr * weight_decay) - lr * update
+        agree = torch.where(torch.sign(update) == torch.sign(p), 1.0, 0.0).double()
+        p = p * (1 - lr * weight_decay) * (1 - lr * cautious_wd * agree) - lr * update
     return p
 
 
-@pytest.mark.parametrize("switches", [{}, dict(polar_express=True, normuon=True)])
+@pytest.mark.parametrize("switches", [{}, dict(polar_express=True, normuon=True, cautious_wd=1.2)])
 def test_muon_steps_equal_a_float64_reference(switches):
     torch.manual_seed(0)
     tall = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
     wide = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
     embedding = torch.randn(20, 5, dtype=torch.float64, requires_grad=True)
     start = [t.detach().clone() for t in (tall, wide, embedding)]
+    cautious_wd = switches.get("cautious_wd", 0.0)
     groups = [
-        dict(params=[tall, wide], use_muon=True, lr=0.05, weight_decay=0.1),
+        dict(
+            params=[tall, wide], use_muon=True, lr=0.05, weight_decay=0.1, cautious_wd=cautious_wd
+        ),
         dict(params=[embedding], lr=0.3, weight_decay=0.01),
     ]
-    optimizer = speedrun.Muon(groups, ns_dtype=torch.float64, **switches)
+    orthogonalization = {k: v for k, v in switches.items() if k != "cautious_wd"}
+    optimizer = speedrun.Muon(groups, ns_dtype=torch.float64, **orthogonalization)
     reference = torch.optim.AdamW(
         [start[2].clone().requires_grad_()], lr=0.3, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.01
     )
@@ -382,7 +419,9 @@ def test_muon_shares_are_balanced():
 
 
 def test_speedrun_schedule():
-    cfg = tg.TrainConfig(recipe="speedrun", max_steps=100, cooldown_frac=0.6, min_lr_ratio=0.1)
+    cfg = tg.TrainConfig(
+        recipe="speedrun", B=16, max_steps=100, cooldown_frac=0.6, min_lr_ratio=0.1
+    )
     factors = [speedrun.lr_factor(s, 100, 0.6, 0.1) for s in (0, 39, 40, 70, 100, 150)]
     # no warmup; constant to step 40, then linear to 0.1 at step 100
     assert factors == pytest.approx([1.0, 1.0, 1.0, 0.55, 0.1, 0.1])
@@ -394,6 +433,19 @@ def test_speedrun_schedule():
     rates = [g["lr"] for g in optimizer.param_groups]
     every = (cfg.muon_lr, cfg.embed_lr, cfg.head_lr, cfg.scalar_lr)
     assert rates == pytest.approx([r * 0.55 for r in every])
+    # the batch schedule: 5, 11 then 16 of B=16 over the thirds of the run, each at the root of
+    # its part of the batch; after the cooldown has begun (step 70), the whole batch
+    steps = (0, 33, 34, 66, 67, 100)
+    assert [speedrun.micro_batch(s, cfg) for s in steps] == [5, 5, 11, 11, 16, 16]
+    assert recipe.set_learning_rate(optimizer, 20, cfg) == pytest.approx(cfg.muon_lr * 5**0.5 / 4)
+    assert recipe.set_learning_rate(optimizer, 50, cfg) == pytest.approx(
+        cfg.muon_lr * 0.85 * (11 / 16) ** 0.5  # a sixth into the cooldown: 1 - 0.9 / 6
+    )
+    off = dataclasses.replace(cfg, batch_schedule=0)
+    assert [speedrun.micro_batch(s, off) for s in steps] == [16] * 6
+    assert recipe.set_learning_rate(optimizer, 20, off) == cfg.muon_lr
+    # the lecture's recipe trains every step on --B
+    assert tg.get_recipe("gpt2").micro_batch(0, cfg) == 16
 
 
 # ----------------------------------------------------------------------------- runs
@@ -412,11 +464,13 @@ def speedrun_run(tmp_path_factory):
 
 
 def test_the_previous_recipe_logs_what_it_logged_before_the_switches(tmp_path):
-    # tests/data/speedrun_recipe_log.txt was written by this run at commit a5b42bb, before the
-    # switches (Muon's and the head's rates raised, so that 8 steps move the losses): every
-    # switch off is that recipe, to the bit
+    # tests/data/speedrun_recipe_log.txt was written by this run with the code of commit a5b42bb,
+    # before the switches (Muon's and the head's rates raised, so that 8 steps move the losses),
+    # in float64 (in float32 its last digits differ between CPUs): every switch off is that
+    # recipe, to the bit
     rates = ["--head_lr", "0.2", "--muon_lr", "0.1"]
-    log = log_of_the_stored_run(tmp_path, ["--recipe", "speedrun"] + rates + PREVIOUS_FLAGS)
+    args = ["--recipe", "speedrun"] + rates + PREVIOUS_FLAGS
+    log = log_of_the_stored_run(tmp_path, args, float64=True)
     assert log == open(os.path.join(ROOT, "tests", "data", "speedrun_recipe_log.txt")).read()
 
 
@@ -472,12 +526,26 @@ def test_the_recipe_proxy_names_its_runs_and_finds_when_a_curve_reaches_a_loss(t
     assert recipe_proxy.PREVIOUS == dict(PREVIOUS) and set(PREVIOUS) == set(speedrun.SWITCHES)
     assert recipe_proxy.run_flags("no_normuon") == ["--recipe", "speedrun", "--normuon", "0"]
     assert recipe_proxy.run_flags("previous") == ["--recipe", "speedrun"] + PREVIOUS_FLAGS
-    curve = {0: 10.0, 10: 6.0, 20: 5.0, 30: 4.5}
-    assert recipe_proxy.tokens_to_reach(curve, 5.5, 100) == pytest.approx(1500.0)
-    assert recipe_proxy.tokens_to_reach(curve, 6.0, 100) == pytest.approx(1000.0)
-    assert recipe_proxy.tokens_to_reach(curve, 4.0, 100) is None
+    assert recipe_proxy.run_flags("cautious_wd=0.3") == ["--recipe", "speedrun"] + [
+        "--cautious_wd",
+        "0.3",
+    ]
+    # equal tokens: the proxy's steps of 16 x 256 are 5, 11 and 16 rows under the batch schedule
+    # (1280, 2816 and 4096 tokens), so that 96 steps of thirds train the 64 full steps' 262,144
+    cfg = recipe_proxy.ProxySettings()
+    steps, tokens = recipe_proxy.steps_for_tokens(cfg, "current")
+    assert steps == 96 and tokens[-1] == 262_144 and tokens[32] == 32 * 1280
+    assert tokens[64] == 32 * (1280 + 2816)
+    for name in ("previous", "no_batch_schedule"):
+        steps, tokens = recipe_proxy.steps_for_tokens(cfg, name)
+        assert steps == 64 and tokens == list(range(0, 262_144 + 1, 4096))
+    curve = {0: 10.0, 1000: 6.0, 2000: 5.0, 3000: 4.5}
+    assert recipe_proxy.tokens_to_reach(curve, 5.5) == pytest.approx(1500.0)
+    assert recipe_proxy.tokens_to_reach(curve, 6.0) == pytest.approx(1000.0)
+    assert recipe_proxy.tokens_to_reach(curve, 4.0) is None
     for argv, message in [
         (["--runs", "previous,fast"], "--runs: no run 'fast'"),
+        (["--runs", "window=3"], "--runs: no run 'window=3'"),
         (["--seeds", "1"], "--seeds: at least 2, for a standard deviation"),
     ]:
         with pytest.raises(SystemExit) as refused:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt2 as tg
-from conftest import HELLASWAG_SLICE, ROOT, TINY, make_shards
+from conftest import FAULTS, HELLASWAG_SLICE, ROOT, TINY, TRAIN_SCRIPT, make_shards
 from support import devices
 from train_gpt2 import GPT, DataLoaderLite, DistEnv, GPTConfig, TrainConfig
 
@@ -234,11 +234,13 @@ SAME_SUMS_EVERYWHERE = dict(
 )
 
 
-def log_of_the_stored_run(tmp_path, recipe_args):
+def log_of_the_stored_run(tmp_path, recipe_args, float64=False):
     """log.txt of the 8 steps whose logs tests/data keeps (each written by the code of its time),
     with HellaSwag and a sample, in one thread and with the CPU kernels of the plainest
     instruction set (torch's, MKL's and oneDNN's): the sums are then computed in the same order
-    on every x86 machine, with or without AVX-512."""
+    on every x86 machine, with or without AVX-512. float64: every tensor in float64 (faults.py's
+    FLOAT64), where float32's differences would be amplified (Muon's are, to 1e-4 of a loss on
+    another CPU) beyond the log's digits."""
     make_shards(tmp_path / "data", [3000, 20000])
     hella = tmp_path / "h8.jsonl"
     hella.write_text("".join(open(HELLASWAG_SLICE).readlines()[:8]))
@@ -246,12 +248,15 @@ def log_of_the_stored_run(tmp_path, recipe_args):
     args += ["--max_steps", "8", "--total_batch_size", "128", "--eval_interval", "4"]
     args += ["--val_loss_steps", "2", "--checkpoint_interval", "8", "--block_size", "128"]
     args += ["--hellaswag", "1", "--hellaswag_path", str(hella), "--num_return_sequences", "1"]
+    script, env = TRAIN_SCRIPT, dict(os.environ, PYTHONPATH=ROOT, **SAME_SUMS_EVERYWHERE)
+    if float64:
+        script, env = FAULTS, dict(env, FLOAT64="1")
     out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train_gpt2.py")] + args + recipe_args,
+        [sys.executable, script] + args + recipe_args,
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        env=dict(os.environ, PYTHONPATH=ROOT, **SAME_SUMS_EVERYWHERE),
+        env=env,
     )
     assert out.returncode == 0, out.stderr
     return open(tmp_path / "log" / "log.txt").read()
