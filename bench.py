@@ -49,6 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+import core_eval
 import hellaswag_eval
 import sharding
 import train_gpt2 as tg
@@ -65,7 +66,7 @@ from support.cli import (
     quiet_exit_when_stdout_closes,
     setting,
 )
-from support.datafiles import BUNDLED_DEFAULTS, GPT2_VOCAB_SIZE, write_shard
+from support.datafiles import BUNDLED_DEFAULTS, GPT2_VOCAB_SIZE, get_tokenizer, write_shard
 from support.devices import (
     autocast_context,
     autocast_dtype,
@@ -83,6 +84,7 @@ from train_gpt2 import PADDED_VOCAB_SIZE, DataLoaderLite, DistEnv, GPTConfig
 
 # 64 HellaSwag val examples kept in the repository, for offline runs
 HELLASWAG_SLICE = os.path.join(PROJECT_DIR, "tests", "data", "hellaswag_val_head64.jsonl")
+CORE_BUNDLE = os.path.join(PROJECT_DIR, "tests", "data", "core_bundle")  # the tests' small one
 # the small model train_gpt2.py trains on the bundled corpus when there is no FineWeb
 SMALL_PRESET = {k: BUNDLED_DEFAULTS[k] for k in ("n_layer", "n_head", "n_embd")}
 PRESETS = {**GPT2_PRESETS, "small": SMALL_PRESET}
@@ -312,6 +314,35 @@ def hellaswag_rate(config, variant, device, dtype, path, limit):
     return len(packed) / (time.perf_counter() - t0), len(packed)
 
 
+def core_rates(config, variant, device, dtype, bundle, limit):
+    """(examples per second packed and scored as core.py does, the same one example at a time
+    with a forward of the whole logits per row, examples): the last row's model in its autocast;
+    the first packed pass (which compiles) is not timed."""
+    tasks = core_eval.load_tasks(bundle, limit=limit)
+    model = row_model(config, variant, device).eval()
+    autocast = autocast_context(dtype if variant.autocast else torch.float32, device.split(":")[0])
+    enc, batch_tokens = get_tokenizer(), hellaswag_eval.batch_tokens_for(device)
+    multiple = hellaswag_eval.WIDTH_MULTIPLE if variant.compile else 1
+    packed = [core_eval.pack_task(t, enc, config.block_size, batch_tokens, multiple) for t in tasks]
+    scorer = hellaswag_eval.make_scorer(model.hidden, model.head, variant.compile)
+    examples = sum(len(t.examples) for t in tasks)
+    with attention_of(variant), torch.no_grad():
+        core_eval.evaluate(scorer, packed, device, autocast)
+        t0 = time.perf_counter()
+        core_eval.evaluate(scorer, packed, device, autocast)
+        packed_rate = examples / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for task in tasks:
+            rows, _ = core_eval.task_rows(task, enc, config.block_size)
+            for tokens, start in rows:
+                with autocast:
+                    logits, _ = model(torch.tensor([tokens], device=device))
+                targets = torch.tensor(tokens[start:], device=device)
+                F.cross_entropy(logits[0, start - 1 : -1].float(), targets).item()
+        single_rate = examples / (time.perf_counter() - t0)
+    return packed_rate, single_rate, examples
+
+
 def val_loss_rate(config, variant, device, dtype, loader, steps):
     """Tokens per second of evaluate_val_loss as the training loop runs it: the last row's model
     (compiled when the variant compiles) in its autocast, forward only, one wait for the device
@@ -465,6 +496,9 @@ class BenchConfig:
     hellaswag: int = setting(1, "measure HellaSwag evaluation", choices=ON_OFF)
     hellaswag_path: str = setting(HELLASWAG_SLICE, "HellaSwag jsonl file")
     hellaswag_examples: int = setting(64, "HellaSwag examples timed", minimum=1)
+    core: int = setting(1, "measure CORE scoring, against one forward per example", choices=ON_OFF)
+    core_bundle: str = setting(CORE_BUNDLE, "the CORE eval bundle (a directory or zip)")
+    core_examples: int = setting(64, "CORE examples timed per task", minimum=1)
     val_steps: int = setting(10, "micro-batches of the timed val loss (0: not measured)", minimum=0)
     generate: int = setting(
         0, "measure generation (sample.py's): with the cache and without", choices=ON_OFF
@@ -550,6 +584,8 @@ def main(argv=None):
             check_output_file(path, what)
     if cfg.hellaswag:
         check_input_file(cfg.hellaswag_path, "HellaSwag file")
+    if cfg.core:  # a bundle that cannot be scored is refused before the benchmark
+        core_eval.load_tasks(cfg.core_bundle, limit=cfg.core_examples)
     env = DistEnv.one_process(device)
     if env.device_type == "cpu":
         keep_freed_cpu_memory()
@@ -602,6 +638,9 @@ def main(argv=None):
     if cfg.hellaswag:
         args = (config, last, device, dtype, cfg.hellaswag_path, cfg.hellaswag_examples)
         figures["hellaswag"] = measure_or_skip(ran, hellaswag_figures, *args)
+    if cfg.core:
+        args = (config, last, device, dtype, cfg.core_bundle, cfg.core_examples)
+        figures["core"] = measure_or_skip(ran, core_figures, *args)
     if cfg.generate:
         figures["generation"] = generation_figures(config, device, dtype, cfg)
     write_figures(cfg.json, figures)
@@ -672,7 +711,8 @@ def data_loader_figures(loader, results, cfg, T):
 def measure_or_skip(ran, measure, *args):
     """measure(*args) on the last row's model; skipped, with the reason, where no row ran or the
     measurement fails (out of memory, say), as a row is."""
-    what = {val_loss_figures: "val loss", hellaswag_figures: "HellaSwag"}[measure]
+    what = {val_loss_figures: "val loss", hellaswag_figures: "HellaSwag", core_figures: "CORE"}
+    what = what[measure]
     if not ran:
         print(f"{what}: skipped: no row of the table ran")
         return {"skipped": "no row ran"}
@@ -705,6 +745,16 @@ def hellaswag_figures(config, variant, device, dtype, path, limit):
         "last row's model, packed and scored as the training loop does)"
     )
     return {"examples_per_sec": rate, "examples": count, "path": path}
+
+
+def core_figures(config, variant, device, dtype, bundle, limit):
+    packed, single, count = core_rates(config, variant, device, dtype, bundle, limit)
+    print(
+        f"CORE: {packed:,.1f} examples/s packed ({count} examples of {bundle}; the last row's "
+        f"model, as core.py scores them), {single:,.1f} with one forward per option: "
+        f"{packed / single:.1f}x"
+    )
+    return {"examples_per_sec": packed, "one_per_forward": single, "examples": count}
 
 
 def generation_figures(config, device, dtype, cfg):

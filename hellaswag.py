@@ -18,27 +18,15 @@ from dataclasses import dataclass
 import torch
 
 import hellaswag_eval
+from eval_models import scored_model
 from generation import NonFiniteLogits
 from hellaswag_eval import render_example
 from support.cli import ON_OFF, parse_settings, quiet_exit_when_stdout_closes, setting
 from support.datafiles import HELLASWAG_SPLITS, iterate_examples
 from support.devices import autocast_context, autocast_dtype, check_device, default_device
-from support.hf_gpt2 import load_hf_gpt2
-from train_gpt2 import load_model_from_checkpoint
 
 # the lecture's `from hellaswag import render_example, iterate_examples` keeps working
-__all__ = ["iterate_examples", "main", "render_example", "scored_model"]
-
-
-def scored_model(model_type, checkpoint, log_dir, device):
-    """(hidden_fn, head_fn, description) of a transformers model or one of our checkpoints."""
-    if checkpoint:
-        model, ckpt = load_model_from_checkpoint(checkpoint, log_dir)
-        model.to(device).eval()
-        return model.hidden, model.head, f"{ckpt.path} (step {ckpt['step']})"
-    model = load_hf_gpt2(model_type)
-    model.to(device).eval()
-    return (lambda tokens: model.transformer(tokens).last_hidden_state), model.lm_head, model_type
+__all__ = ["iterate_examples", "main", "render_example"]
 
 
 @dataclass
@@ -80,7 +68,7 @@ def main(argv=None):
     multiple = hellaswag_eval.WIDTH_MULTIPLE if cfg.compile else 1
     args = (cfg.input, device, None, cfg.limit or None, cfg.split, cfg.batch_tokens, multiple)
     packed = hellaswag_eval.load_packed(*args)
-    hidden_fn, head_fn, name = scored_model(cfg.model_type, cfg.checkpoint, cfg.log_dir, device)
+    hidden_fn, head_fn, name, _ = scored_model(cfg.model_type, cfg.checkpoint, cfg.log_dir, device)
     scorer = hellaswag_eval.make_scorer(hidden_fn, head_fn, bool(cfg.compile))
     try:
         correct, correct_norm, total = hellaswag_eval.evaluate(scorer, packed, device, autocast)

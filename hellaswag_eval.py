@@ -11,7 +11,8 @@ The scoring keeps a GPU busy: the examples are rendered once, their 4 rows are s
 and packed into batches of about batch_tokens tokens whose widths are rounded up to a multiple of
 32 (so that a compiled scorer sees a handful of shapes); only the positions that predict an
 ending token (about a fifth) go through the lm_head; and the losses stay on the device until the
-last batch: one host synchronization per pass.
+last batch: one host synchronization per pass. The packing and the scoring take any rows with a
+scored span (pack_rows, row_scores): core_eval.py's tasks go through them too.
 """
 
 import contextlib
@@ -64,7 +65,8 @@ def render_example(example, enc):
 @dataclass
 class Batch:
     """R rows of `width` tokens, and the N ending tokens to score in them. Only the positions
-    that predict an ending token go through the lm_head: about a fifth of HellaSwag's tokens."""
+    that predict an ending token go through the lm_head: about a fifth of HellaSwag's tokens.
+    (An "ending" is a row's scored span: HellaSwag's ending, a CORE task's continuation.)"""
 
     tokens: torch.Tensor  # (R, width) right-padded with 0; padding rows are all 0
     positions: torch.Tensor  # (N,) flat index (row * width + t) of each position t predicting t + 1
@@ -73,14 +75,19 @@ class Batch:
 
 
 @dataclass
-class PackedExamples:
-    """Examples rendered once and packed into batches, ready to be scored any number of times.
-    Row 4 * i + j is ending j of example i."""
+class PackedRows:
+    """Rows packed into batches (pack_rows), ready to be scored any number of times."""
 
-    labels: torch.Tensor  # (examples,)
-    ending_lengths: torch.Tensor  # (rows,) tokens in each ending
+    ending_lengths: torch.Tensor  # (rows,) tokens in each row's scored span
     batches: list
     longest: int  # the longest row: the context a model needs
+
+
+@dataclass
+class PackedExamples(PackedRows):
+    """HellaSwag's examples rendered once and packed: row 4 * i + j is ending j of example i."""
+
+    labels: torch.Tensor = None  # (examples,)
 
     def __len__(self):
         return len(self.labels)
@@ -113,10 +120,8 @@ def load_packed(
 def pack_examples(
     examples, enc, batch_tokens=CPU_BATCH_TOKENS, max_width=None, multiple=WIDTH_MULTIPLE
 ):
-    """Render every example with the tokenizer enc and pack the rows, longest first, into batches of
-    batch_tokens // width rows each. A batch's width is its longest row rounded up to a multiple
-    of `multiple` (at most max_width), and every batch of one width has the same number of rows
-    (the last is padded with empty rows), so a compiled scorer meets few shapes."""
+    """Render every example with the tokenizer enc and pack its rows (pack_rows): context and
+    ending, the ending scored."""
     if batch_tokens < 1:
         raise SystemExit(f"the HellaSwag batch must hold at least one token, not {batch_tokens}")
     rows, labels = [], []
@@ -128,6 +133,17 @@ def pack_examples(
     longest = max((len(tokens) for tokens, _ in rows), default=0)
     if max_width and longest > max_width:
         raise SystemExit(f"HellaSwag needs block_size >= {longest}, the model has {max_width}")
+    packed = pack_rows(rows, batch_tokens, max_width, multiple)
+    return PackedExamples(**vars(packed), labels=torch.tensor(labels, dtype=torch.long))
+
+
+def pack_rows(rows, batch_tokens=CPU_BATCH_TOKENS, max_width=None, multiple=WIDTH_MULTIPLE):
+    """Rows of (tokens, start), each scored on its tokens from `start` to its end, packed longest
+    first into batches of batch_tokens // width rows. A batch's width is its longest row rounded
+    up to a multiple of `multiple` (at most max_width, which no row may exceed), and with a
+    multiple above 1 (a compiled scorer's) every batch of one width has the same number of rows
+    (the last is padded with empty rows)."""
+    longest = max((len(tokens) for tokens, _ in rows), default=0)
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
     batches, start = [], 0
     while start < len(order):
@@ -135,7 +151,8 @@ def pack_examples(
         width = min(width, max_width or width)
         size = max(1, batch_tokens // width)
         members = order[start : start + size]
-        grid = torch.zeros((size, width), dtype=torch.long)
+        # padded to `size` rows for a compiled scorer's few shapes; an eager one takes any
+        grid = torch.zeros((size if multiple > 1 else len(members), width), dtype=torch.long)
         positions, targets, row_ids = [], [], []
         for i, r in enumerate(members):
             tokens, ctx_len = rows[r]
@@ -152,8 +169,7 @@ def pack_examples(
             )
         )
         start += len(members)
-    return PackedExamples(
-        labels=torch.tensor(labels, dtype=torch.long),
+    return PackedRows(
         ending_lengths=torch.tensor([len(t) - c for t, c in rows], dtype=torch.long),
         batches=batches,
         longest=longest,
@@ -165,8 +181,9 @@ def pack_examples(
 
 
 def ending_losses(hidden, head_fn, positions, targets):
-    """Cross-entropy of each ending token, from the (rows, width, n_embd) hidden states: only the
-    positions that predict an ending token (flat indices) go through head_fn, the lm_head.
+    """Cross-entropy of each ending token, and whether it is the most likely one (1.0 or 0.0),
+    from the (rows, width, n_embd) hidden states: (2, N). Only the positions that predict an
+    ending token (flat indices) go through head_fn, the lm_head.
 
     Vocabulary entries past GPT-2's 50257 (padding) are masked out (a slice would leave the
     logits strided, and the loss over them slower). The float32 upcast of bf16 logits covers
@@ -180,12 +197,14 @@ def ending_losses(hidden, head_fn, positions, targets):
         logits[:, GPT2_VOCAB_SIZE:] = float("-inf")  # in place: scoring runs without gradients
         if logits.element_size() < 4:  # bf16 / fp16 under autocast
             logits = logits.float()
-        losses.append(F.cross_entropy(logits, y, reduction="none"))
-    return torch.cat(losses)
+        loss = F.cross_entropy(logits, y, reduction="none")
+        losses.append(torch.stack((loss, (logits.argmax(dim=1) == y).to(loss.dtype))))
+    return torch.cat(losses, dim=1)
 
 
 def make_scorer(hidden_fn, head_fn, compile=False):
-    """(tokens, positions, targets) -> the loss of every ending token. hidden_fn maps (rows,
+    """(tokens, positions, targets) -> ending_losses: the loss of every ending token and whether
+    the model's most likely token is it. hidden_fn maps (rows,
     width) tokens to the final hidden states, head_fn those to logits. With compile, hidden_fn
     is compiled with static shapes (one graph per batch shape: pack_examples keeps them few);
     the head runs on a varying number of positions and stays eager."""
@@ -196,14 +215,15 @@ def make_scorer(hidden_fn, head_fn, compile=False):
 
 
 @torch.no_grad()
-def row_losses(scorer, packed, device, autocast=None, rank=0, world_size=1, should_stop=None):
-    """Summed ending loss of every row, on the device: (rows,), or None if should_stop() said
-    so between two batches. Rank r scores batches r, r + world_size, ...; the losses are summed
-    over ranks, so every rank returns all of them."""
+def row_scores(scorer, packed, device, autocast=None, rank=0, world_size=1, should_stop=None):
+    """Every row's summed ending loss and the number of its ending tokens that are the model's
+    most likely, on the device: (2, rows), or None if should_stop() said so between two batches.
+    Rank r scores batches r, r + world_size, ...; the sums are summed over ranks, so every rank
+    returns all of them."""
     autocast = autocast or contextlib.nullcontext()
     # float64 where the device has it: the sums stay as exact as the losses, even of a float64 model
     dtype = torch.float32 if str(device).startswith("mps") else torch.float64
-    sums = torch.zeros(len(packed.ending_lengths), dtype=dtype, device=device)
+    sums = torch.zeros((2, len(packed.ending_lengths)), dtype=dtype, device=device)
     # the same number of batches on every rank (a sharded model's ranks gather its weights
     # together): a rank past the last batch scores the last one again and keeps nothing of it
     rounds = math.ceil(len(packed.batches) / world_size)
@@ -219,17 +239,17 @@ def row_losses(scorer, packed, device, autocast=None, rank=0, world_size=1, shou
         with autocast:
             losses = scorer(tokens, positions, targets)
         if k < len(packed.batches):
-            sums.index_add_(0, rows, losses.to(dtype))
+            sums.index_add_(1, rows, losses.to(dtype))
     if world_size > 1:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     return sums
 
 
-def predictions(sums, packed):
-    """(sum losses, mean losses, pred, pred_norm) per example, on the CPU: one synchronization.
-    A diverged model's losses are not finite: NonFiniteLogits, rather than picks that would all
-    be the first ending."""
-    sums = sums.double().cpu().view(-1, ENDINGS)
+def predictions(scores, packed):
+    """(sum losses, mean losses, pred, pred_norm) per example, from row_scores, on the CPU: one
+    synchronization. A diverged model's losses are not finite: NonFiniteLogits, rather than picks
+    that would all be the first ending."""
+    sums = scores[0].double().cpu().view(-1, ENDINGS)
     if not torch.isfinite(sums).all():
         raise NonFiniteLogits("the model's logits are not finite")
     means = sums / packed.ending_lengths.view(-1, ENDINGS)
@@ -239,10 +259,10 @@ def predictions(sums, packed):
 def evaluate(scorer, packed, device, autocast=None, rank=0, world_size=1, should_stop=None):
     """(correct by acc, correct by acc_norm, total) over the packed examples, the batches split
     over the ranks; None when should_stop() interrupted it."""
-    sums = row_losses(scorer, packed, device, autocast, rank, world_size, should_stop)
-    if sums is None:
+    scores = row_scores(scorer, packed, device, autocast, rank, world_size, should_stop)
+    if scores is None:
         return None
-    _, _, pred, pred_norm = predictions(sums, packed)
+    _, _, pred, pred_norm = predictions(scores, packed)
     correct = int((pred == packed.labels).sum())
     correct_norm = int((pred_norm == packed.labels).sum())
     return correct, correct_norm, len(packed)

@@ -387,15 +387,22 @@ ENDINGS = 4
 
 def download_hellaswag(split, cache_dir=HELLASWAG_CACHE_DIR):
     """Fetch hellaswag_{split}.jsonl into cache_dir once (streamed, with a progress bar)."""
+    path = os.path.join(cache_dir, f"hellaswag_{split}.jsonl")
+    offline = "--input to hellaswag.py, --hellaswag_path to train_gpt2.py"
+    return download_once(HELLASWAG_URL.format(split=split), path, offline)
+
+
+def download_once(url, path, offline):
+    """url into path unless it is there already (streamed, with a progress bar; only a complete
+    download gets the name). Offline, one line that says to put the file at path or to pass a
+    local copy by the flags that `offline` names."""
     import requests
     from tqdm import tqdm
 
-    path = os.path.join(cache_dir, f"hellaswag_{split}.jsonl")
     if os.path.exists(path):
         return path
-    url = HELLASWAG_URL.format(split=split)
     try:
-        os.makedirs(cache_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with requests.get(url, stream=True, timeout=30) as response:
             response.raise_for_status()
             total = int(response.headers.get("content-length", 0)) or None
@@ -408,7 +415,7 @@ def download_hellaswag(split, cache_dir=HELLASWAG_CACHE_DIR):
     except requests.RequestException as e:
         raise SystemExit(
             f"could not download {url} ({type(e).__name__}); offline, put the file at {path} "
-            "or pass its path (--input to hellaswag.py, --hellaswag_path to train_gpt2.py)"
+            f"or pass its path ({offline})"
         ) from None
     except OSError as e:
         raise SystemExit(f"could not write {path}: {e.strerror or e}") from None

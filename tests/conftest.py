@@ -265,3 +265,22 @@ def two_runs(tmp_path_factory):
     out1 = run_training(args + ["--log_dir", str(root / "one")], 1, root)
     out2 = run_training(args + ["--log_dir", str(root / "two")], 2, root)
     return root, args, out1, out2
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A checkpoint of a short real run and its Hugging Face export."""
+    import export_hf
+    import train_gpt2
+
+    root = tmp_path_factory.mktemp("hella")
+    make_shards(root / "data", [3000, 9000])
+    train_gpt2.main(
+        TINY
+        + ["--data_dir", str(root / "data"), "--log_dir", str(root / "log"), "--max_steps", "3"]
+        + ["--total_batch_size", "64", "--eval_interval", "10", "--block_size", "128"]
+        + ["--max_lr", "1e-2", "--warmup_steps", "1"]
+    )
+    checkpoint = str(root / "log" / "model_00003.pt")
+    export_hf.main([checkpoint, str(root / "hf")])
+    return checkpoint, str(root / "hf")

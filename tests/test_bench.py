@@ -153,7 +153,8 @@ def test_bench_script_prints_every_column(tmp_path):
     out_json = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench.py"), *TINY, "--compile", "0"]
-        + ["--loader_batches", "10", "--hellaswag_examples", "8", "--json", str(out_json)],
+        + ["--loader_batches", "10", "--hellaswag_examples", "8", "--core_examples", "3"]
+        + ["--json", str(out_json)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -187,6 +188,8 @@ def test_bench_script_prints_every_column(tmp_path):
     assert figures["val_loss"]["tokens_per_sec"] > 0
     assert any(line.startswith("val loss: ") and "20 x 2**19 tokens in" in line for line in lines)
     assert any(line.startswith("HellaSwag: ") and "examples/s" in line for line in lines)
+    assert figures["core"]["examples"] == 4 * 3  # the 4 tasks of tests/data/core_bundle
+    assert any(line.startswith("CORE: ") and "one forward per option" in line for line in lines)
 
 
 def test_bad_outputs_and_settings_are_refused_before_the_benchmark(tmp_path):
@@ -221,6 +224,7 @@ def test_a_benchmark_where_no_row_runs_says_so(tmp_path):
     assert sum("can't allocate memory" in row["skipped"] for row in rows) >= 5
     assert "val loss: skipped: no row of the table ran" in out
     assert "HellaSwag: skipped: no row of the table ran" in out
+    assert "CORE: skipped: no row of the table ran" in out
 
 
 def test_ddp_against_fsdp_counts_each_ranks_memory(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import eval_models
 import export_hf
 import hellaswag
 import hellaswag_eval
@@ -23,7 +24,7 @@ def score_examples(hidden_fn, head_fn, examples, batch_tokens=hellaswag_eval.CPU
     """Each example's losses and picks, as the packed scorer of the training loop makes them."""
     packed = hellaswag_eval.pack_examples(examples, datafiles.get_tokenizer(), batch_tokens)
     scorer = hellaswag_eval.make_scorer(hidden_fn, head_fn)
-    sums = hellaswag_eval.row_losses(scorer, packed, "cpu")
+    sums = hellaswag_eval.row_scores(scorer, packed, "cpu")
     sums, means, pred, pred_norm = hellaswag_eval.predictions(sums, packed)
     return [
         Score(int(packed.labels[i]), sums[i].tolist(), means[i].tolist(), int(p), int(q))
@@ -110,22 +111,6 @@ def test_scoring_matches_a_plain_loop():
     assert correct_norm == sum(s.pred_norm == s.label for s in scores)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A checkpoint of a short real run and its Hugging Face export."""
-    root = tmp_path_factory.mktemp("hella")
-    make_shards(root / "data", [3000, 9000])
-    tg.main(
-        TINY
-        + ["--data_dir", str(root / "data"), "--log_dir", str(root / "log"), "--max_steps", "3"]
-        + ["--total_batch_size", "64", "--eval_interval", "10", "--block_size", "128"]
-        + ["--max_lr", "1e-2", "--warmup_steps", "1"]
-    )
-    checkpoint = str(root / "log" / "model_00003.pt")
-    export_hf.main([checkpoint, str(root / "hf")])
-    return checkpoint, str(root / "hf")
-
-
 def test_export_round_trip(trained):
     from transformers import GPT2LMHeadModel
 
@@ -149,8 +134,8 @@ def test_export_round_trip(trained):
 
 def test_checkpoint_and_its_export_score_the_same(trained, capsys):
     checkpoint, hf_dir = trained
-    *ours, _ = hellaswag.scored_model("", checkpoint, "log", "cpu")
-    *theirs, _ = hellaswag.scored_model(hf_dir, "", "log", "cpu")
+    *ours, _, _ = eval_models.scored_model("", checkpoint, "log", "cpu")
+    *theirs, _, _ = eval_models.scored_model(hf_dir, "", "log", "cpu")
     a, b = score_examples(*ours, EXAMPLES), score_examples(*theirs, EXAMPLES)
     assert [(s.pred, s.pred_norm) for s in a] == [(s.pred, s.pred_norm) for s in b]
     for s, t in zip(a, b):

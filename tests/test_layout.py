@@ -15,7 +15,7 @@ import speedrun
 import train_gpt2 as tg
 from conftest import ROOT, TINY, make_shards
 
-SCRIPTS = ("fineweb", "hellaswag", "sample", "bench", "export_hf", "recipe_proxy")
+SCRIPTS = ("fineweb", "hellaswag", "core", "sample", "bench", "export_hf", "recipe_proxy")
 ROOT_MODULES = sorted(n[:-3] for n in os.listdir(ROOT) if n.endswith(".py"))
 SUPPORT = sorted(
     f"support.{n[:-3]}" for n in os.listdir(os.path.join(ROOT, "support")) if n.endswith(".py")
@@ -106,7 +106,7 @@ def test_importing_the_trainer_and_the_scripts_leaves_the_heavy_parts_unloaded(t
     heavy = ["torch.distributed.checkpoint", "torch.distributed.tensor", "torch.distributed.fsdp"]
     heavy += ["transformers", "datasets", "torch.utils.tensorboard", "wandb"]
     code = (
-        "import sys, train_gpt2, sample, hellaswag, export_hf\n"
+        "import sys, train_gpt2, sample, hellaswag, core, export_hf\n"
         f"print([m for m in {heavy!r} if m in sys.modules])\n"
     )
     env = dict(os.environ, PYTHONPATH=ROOT)
@@ -178,6 +178,7 @@ SETTINGS = {
     "sample": "SampleConfig",
     "bench": "BenchConfig",
     "hellaswag": "HellaSwagConfig",
+    "core": "CoreConfig",
     "fineweb": "FinewebConfig",
 }
 

@@ -1,0 +1,355 @@
+"""
+CORE (the DCLM paper, Li et al. 2024, arXiv 2406.11794): 22 in-context tasks, each scored as its
+accuracy centred on its random baseline, (acc - b) / (1 - b), and averaged. The tasks come as the
+DCLM / llm-foundry eval bundle lays them out: core.yaml (each task's label, icl_task_type,
+dataset_uri, num_fewshot, continuation_delimiter), eval_data/*.jsonl and eval_meta_data.csv (the
+random baselines, in percent), in a directory or in the zip that holds one.
+
+The protocol is nanochat's, so that GPT-2 gives its published figures: each task's examples are
+shuffled by random.Random(1337) (and cut to --limit), example i's few-shot examples are drawn
+from the others by random.Random(1234 + i), every prompt starts with <|endoftext|>, and the task
+kinds (KINDS) are
+- multiple_choice: one row per choice, the same query; the choice with the lowest mean loss over
+  its continuation (the tokens after the rows' common prefix) is picked;
+- schema: one row per context option, the same continuation (the rows' common suffix); the option
+  under which it has the lowest mean loss is picked;
+- language_modeling: one row, correct only if greedy decoding gives every continuation token.
+A row longer than the model's context loses tokens from its left, never from its continuation.
+
+The rows of every task go through hellaswag_eval's packing and scoring, as HellaSwag's do: sorted
+by length into batches, only the continuation positions through the lm_head, one host
+synchronization per task. core.py is the command line.
+"""
+
+import csv
+import io
+import json
+import os
+import random
+import zipfile
+from dataclasses import dataclass
+
+import torch
+
+import hellaswag_eval
+from generation import NonFiniteLogits
+from support import PROJECT_DIR
+from support.datafiles import EOT, download_once
+
+BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+BUNDLE_CACHE = os.path.join(PROJECT_DIR, "eval_bundle", "eval_bundle.zip")
+SHUFFLE_SEED = 1337  # nanochat's order of each task's examples
+FEWSHOT_SEED = 1234  # example i draws its few-shot examples with random.Random(1234 + i)
+
+
+# -----------------------------------------------------------------------------
+# The task kinds: how an example becomes prompts, their rows, and a right or wrong answer
+
+
+def fewshot_prefix(shots, line):
+    """The few-shot examples, each rendered by line(example) and followed by a blank line."""
+    return "".join(f"{line(shot)}\n\n" for shot in shots)
+
+
+def common_prefix(rows):
+    """How many leading tokens all rows share."""
+    n = 0
+    while n < min(map(len, rows)) and all(row[n] == rows[0][n] for row in rows):
+        n += 1
+    return n
+
+
+class MultipleChoice:
+    fields = ("query", "choices", "gold")
+
+    @staticmethod
+    def prompts(item, shots, delimiter):
+        prefix = fewshot_prefix(
+            shots, lambda s: f"{s['query']}{delimiter}{s['choices'][s['gold']]}"
+        )
+        return [f"{prefix}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
+
+    @staticmethod
+    def rows(tokens):
+        """Each choice scored after the common prefix of all of them."""
+        start = common_prefix(tokens)
+        return [(row, start) for row in tokens]
+
+    @staticmethod
+    def correct(item, means, hits, lengths):
+        return int(means.argmin()) == item["gold"]
+
+
+class Schema:
+    fields = ("context_options", "continuation", "gold")
+
+    @staticmethod
+    def prompts(item, shots, delimiter):
+        prefix = fewshot_prefix(
+            shots, lambda s: f"{s['context_options'][s['gold']]}{delimiter}{s['continuation']}"
+        )
+        return [
+            f"{prefix}{option}{delimiter}{item['continuation']}"
+            for option in item["context_options"]
+        ]
+
+    @staticmethod
+    def rows(tokens):
+        """Each option's row scored on the common suffix of all of them: the continuation."""
+        suffix = common_prefix([row[::-1] for row in tokens])
+        return [(row, len(row) - suffix) for row in tokens]
+
+    correct = MultipleChoice.correct
+
+
+class LanguageModeling:
+    fields = ("context", "continuation")
+
+    @staticmethod
+    def prompts(item, shots, delimiter):
+        """The prompt without and with the continuation; the first stripped, so that its last
+        token is not one that the continuation's first would merge with."""
+        prefix = fewshot_prefix(
+            shots, lambda s: f"{s['context'].strip()}{delimiter}{s['continuation']}"
+        )
+        context = f"{prefix}{item['context'].strip()}{delimiter}"
+        return [context.strip(), context + item["continuation"]]
+
+    @staticmethod
+    def rows(tokens):
+        without, with_continuation = tokens
+        if with_continuation[: len(without)] != without or len(with_continuation) == len(without):
+            return None  # the context's tokens are not a prefix of the whole prompt's
+        return [(with_continuation, len(without))]
+
+    @staticmethod
+    def correct(item, means, hits, lengths):
+        return bool((hits == lengths).all())
+
+
+# icl_task_type -> its kind: a new kind is a class with fields, prompts, rows and correct, here
+KINDS = {"multiple_choice": MultipleChoice, "schema": Schema, "language_modeling": LanguageModeling}
+
+
+# -----------------------------------------------------------------------------
+# The bundle
+
+
+@dataclass
+class Task:
+    label: str
+    kind: str  # a key of KINDS
+    num_fewshot: int
+    delimiter: str
+    baseline: float  # accuracy by chance, a fraction
+    examples: list  # shuffled as nanochat shuffles them, cut to the limit
+
+
+class Bundle:
+    """Reads the files of an eval bundle in a directory or in a zip (where they may lie in one
+    top directory, as in eval_bundle.zip)."""
+
+    def __init__(self, path):
+        self.path = path
+        if not os.path.exists(path):
+            raise SystemExit(f"eval bundle {path} does not exist")
+        self.zip, self.root = None, path
+        if os.path.isfile(path):
+            try:
+                self.zip = zipfile.ZipFile(path)
+            except zipfile.BadZipFile:
+                raise SystemExit(f"eval bundle {path} is neither a directory nor a zip") from None
+            yamls = [n for n in self.zip.namelist() if n.split("/")[-1] == "core.yaml"]
+            self.root = min(yamls, key=len)[: -len("core.yaml")] if yamls else ""
+
+    def read(self, name):
+        """The text of the bundle's file `name`; one line if it is not there."""
+        try:
+            if self.zip is not None:
+                return self.zip.read(self.root + name).decode("utf-8")
+            with open(os.path.join(self.root, name), encoding="utf-8") as f:
+                return f.read()
+        except (KeyError, FileNotFoundError):
+            raise SystemExit(f"eval bundle {self.path} has no {name}") from None
+        except UnicodeDecodeError:
+            raise SystemExit(f"eval bundle {self.path}: {name} is not UTF-8 text") from None
+
+
+def read_baselines(bundle):
+    """{task label: random baseline as a fraction} from eval_meta_data.csv."""
+    rows = csv.DictReader(io.StringIO(bundle.read("eval_meta_data.csv")))
+    baselines = {}
+    for row in rows:
+        try:
+            baselines[row["Eval Task"]] = float(row["Random baseline"]) / 100
+        except (KeyError, TypeError, ValueError):
+            raise SystemExit(
+                f"eval bundle {bundle.path}: eval_meta_data.csv needs the columns 'Eval Task' "
+                "and 'Random baseline' (a number) on every row"
+            ) from None
+    return baselines
+
+
+def read_examples(bundle, name, kind):
+    """The examples of eval_data/name, each checked to have its kind's fields."""
+    examples = []
+    for lineno, line in enumerate(bundle.read(f"eval_data/{name}").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"eval_data/{name} line {lineno} is not JSON ({e.msg})") from None
+        missing = [
+            f for f in KINDS[kind].fields if not isinstance(example, dict) or f not in example
+        ]
+        if missing:
+            raise SystemExit(f"eval_data/{name} line {lineno}: no {', '.join(missing)} ({kind})")
+        examples.append(example)
+    return examples
+
+
+def load_tasks(path, labels=None, limit=None):
+    """The tasks of the bundle at path (those named in labels, if given), each with its examples
+    shuffled and cut to `limit`. Every way a bundle can be wrong ends here in one line."""
+    import yaml
+
+    bundle = Bundle(path)
+    try:
+        config = yaml.safe_load(bundle.read("core.yaml"))
+        entries = config["icl_tasks"]
+    except (yaml.YAMLError, TypeError, KeyError):
+        raise SystemExit(f"eval bundle {path}: core.yaml has no list of icl_tasks") from None
+    known = [entry.get("label") for entry in entries]
+    unknown = sorted(set(labels or ()) - set(known))
+    if unknown:
+        raise SystemExit(f"--tasks: no task {', '.join(unknown)} in {path} (it has {len(known)})")
+    baselines = read_baselines(bundle)
+    tasks = []
+    for entry in entries:
+        label = entry.get("label")
+        if labels and label not in labels:
+            continue
+        kind = entry.get("icl_task_type")
+        if kind not in KINDS:
+            raise SystemExit(
+                f"task {label}: unknown icl_task_type {kind!r} (known: {', '.join(KINDS)})"
+            )
+        if label not in baselines:
+            raise SystemExit(f"task {label}: no random baseline in eval_meta_data.csv")
+        shots = entry.get("num_fewshot", [0])
+        shots = shots[0] if isinstance(shots, list) else shots
+        examples = read_examples(bundle, entry["dataset_uri"], kind)
+        random.Random(SHUFFLE_SEED).shuffle(examples)
+        examples = examples[:limit]
+        if len(examples) <= shots:
+            raise SystemExit(
+                f"task {label}: {len(examples)} examples cannot give each {shots} few-shot others"
+            )
+        delimiter = entry.get("continuation_delimiter", " ")
+        tasks.append(Task(label, kind, shots, delimiter, baselines[label], examples))
+    return tasks
+
+
+def bundle_path(path):
+    """--bundle: a local directory or zip, or '' for the public bundle, downloaded once."""
+    return path or download_once(BUNDLE_URL, BUNDLE_CACHE, "--bundle DIR|ZIP to core.py")
+
+
+# -----------------------------------------------------------------------------
+# Rows and scores
+
+
+def fewshot_examples(task, i):
+    """Example i's few-shot examples, as nanochat draws them: seeded by the index."""
+    if not task.num_fewshot:
+        return []
+    others = [j for j in range(len(task.examples)) if j != i]
+    return [
+        task.examples[j] for j in random.Random(FEWSHOT_SEED + i).sample(others, task.num_fewshot)
+    ]
+
+
+def example_prompts(task, i):
+    return KINDS[task.kind].prompts(task.examples[i], fewshot_examples(task, i), task.delimiter)
+
+
+def left_cropped(row, start, context):
+    """A row of at most `context` tokens: its leftmost ones dropped (never its scored span, nor
+    the position that predicts the span's first token)."""
+    crop = max(0, len(row) - context)
+    if start - crop < 1:
+        return None
+    return row[crop:], start - crop
+
+
+def task_rows(task, enc, context):
+    """Every example's rows, (tokens, start) with the tokens from `start` on scored, and which
+    example each row belongs to."""
+    rows, owners = [], []
+    for i in range(len(task.examples)):
+        tokens = [[EOT] + enc.encode_ordinary(p) for p in example_prompts(task, i)]
+        spans = KINDS[task.kind].rows(tokens)
+        if spans is None:
+            raise SystemExit(
+                f"task {task.label} example {i}: its context does not tokenize as a prefix"
+            )
+        for row, start in spans:
+            cropped = left_cropped(row, start, context)
+            if cropped is None:
+                raise SystemExit(
+                    f"task {task.label} example {i}: its continuation alone is longer than the "
+                    f"model's context of {context} tokens"
+                )
+            rows.append(cropped)
+            owners.append(i)
+    return rows, owners
+
+
+@dataclass
+class PackedTask:
+    task: Task
+    packed: hellaswag_eval.PackedRows
+    owners: torch.Tensor  # (rows,) the example of each row
+
+
+def pack_task(task, enc, context, batch_tokens, multiple=hellaswag_eval.WIDTH_MULTIPLE):
+    rows, owners = task_rows(task, enc, context)
+    packed = hellaswag_eval.pack_rows(rows, batch_tokens, context, multiple)
+    return PackedTask(task, packed, torch.tensor(owners, dtype=torch.long))
+
+
+def task_accuracy(scores, packed_task):
+    """The fraction of the task's examples answered right, from row_scores: one synchronization."""
+    scores = scores.double().cpu()
+    if not torch.isfinite(scores).all():
+        raise NonFiniteLogits("the model's logits are not finite")
+    task, lengths = packed_task.task, packed_task.packed.ending_lengths.double()
+    means, hits = scores[0] / lengths, scores[1]
+    kind, correct = KINDS[task.kind], 0
+    for i, item in enumerate(task.examples):
+        mine = packed_task.owners == i
+        correct += kind.correct(item, means[mine], hits[mine], lengths[mine])
+    return correct / len(task.examples)
+
+
+def centered(accuracy, baseline):
+    """Accuracy above chance as a fraction of what is above chance: 0 by chance, 1 if perfect."""
+    return (accuracy - baseline) / (1 - baseline)
+
+
+def evaluate(scorer, packed_tasks, device, autocast=None, rank=0, world_size=1, report=None):
+    """{"tasks": {label: {"accuracy", "centered"}}, "core": the mean of the centred ones}; each
+    task's batches split over the ranks. report(label, accuracy, centred) after each task."""
+    results = {}
+    for packed_task in packed_tasks:
+        scores = hellaswag_eval.row_scores(
+            scorer, packed_task.packed, device, autocast, rank, world_size
+        )
+        accuracy = task_accuracy(scores, packed_task)
+        task = packed_task.task
+        results[task.label] = dict(accuracy=accuracy, centered=centered(accuracy, task.baseline))
+        if report is not None:
+            report(task.label, accuracy, results[task.label]["centered"])
+    core = sum(r["centered"] for r in results.values()) / len(results)
+    return dict(tasks=results, core=core)
