@@ -272,3 +272,24 @@ def test_a_checkpoint_its_transformers_export_and_two_ranks_give_the_same_figure
     for label, result in figures["checkpoint"]["tasks"].items():
         assert figures["hf"]["tasks"][label]["accuracy"] == result["accuracy"], label
     assert figures["hf"]["core"] == pytest.approx(figures["checkpoint"]["core"])
+
+
+def test_a_zipped_bundle_reads_as_its_directory_and_offline_the_download_says_what_to_do(
+    tmp_path, monkeypatch
+):
+    import requests
+
+    # eval_bundle.zip holds the bundle in a top directory of its own
+    shutil.copytree(BUNDLE, tmp_path / "eval_bundle")
+    archive = shutil.make_archive(str(tmp_path / "eval_bundle"), "zip", tmp_path, "eval_bundle")
+    shutil.rmtree(tmp_path / "eval_bundle")
+    assert core_eval.load_tasks(archive) == core_eval.load_tasks(BUNDLE)
+
+    def offline(*args, **kwargs):
+        raise requests.ConnectionError("no network")
+
+    monkeypatch.setattr(requests, "get", offline)
+    monkeypatch.setattr(core_eval, "BUNDLE_CACHE", str(tmp_path / "cache" / "eval_bundle.zip"))
+    with pytest.raises(SystemExit, match="could not download .* pass its path \\(--bundle"):
+        core_eval.bundle_path("")
+    assert not os.path.exists(tmp_path / "cache" / "eval_bundle.zip")
