@@ -34,7 +34,8 @@ import torch
 import hellaswag_eval
 from generation import NonFiniteLogits
 from support import PROJECT_DIR
-from support.datafiles import EOT, download_once
+from support.datafiles import EOT, download_once, get_tokenizer
+from support.run_control import agree
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 BUNDLE_CACHE = os.path.join(PROJECT_DIR, "eval_bundle", "eval_bundle.zip")
@@ -338,14 +339,19 @@ def centered(accuracy, baseline):
     return (accuracy - baseline) / (1 - baseline)
 
 
-def evaluate(scorer, packed_tasks, device, autocast=None, rank=0, world_size=1, report=None):
+def evaluate(
+    scorer, packed_tasks, device, autocast=None, rank=0, world_size=1, report=None, should_stop=None
+):
     """{"tasks": {label: {"accuracy", "centered"}}, "core": the mean of the centred ones}; each
-    task's batches split over the ranks. report(label, accuracy, centred) after each task."""
+    task's batches split over the ranks. report(label, accuracy, centred) after each task; None
+    if should_stop() said so between two batches."""
     results = {}
     for packed_task in packed_tasks:
         scores = hellaswag_eval.row_scores(
-            scorer, packed_task.packed, device, autocast, rank, world_size
+            scorer, packed_task.packed, device, autocast, rank, world_size, should_stop
         )
+        if scores is None:
+            return None
         accuracy = task_accuracy(scores, packed_task)
         task = packed_task.task
         results[task.label] = dict(accuracy=accuracy, centered=centered(accuracy, task.baseline))
@@ -353,3 +359,58 @@ def evaluate(scorer, packed_tasks, device, autocast=None, rank=0, world_size=1, 
             report(task.label, accuracy, results[task.label]["centered"])
     core = sum(r["centered"] for r in results.values()) / len(results)
     return dict(tasks=results, core=core)
+
+
+# -----------------------------------------------------------------------------
+# In the training loop (--core N)
+
+
+def for_the_loop(cfg, env, model, compile):
+    """CORE in the training loop (InTheLoop) with --core N: the first N examples of each task
+    (nanochat's order), or None. Local rank 0 of each node downloads the bundle if need be, and
+    every rank agrees on the outcome before going on."""
+    if not cfg.core:
+        return None
+    agree(env, lambda: bundle_path(cfg.core_bundle) if env.local_rank == 0 else None)
+    tasks = agree(env, lambda: load_tasks(bundle_path(cfg.core_bundle), limit=cfg.core))
+    batch_tokens = hellaswag_eval.batch_tokens_for(env.device)
+    multiple = hellaswag_eval.WIDTH_MULTIPLE if compile else 1
+    enc = get_tokenizer()
+    packed = [pack_task(task, enc, cfg.block_size, batch_tokens, multiple) for task in tasks]
+    return InTheLoop(packed, model, compile)
+
+
+class InTheLoop:
+    """CORE as the training loop scores it: its tasks packed once, a scorer of the raw model
+    (compiled where the loop compiles), the CORE score at every evaluation, as `core` lines."""
+
+    kind = "core"
+
+    def __init__(self, packed_tasks, model, compile):
+        self.packed_tasks = packed_tasks
+        self.scorer = hellaswag_eval.make_scorer(model.hidden, model.head, compile)
+
+    def warm_up(self, device, autocast):
+        with torch.no_grad(), autocast:
+            for task in self.packed_tasks:
+                for batch in {tuple(b.tokens.shape): b for b in task.packed.batches}.values():
+                    self.scorer(
+                        *(t.to(device) for t in (batch.tokens, batch.positions, batch.targets))
+                    )
+
+    def score(self, env, autocast, should_stop):
+        """The CORE score, said on the master; None when should_stop() cut it short, or when
+        the model has diverged."""
+        args = (self.scorer, self.packed_tasks, env.device, autocast, env.rank, env.world_size)
+        try:
+            figures = evaluate(*args, should_stop=should_stop)
+        except NonFiniteLogits as e:
+            env.print0(f"CORE skipped: {e}")
+            return None
+        if figures is None:
+            return None
+        examples = sum(len(t.task.examples) for t in self.packed_tasks)
+        env.print0(
+            f"CORE: {figures['core']:.4f} ({len(figures['tasks'])} tasks, {examples} examples)"
+        )
+        return figures["core"]

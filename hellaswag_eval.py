@@ -271,7 +271,9 @@ def evaluate(scorer, packed, device, autocast=None, rank=0, world_size=1, should
 class InTheLoop:
     """HellaSwag as the training loop scores it: the examples packed once (load_hellaswag), a
     scorer of the raw model (compiled where the loop compiles: warm_up compiles its graphs at
-    start-up), its acc_norm at every evaluation."""
+    start-up), its acc_norm at every evaluation (score), logged as `hella` lines."""
+
+    kind = "hella"
 
     def __init__(self, packed, model, compile):
         self.packed, self.scorer = packed, make_scorer(model.hidden, model.head, compile)
@@ -282,7 +284,7 @@ class InTheLoop:
             for batch in {tuple(b.tokens.shape): b for b in self.packed.batches}.values():
                 self.scorer(*(t.to(device) for t in (batch.tokens, batch.positions, batch.targets)))
 
-    def accuracy(self, env, autocast, should_stop):
+    def score(self, env, autocast, should_stop):
         """acc_norm, said on the master (env.print0); None when should_stop() cut the pass
         short, or when the model has diverged (its logits are not finite)."""
         args = (self.scorer, self.packed, env.device, autocast, env.rank, env.world_size)
@@ -296,6 +298,15 @@ class InTheLoop:
         _, correct_norm, total = result
         env.print0(f"HellaSwag accuracy: {correct_norm}/{total}={correct_norm / total:.4f}")
         return correct_norm / total
+
+
+def for_the_loop(cfg, env, model, compile):
+    """HellaSwag in the training loop (InTheLoop), or None: asked for (--hellaswag), or by default
+    for FineWeb's data (a file that cannot be had then turns it off instead of failing the run)."""
+    if not (cfg.hellaswag if cfg.hellaswag is not None else cfg.data_dir != datafiles.BUNDLED):
+        return None
+    packed = load_hellaswag(cfg.hellaswag_path, cfg.block_size, env, cfg.hellaswag == 1)
+    return None if packed is None else InTheLoop(packed, model, compile)
 
 
 def load_hellaswag(path, block_size, env, required):

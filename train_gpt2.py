@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dashboards
-import hellaswag_eval
+import evals
 import sharding
 import speedrun
 from generation import print_samples, token_positions
@@ -424,17 +424,19 @@ def evaluate_val_loss(model, loader, steps, env, autocast, should_stop=None):
 
 class Evaluator:
     """What every eval_interval steps measures and prints: the val loss (on the compiled model,
-    which has the training shapes), HellaSwag and samples; each part stops at a stop request."""
+    which has the training shapes) and its bits per byte, evals.LOOP_EVALS and samples; each part
+    stops at a stop request."""
 
-    def __init__(self, cfg, env, model, state, val_loader, hella, autocast, stop, log):
+    def __init__(self, cfg, env, model, state, val_loader, autocast, stop, log):
         self.cfg, self.env, self.autocast, self.stop, self.log = cfg, env, autocast, stop, log
-        self.model, self.state, self.val_loader, self.hella = model, state, val_loader, hella
+        self.model, self.state, self.val_loader = model, state, val_loader
         # a fixed number of val tokens, whatever the world size and B; fewer if the split is smaller
         steps = cfg.val_loss_steps * cfg.total_batch_size // (cfg.B * cfg.T * env.world_size)
         available = sum(val_loader.sequences.num_sequences) // (cfg.B * env.world_size)
         self.val_steps = max(1, min(steps, available))
-        if hella is not None:  # on the raw model, compiled where the model is
-            self.hella = hellaswag_eval.InTheLoop(hella, state.model, model is not state.model)
+        self.val_bytes = evals.val_text_bytes(val_loader, self.val_steps, env) if cfg.bpb else None
+        # the evaluations' scorers on the raw model, compiled where the model is
+        self.evals = evals.for_the_loop(cfg, env, state.model, model is not state.model)
 
     def warm_up(self):
         """Compile the evaluation graphs now, at start-up, where a stop loses nothing, rather than
@@ -442,8 +444,8 @@ class Evaluator:
         with torch.no_grad(), self.autocast:
             x = devices.to_device(self.val_loader.next_batch()[0], self.env.device)
             self.model(x, x)
-        if self.hella is not None:
-            self.hella.warm_up(self.env.device, self.autocast)
+        for evaluation in self.evals:
+            evaluation.warm_up(self.env.device, self.autocast)
 
     def run(self, step):
         """Evaluate after `step` steps, the time it takes told to the ETA."""
@@ -460,26 +462,22 @@ class Evaluator:
         self.state.val_loss = self.state.last_loss = val_loss
         env.print0(f"validation loss: {val_loss:.4f}")
         self.log.write(step, "val", f"{val_loss:.4f}")
-        if self.hella is not None:
-            acc_norm = self.hella.accuracy(env, self.autocast, requested)
-            if acc_norm is None:  # a stop request cut it short, or a diverged model: no samples
+        if self.val_bytes:  # nats over every val token / (ln 2 x the bytes of their text)
+            bpb = val_loss * self.val_steps * self.cfg.B * self.cfg.T * env.world_size
+            bpb /= math.log(2) * self.val_bytes
+            env.print0(f"validation bits per byte: {bpb:.4f}")
+            self.log.write(step, "bpb", f"{bpb:.4f}")
+        for evaluation in self.evals:
+            value = evaluation.score(env, self.autocast, requested)
+            if value is None:  # a stop request cut it short, or a diverged model: no samples
                 return
-            self.log.write(step, "hella", f"{acc_norm:.4f}")
+            self.log.write(step, evaluation.kind, f"{value:.4f}")
         # a sharded model generates on every rank (each gathers the weights), the master prints
         cfg, model = self.cfg, self.state.model
         if step > 0 and not requested() and (env.master_process or sharding.is_sharded(model)):
             count, seed = cfg.num_return_sequences, cfg.seed + env.rank
             texts = print_samples(model, count, cfg.max_length, seed, self.autocast, env.print0)
             self.log.samples(step, texts)
-
-
-def hellaswag_examples(cfg, env):
-    """HellaSwag packed for the loop, or None: asked for, or by default for FineWeb's data (a
-    file that cannot be had then turns it off instead of failing the run)."""
-    if not (cfg.hellaswag if cfg.hellaswag is not None else cfg.data_dir != BUNDLED):
-        return None
-    required = cfg.hellaswag == 1
-    return hellaswag_eval.load_hellaswag(cfg.hellaswag_path, cfg.block_size, env, required)
 
 
 # -----------------------------------------------------------------------------
@@ -619,6 +617,9 @@ class TrainConfig(speedrun.Settings, GPTConfig):
     val_loss_steps: int = setting(20, "val loss over this many total_batch_size", minimum=1)
     hellaswag: int | None = setting(None, "HellaSwag (default: on for FineWeb)", choices=ON_OFF)
     hellaswag_path: str = setting("", "local hellaswag_val.jsonl (default: downloaded)")
+    core: int = setting(0, "CORE: N examples of each task at every evaluation (0: off)", minimum=0)
+    core_bundle: str = setting("", "CORE's eval bundle, a dir or zip (default: downloaded)")
+    bpb: int = setting(0, "the val loss in bits per byte too", choices=ON_OFF)
     num_return_sequences: int = setting(4, "samples printed at each evaluation", minimum=0)
     max_length: int = setting(32, "tokens per sample, prompt included", minimum=1)
     checkpoint_interval: int = setting(5000, "steps between checkpoints (and the last)", minimum=1)
@@ -936,7 +937,6 @@ def start_run(cfg, env, checkpoint, stop):
 
     # data, evaluation and the state a checkpoint holds
     train_loader, val_loader = make_loaders(cfg, env, data_dir)
-    hella = hellaswag_examples(cfg, env)
     state = TrainingState(raw_model, optimizer, scaler, train_loader, cfg)
     start_step = state.load_state_dict(checkpoint, print0) if checkpoint else 0
     if checkpoint:
@@ -946,7 +946,7 @@ def start_run(cfg, env, checkpoint, stop):
     run_info.update(world_size=env.world_size, dtype=str(dtype), compile=bool(use_compile))
     agree(env, lambda: run_log.start(run_info, checkpoint, print0))
     dashboard = agree(env, lambda: make_dashboard(cfg, env, run_log, run_info, checkpoint))
-    evaluator = Evaluator(cfg, env, compiled, state, val_loader, hella, autocast, stop, dashboard)
+    evaluator = Evaluator(cfg, env, compiled, state, val_loader, autocast, stop, dashboard)
     if use_compile:
         evaluator.warm_up()
     print0(

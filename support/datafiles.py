@@ -56,6 +56,14 @@ def get_tokenizer():
     )
 
 
+@functools.cache
+def token_byte_lengths():
+    """The UTF-8 bytes of each of GPT-2's tokens, by id (<|endoftext|>: 0, it is no text): what
+    turns nats per token into bits per byte."""
+    enc = get_tokenizer()
+    return [0 if i == EOT else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
+
+
 # -----------------------------------------------------------------------------
 # Token shards
 

@@ -22,6 +22,7 @@ except ImportError:  # Windows: no lock
 # log.txt's kinds of lines ({step} {kind} {value}), each with the metric it is (as dashboards
 # name it): the one list of them
 LOG_KINDS = {"train": "train/loss", "val": "val/loss", "hella": "hellaswag/acc_norm"}
+LOG_KINDS.update(bpb="val/bits_per_byte", core="core/score")
 LOG_LINE = re.compile(rf"(\d+) ({'|'.join(LOG_KINDS)}) \S+")
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import core_eval
 import hellaswag_eval
-from conftest import ROOT, fails_in_one_line, run_in_process, run_training
+from conftest import ROOT, TINY, fails_in_one_line, make_shards, run_in_process, run_training
 from support.datafiles import get_tokenizer
 
 BUNDLE = os.path.join(ROOT, "tests", "data", "core_bundle")
@@ -293,3 +293,33 @@ def test_a_zipped_bundle_reads_as_its_directory_and_offline_the_download_says_wh
     with pytest.raises(SystemExit, match="could not download .* pass its path \\(--bundle"):
         core_eval.bundle_path("")
     assert not os.path.exists(tmp_path / "cache" / "eval_bundle.zip")
+
+
+def test_the_loops_core_and_bits_per_byte_are_core_pys_and_the_val_texts(tmp_path):
+    import math
+
+    import train_gpt2 as tg
+
+    make_shards(tmp_path / "data", [3000, 9000])
+    log_dir = tmp_path / "log"
+    args = TINY + ["--data_dir", tmp_path / "data", "--log_dir", log_dir, "--max_steps", "2"]
+    args += ["--total_batch_size", "128", "--eval_interval", "2", "--val_loss_steps", "1"]
+    args += ["--block_size", "128", "--num_return_sequences", "0"]
+    args += ["--core", "3", "--core_bundle", BUNDLE, "--bpb", "1"]
+    tg.main([str(a) for a in args])
+    logged = {
+        (int(s), k): float(v) for s, k, v in (line.split() for line in open(log_dir / "log.txt"))
+    }
+    # CORE of the first 3 examples of each task at step 2: core.py's on the checkpoint of step 2
+    checkpoint = ["--checkpoint", log_dir / "model_00002.pt", "--bundle", BUNDLE, "--limit", "3"]
+    json_path = tmp_path / "core.json"
+    run_in_process("core.py", checkpoint + ["--device", "cpu", "--json", json_path], tmp_path)
+    assert logged[(2, "core")] == round(json.loads(json_path.read_text())["core"], 4)
+    # bits per byte: the nats of the val targets (2 batches of 2 x 32) over the bytes of their
+    # text, <|endoftext|> left out, as the tokenizer decodes it
+    loader = tg.DataLoaderLite(2, 32, 0, 1, "val", str(tmp_path / "data"))
+    targets = [t for _ in range(2) for t in loader.next_batch()[1].flatten().tolist()]
+    text_bytes = len(get_tokenizer().decode_bytes([t for t in targets if t != EOT]))
+    expected = logged[(2, "val")] * len(targets) / (math.log(2) * text_bytes)
+    assert logged[(2, "bpb")] == pytest.approx(expected, abs=2e-4)  # val's 4 decimals
+    assert sorted(k for s, k in logged if s == 0) == ["bpb", "core", "train", "val"]

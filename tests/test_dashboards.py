@@ -46,7 +46,8 @@ def offline_wandb_env(wandb_root):
 
 @pytest.fixture(scope="module")
 def watched(tmp_path_factory):
-    """A speedrun-recipe run (three parameter groups) with both dashboards and HellaSwag: stopped
+    """A speedrun-recipe run (three parameter groups) with both dashboards, HellaSwag, CORE and
+    bits per byte: stopped
     by SIGTERM as step 7 begins, its checkpoint of step 7 then lost as if the process had been
     killed before it saved (so the resume redoes step 6, which the dashboards already have), and
     resumed to step 8. Returns the log dir, the W&B dir and what the two processes printed."""
@@ -60,6 +61,7 @@ def watched(tmp_path_factory):
     args += ["--checkpoint_interval", "3", "--num_return_sequences", "1", "--max_length", "12"]
     args += ["--hellaswag", "1", "--hellaswag_path", str(hella), "--block_size", "128"]
     args += ["--recipe", "speedrun", "--tensorboard", "1"]
+    args += ["--core", "3", "--core_bundle", CORE_BUNDLE, "--bpb", "1"]
     args += ["--wandb_project", "repro", "--wandb_run_name", "tiny"]
     wandb_env = offline_wandb_env(tmp / "wandb")
     get_recipe = tg.get_recipe
@@ -99,17 +101,23 @@ def log_values(log_dir, kind):
     return {int(step): float(value) for step, k, value in rows if k == kind}
 
 
+CORE_BUNDLE = os.path.join(ROOT, "tests", "data", "core_bundle")
+# the watched run's tokens after each step: 2 micro-steps of 1 x 32 tokens for the two thirds
+# of its steps under the batch schedule, then of 2 x 32
+TOKENS_SEEN = {s: 64 * min(s + 1, 6) + 128 * max(0, s - 5) for s in range(8)}
+
+
 def printed_steps(out):
     """{step: (loss, lr, norm, tok/sec, mfu %, eta)} of the step lines printed, the last wins."""
     return {int(m[1]): m.groups()[1:] for m in STEP_LINE.finditer(out)}
 
 
-def test_step_lines_end_with_the_eta_and_log_txt_keeps_its_three_kinds(watched):
+def test_step_lines_end_with_the_eta_and_log_txt_keeps_its_five_kinds(watched):
     lines = [line for line in watched.out.splitlines() if line.startswith("step ")]
     assert len(lines) == 7 + 2  # steps 0-6, then 6 again and 7 after the resume
     assert all(STEP_LINE.fullmatch(line) for line in lines), lines
     kinds = {line.split()[1] for line in open(watched.log_dir / "log.txt")}
-    assert kinds == {"train", "val", "hella"}
+    assert kinds == {"train", "val", "bpb", "hella", "core"}
 
 
 def test_tensorboard_has_every_metric_at_its_steps_across_a_stop_and_resume(watched):
@@ -136,6 +144,8 @@ def test_tensorboard_has_every_metric_at_its_steps_across_a_stop_and_resume(watc
         ("train/loss", "train"),
         ("val/loss", "val"),
         ("hellaswag/acc_norm", "hella"),
+        ("core/score", "core"),
+        ("val/bits_per_byte", "bpb"),
     ]:
         expected = log_values(watched.log_dir, kind)
         assert sorted(expected) == (train_steps if kind == "train" else [0, 3, 6, 8])
@@ -152,14 +162,18 @@ def test_tensorboard_has_every_metric_at_its_steps_across_a_stop_and_resume(watc
         got = {step: scale * value for step, value in scalars(tag).items()}
         expected = {step: float(p[i]) for step, p in printed.items()}
         assert got == pytest.approx(expected, abs=0.5 * 10**-decimals + 1e-4), tag
-    # the speedrun's three groups, each at its own rate times the schedule: Muon, embedding, head
-    cfg = TrainConfig(max_steps=8, recipe="speedrun")
+    # the speedrun's three groups, each at its own rate times the schedule (and the root of the
+    # batch schedule's part of the batch: micro-batches of 1, 1 and 2 rows of B=2): Muon,
+    # embedding, head
+    cfg = TrainConfig(max_steps=8, recipe="speedrun", B=2)
+    part = {s: speedrun.micro_batch(s, cfg) / 2 for s in train_steps}
+    assert list(part.values()) == [0.5] * 6 + [1.0] * 2
     for group, rate in enumerate((cfg.muon_lr, cfg.embed_lr, cfg.head_lr)):
         schedule = (cfg.max_steps, cfg.cooldown_frac, cfg.min_lr_ratio)
-        expected = {s: rate * speedrun.lr_factor(s, *schedule) for s in train_steps}
+        expected = {s: rate * speedrun.lr_factor(s, *schedule) * part[s] ** 0.5 for s in part}
         assert scalars(f"lr/group{group}") == pytest.approx(expected, rel=1e-6)
     assert scalars("lr") == scalars("lr/group0")
-    assert scalars("train/tokens_seen") == {s: 128 * (s + 1) for s in train_steps}
+    assert scalars("train/tokens_seen") == TOKENS_SEEN
     assert scalars("train/skipped") == dict.fromkeys(train_steps, 0)
     memory = scalars("perf/peak_memory_gib")
     assert sorted(memory) == train_steps and all(0.01 < gib < 64 for gib in memory.values())
@@ -202,6 +216,8 @@ def test_wandb_offline_run_has_the_history_and_config_and_continues_on_resume(wa
         ("train/loss", "train"),
         ("val/loss", "val"),
         ("hellaswag/acc_norm", "hella"),
+        ("core/score", "core"),
+        ("val/bits_per_byte", "bpb"),
     ]:
         got = {step: row[tag] for step, row in history.items() if tag in row}
         assert got == log_values(watched.log_dir, kind), tag
@@ -209,7 +225,7 @@ def test_wandb_offline_run_has_the_history_and_config_and_continues_on_resume(wa
     metrics += ["perf/tokens_per_sec", "perf/peak_memory_gib", "train/tokens_seen"]
     for step in range(8):
         assert set(metrics + ["train/skipped"]) <= set(history[step]), step
-        assert history[step]["train/tokens_seen"] == 128 * (step + 1)
+        assert history[step]["train/tokens_seen"] == TOKENS_SEEN[step]
     tables = {s: row["samples/_type"] for s, row in history.items() if "samples/_type" in row}
     assert tables == dict.fromkeys([3, 6, 8], "table-file")
     # the resolved config, with what the resumed process changed

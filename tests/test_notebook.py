@@ -13,9 +13,10 @@ import train_gpt2 as tg
 from conftest import HELLASWAG_SLICE, ROOT, TINY, make_shards
 
 NOTEBOOK = os.path.join(ROOT, "play.ipynb")
+CORE_BUNDLE = os.path.join(ROOT, "tests", "data", "core_bundle")
 
 
-def train(tmp_path, hellaswag):
+def train(tmp_path, hellaswag, more=()):
     """A 4-step tiny run evaluating every step, as the real trainer logs it; returns log.txt."""
     data, log_dir = tmp_path / "data", tmp_path / "log"
     make_shards(data, [3000, 9000])
@@ -28,7 +29,7 @@ def train(tmp_path, hellaswag):
         hellaswag_8 = tmp_path / "hellaswag_8.jsonl"
         hellaswag_8.write_text("".join(open(HELLASWAG_SLICE).readlines()[:8]))
         args += ["--hellaswag", "1", "--hellaswag_path", str(hellaswag_8), "--block_size", "128"]
-    tg.main(TINY + args)
+    tg.main(TINY + args + list(more))
     return log_dir / "log.txt"
 
 
@@ -41,6 +42,13 @@ def loss_log(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hella_log(tmp_path_factory):
     return train(tmp_path_factory.mktemp("hella_run"), hellaswag=True)
+
+
+@pytest.fixture(scope="module")
+def core_log(tmp_path_factory):
+    """A run with CORE (3 examples of each of the tests' tasks) and bits per byte."""
+    more = ["--core", "3", "--core_bundle", CORE_BUNDLE, "--bpb", "1", "--block_size", "128"]
+    return train(tmp_path_factory.mktemp("core_run"), hellaswag=False, more=more)
 
 
 def execute(log_file):
@@ -90,7 +98,7 @@ def check_png_at(outputs, png, panels):
         width, height = image.size
         colors = image.convert("RGB").getcolors(maxcolors=1 << 20)
     assert 300 <= height <= 1000 and 500 <= width <= 2500, image.size
-    assert (width / height > 2.4) == (panels == 2), image.size  # side by side
+    assert (width / height > 2.4) == (panels > 1), image.size  # side by side
     assert len(colors) > 20  # lines, text and antialiasing, not a blank canvas
     assert os.path.getsize(png) < 300_000  # small enough to commit
     # the figure shows inline in Jupyter as well
@@ -117,6 +125,15 @@ def test_log_with_hellaswag(hella_log):
     check_best(stdout, streams, "max HellaSwag", "hella", max)
     assert "not run" not in stdout
     check_png(outputs, hella_log, panels=2)
+
+
+def test_log_with_core_and_bits_per_byte(core_log):
+    streams = read_streams(core_log)
+    assert set(streams) == {"train", "val", "bpb", "core"} and len(streams["core"]) == 5
+    outputs, stdout = execute(core_log)
+    check_best(stdout, streams, "min val bits per byte", "bpb", min)
+    check_best(stdout, streams, "max CORE", "core", max)
+    check_png(outputs, core_log, panels=2)
 
 
 def test_repeated_steps_keep_the_last_value(loss_log, tmp_path):
