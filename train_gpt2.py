@@ -427,16 +427,14 @@ class Evaluator:
     which has the training shapes) and its bits per byte, evals.LOOP_EVALS and samples; each part
     stops at a stop request."""
 
-    def __init__(self, cfg, env, model, state, val_loader, autocast, stop, log):
+    def __init__(self, cfg, env, model, state, val_loader, loop_evals, autocast, stop, log):
         self.cfg, self.env, self.autocast, self.stop, self.log = cfg, env, autocast, stop, log
-        self.model, self.state, self.val_loader = model, state, val_loader
+        self.model, self.state, self.val_loader, self.evals = model, state, val_loader, loop_evals
         # a fixed number of val tokens, whatever the world size and B; fewer if the split is smaller
         steps = cfg.val_loss_steps * cfg.total_batch_size // (cfg.B * cfg.T * env.world_size)
         available = sum(val_loader.sequences.num_sequences) // (cfg.B * env.world_size)
         self.val_steps = max(1, min(steps, available))
         self.val_bytes = evals.val_text_bytes(val_loader, self.val_steps, env) if cfg.bpb else None
-        # the evaluations' scorers on the raw model, compiled where the model is
-        self.evals = evals.for_the_loop(cfg, env, state.model, model is not state.model)
 
     def warm_up(self):
         """Compile the evaluation graphs now, at start-up, where a stop loses nothing, rather than
@@ -937,6 +935,7 @@ def start_run(cfg, env, checkpoint, stop):
 
     # data, evaluation and the state a checkpoint holds
     train_loader, val_loader = make_loaders(cfg, env, data_dir)
+    loop_evals = evals.for_the_loop(cfg, env, raw_model, compiled is not raw_model)  # no file yet
     state = TrainingState(raw_model, optimizer, scaler, train_loader, cfg)
     start_step = state.load_state_dict(checkpoint, print0) if checkpoint else 0
     if checkpoint:
@@ -946,7 +945,9 @@ def start_run(cfg, env, checkpoint, stop):
     run_info.update(world_size=env.world_size, dtype=str(dtype), compile=bool(use_compile))
     agree(env, lambda: run_log.start(run_info, checkpoint, print0))
     dashboard = agree(env, lambda: make_dashboard(cfg, env, run_log, run_info, checkpoint))
-    evaluator = Evaluator(cfg, env, compiled, state, val_loader, autocast, stop, dashboard)
+    evaluator = Evaluator(
+        cfg, env, compiled, state, val_loader, loop_evals, autocast, stop, dashboard
+    )
     if use_compile:
         evaluator.warm_up()
     print0(
