@@ -187,12 +187,15 @@ def test_default_hellaswag_turns_itself_off_when_the_file_cannot_be_had(tmp_path
 
     monkeypatch.setattr(datafiles, "download_hellaswag", offline)
     monkeypatch.setattr(datafiles, "HELLASWAG_CACHE_DIR", str(tmp_path / "cache"))
-    cfg = tg.TrainConfig(hellaswag=None)
     env = tg.DistEnv.one_process("cpu")
-    assert tg.hellaswag_examples(cfg, env) is None
+
+    def in_the_loop(**settings):
+        return hellaswag_eval.for_the_loop(tg.TrainConfig(**settings), env, None, False)
+
+    assert in_the_loop(hellaswag=None) is None
     with pytest.raises(SystemExit, match="could not download"):
-        tg.hellaswag_examples(tg.TrainConfig(hellaswag=1), env)
-    assert tg.hellaswag_examples(tg.TrainConfig(hellaswag=None, data_dir="bundled"), env) is None
+        in_the_loop(hellaswag=1)
+    assert in_the_loop(hellaswag=None, data_dir="bundled") is None
 
 
 def test_compiled_training_logs_hellaswag(tmp_path):
