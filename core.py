@@ -23,35 +23,22 @@ import torch.distributed as dist
 
 import core_eval
 import hellaswag_eval
-from eval_models import scored_model
+from eval_models import ScoringSettings, scored_model
 from generation import NonFiniteLogits
-from support.cli import ON_OFF, parse_settings, quiet_exit_when_stdout_closes, setting
+from support.cli import parse_settings, quiet_exit_when_stdout_closes, setting
 from support.datafiles import get_tokenizer
 from support.devices import autocast_context, autocast_dtype
 from train_gpt2 import setup_distributed
 
 
 @dataclass
-class CoreConfig:
+class CoreConfig(ScoringSettings):
     """Every setting of core.py; each field is also a command-line flag (--name value)."""
 
-    model_type: str = setting("gpt2", "transformers model: hub name or local dir", aliases=["-m"])
-    checkpoint: str = setting(
-        "", "a train_gpt2.py checkpoint, or 'latest' in --log_dir (instead of -m)", aliases=["-c"]
-    )
-    log_dir: str = setting("log", "where --checkpoint latest looks")
     bundle: str = setting("", "the eval bundle: a directory or zip (default: downloaded once)")
     tasks: str = setting("", "only these tasks, by label, joined by commas (default: all)")
     limit: int = setting(0, "score only the first N examples of each task (0: all)", minimum=0)
     json: str = setting("", "also write the figures to this JSON file")
-    device: str = setting("", "cuda, cuda:1, mps or cpu (default: the best available)")
-    batch_tokens: int | None = setting(
-        None,
-        f"tokens per forward pass (default: {hellaswag_eval.GPU_BATCH_TOKENS} on CUDA, else "
-        f"{hellaswag_eval.CPU_BATCH_TOKENS})",
-        minimum=1,
-    )
-    compile: int = setting(0, "torch.compile the scorer", choices=ON_OFF)
 
 
 def parse_args(argv=None):

@@ -5,7 +5,10 @@ hub name or a local directory), each as the hidden states and the head that the 
 """
 
 import typing
+from dataclasses import dataclass
 
+import hellaswag_eval
+from support.cli import ON_OFF, setting
 from support.hf_gpt2 import load_hf_gpt2
 from train_gpt2 import load_model_from_checkpoint
 
@@ -29,3 +32,23 @@ def scored_model(model_type, checkpoint, log_dir, device):
     model.to(device).eval()
     hidden = lambda tokens: model.transformer(tokens).last_hidden_state  # noqa: E731
     return ScoredModel(hidden, model.lm_head, model_type, model.config.n_positions)
+
+
+@dataclass
+class ScoringSettings:
+    """The settings of the evaluation scripts (hellaswag.py, core.py) that choose the model and
+    how it is scored; each field is also a command-line flag."""
+
+    model_type: str = setting("gpt2", "transformers model: hub name or local dir", aliases=["-m"])
+    checkpoint: str = setting(
+        "", "a train_gpt2.py checkpoint, or 'latest' in --log_dir (instead of -m)", aliases=["-c"]
+    )
+    log_dir: str = setting("log", "where --checkpoint latest looks")
+    device: str = setting("", "cuda, cuda:1, mps or cpu (default: the best available)")
+    batch_tokens: int | None = setting(
+        None,
+        f"tokens per forward pass (default: {hellaswag_eval.GPU_BATCH_TOKENS} on CUDA, else "
+        f"{hellaswag_eval.CPU_BATCH_TOKENS})",
+        minimum=1,
+    )
+    compile: int = setting(0, "torch.compile the scorer", choices=ON_OFF)

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 
 import hellaswag_eval
-from eval_models import scored_model
+from eval_models import ScoringSettings, scored_model
 from generation import NonFiniteLogits
 from hellaswag_eval import render_example
-from support.cli import ON_OFF, parse_settings, quiet_exit_when_stdout_closes, setting
+from support.cli import parse_settings, quiet_exit_when_stdout_closes, setting
 from support.datafiles import HELLASWAG_SPLITS, iterate_examples
 from support.devices import autocast_context, autocast_dtype, check_device, default_device
 
@@ -30,25 +30,12 @@ __all__ = ["iterate_examples", "main", "render_example"]
 
 
 @dataclass
-class HellaSwagConfig:
+class HellaSwagConfig(ScoringSettings):
     """Every setting of hellaswag.py; each field is also a command-line flag (--name value)."""
 
-    model_type: str = setting("gpt2", "transformers model: hub name or local dir", aliases=["-m"])
-    checkpoint: str = setting(
-        "", "a train_gpt2.py checkpoint, or 'latest' in --log_dir (instead of -m)", aliases=["-c"]
-    )
-    log_dir: str = setting("log", "where --checkpoint latest looks")
     split: str = setting("val", "HellaSwag split", choices=HELLASWAG_SPLITS)
     input: str | None = setting(None, "local hellaswag jsonl file (default: downloaded)")
     limit: int = setting(0, "score only the first N examples (0: all)", minimum=0)
-    device: str = setting("", "cuda, cuda:1, mps or cpu (default: the best available)")
-    batch_tokens: int | None = setting(
-        None,
-        f"tokens per forward pass (default: {hellaswag_eval.GPU_BATCH_TOKENS} on CUDA, else "
-        f"{hellaswag_eval.CPU_BATCH_TOKENS})",
-        minimum=1,
-    )
-    compile: int = setting(0, "torch.compile the scorer", choices=ON_OFF)
 
 
 def parse_args(argv=None):
