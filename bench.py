@@ -54,7 +54,7 @@ import hellaswag_eval
 import sharding
 import train_gpt2 as tg
 from generation import generate, sample_next
-from kernels import fp8_hardware
+from model_kernels import fp8_hardware
 from support import PROJECT_DIR, checkpoints, files
 from support.cli import (
     ON_OFF,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from generation import token_positions
-from kernels import linear_cross_entropy
+from model_kernels import linear_cross_entropy
 from support import devices
 from support.cli import ON_OFF, setting
 from support.datafiles import EOT
@@ -253,7 +253,7 @@ class SpeedrunGPT(nn.Module):
         self.context = config.block_size  # and in the same context of this many positions
         self.flex = None  # FlexAttention for the masks: None is on CUDA only, True/False forces
         self.rotary = Rotary(config.n_embd // config.n_head, config.block_size)
-        self.fused_loss = fused_loss  # kernels.linear_cross_entropy instead of the full logits
+        self.fused_loss = fused_loss  # linear_cross_entropy instead of the full logits
         # normal(0, 0.02) as GPT-2's, then zero-initialized projections into the residual stream
         # and head (modded-nanogpt): every block starts as the identity, the first logits uniform
         for module in self.modules():

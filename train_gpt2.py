@@ -43,7 +43,7 @@ import evals
 import sharding
 import speedrun
 from generation import print_samples, token_positions
-from kernels import check_fp8_device, linear_cross_entropy, use_fp8_matmuls
+from model_kernels import check_fp8_device, linear_cross_entropy, use_fp8_matmuls
 from support import checkpoints, datafiles, devices, hf_gpt2, rundir
 from support.cli import ON_OFF, setting
 from support.datafiles import BUNDLED, BUNDLED_DEFAULTS, BUNDLED_NEXT, GPT2_VOCAB_SIZE
@@ -140,7 +140,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying (Press & Wolf 2017), as in GPT-2: the token embedding is the output layer
         self.transformer.wte.weight = self.lm_head.weight
-        self.fused_loss = fused_loss  # kernels.linear_cross_entropy instead of the full logits
+        self.fused_loss = fused_loss  # linear_cross_entropy instead of the full logits
         self.apply(self._init_weights)
 
     def _init_weights(self, module):

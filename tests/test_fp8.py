@@ -5,7 +5,7 @@ its speed needs a GPU of compute capability 8.9+ (bench.py's "+ fp8" row)."""
 import pytest
 import torch
 
-import kernels
+import model_kernels
 import train_gpt2 as tg
 from train_gpt2 import GPT, GPTConfig
 
@@ -29,7 +29,7 @@ def test_fp8_matmul_multiplies_its_operands_rounded_to_fp8():
     x = torch.randn(3, 32, 64, requires_grad=True)
     weight = (0.02 * torch.randn(96, 64)).requires_grad_()
     grad = torch.randn(3, 32, 96) * 1e-3  # gradients are small: the scaling is what keeps them
-    y = kernels.FP8Matmul.apply(x, weight, torch.float32)
+    y = model_kernels.FP8Matmul.apply(x, weight, torch.float32)
     y.backward(grad)
 
     # forward: e4m3 x and weight; backward: e5m2 gradient times the forward's e4m3 copies
@@ -60,7 +60,7 @@ def test_fp8_matmuls_have_the_layouts_and_types_the_gpu_needs(monkeypatch):
     monkeypatch.setattr(torch, "_scaled_mm", checked)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50304))
-    kernels.use_fp8_matmuls(model)
+    model_kernels.use_fp8_matmuls(model)
     idx = torch.randint(0, 50257, (2, 32))
     with torch.autocast("cpu", torch.bfloat16):
         _, loss = model(idx, idx)
@@ -77,9 +77,11 @@ def test_fp8_layers_are_the_plain_ones_without_gradients_and_in_checkpoints():
     plain = GPT(config)
     fp8 = GPT(config)
     fp8.load_state_dict(plain.state_dict())
-    kernels.use_fp8_matmuls(fp8)
-    assert isinstance(fp8.transformer.h[1].mlp.c_proj, kernels.FP8Linear)
-    assert not isinstance(fp8.lm_head, kernels.FP8Linear)  # the head and embedding stay as they are
+    model_kernels.use_fp8_matmuls(fp8)
+    assert isinstance(fp8.transformer.h[1].mlp.c_proj, model_kernels.FP8Linear)
+    assert not isinstance(
+        fp8.lm_head, model_kernels.FP8Linear
+    )  # the head and embedding stay as they are
     assert fp8.state_dict().keys() == plain.state_dict().keys()
     idx = torch.randint(0, 50257, (2, 32))
     with torch.no_grad():  # validation, HellaSwag and sampling: the same numbers as without
@@ -112,10 +114,10 @@ def test_fp8_runs_where_the_device_has_fp8_matmuls(monkeypatch):
     capability = (8, 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     with pytest.raises(SystemExit, match=r"--fp8: cuda:1 has no FP8 matmuls \(CUDA GPUs of"):
-        kernels.check_fp8_device("cuda:1")  # an A100
+        model_kernels.check_fp8_device("cuda:1")  # an A100
     with pytest.raises(SystemExit, match="--fp8: mps has no FP8 matmuls"):
-        kernels.check_fp8_device("mps")
-    kernels.check_fp8_device("cpu")  # emulated, for tests
+        model_kernels.check_fp8_device("mps")
+    model_kernels.check_fp8_device("cpu")  # emulated, for tests
     capability = (9, 0)  # an H100
-    kernels.check_fp8_device("cuda:1")
-    assert kernels.fp8_hardware("cuda:1") and not kernels.fp8_hardware("cpu")
+    model_kernels.check_fp8_device("cuda:1")
+    assert model_kernels.fp8_hardware("cuda:1") and not model_kernels.fp8_hardware("cpu")

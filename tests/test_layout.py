@@ -243,3 +243,12 @@ def test_checkpoints_keep_their_format(tmp_path, recipe):
     model_switches = [f.name for f in dataclasses.fields(speedrun.ModelSettings)]
     assert all(found["model_config"].pop(switch) == 0 for switch in model_switches)
     assert found == expected[recipe]
+
+
+def test_no_module_of_the_root_hides_an_installed_package():
+    # the root is first on sys.path: a kernels.py there was imported by transformers 5.25 in
+    # place of the `kernels` package it requires, and every transformers model failed to load
+    import importlib.metadata
+
+    installed = set(importlib.metadata.packages_distributions())
+    assert not set(ROOT_MODULES) & installed, sorted(set(ROOT_MODULES) & installed)

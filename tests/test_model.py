@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import model_kernels
 from speedrun import SpeedrunGPT
 from train_gpt2 import GPT, GPTConfig
 
@@ -103,7 +103,7 @@ def test_fused_loss_matches_the_plain_loss_and_gradients():
             logits = softcap * torch.tanh(logits / softcap)
         expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         want = torch.autograd.grad(expected, (x, weight))
-        loss = kernels.linear_cross_entropy(x, weight, targets, softcap, chunk_rows=7)
+        loss = model_kernels.linear_cross_entropy(x, weight, targets, softcap, chunk_rows=7)
         got = torch.autograd.grad(3.0 * loss, (x, weight))  # an upstream gradient is applied
         assert abs(loss.item() - expected.item()) < 1e-12
         for a, b in zip(got, want):
