@@ -13,10 +13,9 @@ import train_gpt2 as tg
 from conftest import HELLASWAG_SLICE, ROOT, TINY, make_shards
 
 NOTEBOOK = os.path.join(ROOT, "play.ipynb")
-CORE_BUNDLE = os.path.join(ROOT, "tests", "data", "core_bundle")
 
 
-def train(tmp_path, hellaswag, more=()):
+def train(tmp_path, hellaswag):
     """A 4-step tiny run evaluating every step, as the real trainer logs it; returns log.txt."""
     data, log_dir = tmp_path / "data", tmp_path / "log"
     make_shards(data, [3000, 9000])
@@ -29,7 +28,7 @@ def train(tmp_path, hellaswag, more=()):
         hellaswag_8 = tmp_path / "hellaswag_8.jsonl"
         hellaswag_8.write_text("".join(open(HELLASWAG_SLICE).readlines()[:8]))
         args += ["--hellaswag", "1", "--hellaswag_path", str(hellaswag_8), "--block_size", "128"]
-    tg.main(TINY + args + list(more))
+    tg.main(TINY + args)
     return log_dir / "log.txt"
 
 
@@ -46,9 +45,18 @@ def hella_log(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def core_log(tmp_path_factory):
-    """A run with CORE (3 examples of each of the tests' tasks) and bits per byte."""
-    more = ["--core", "3", "--core_bundle", CORE_BUNDLE, "--bpb", "1", "--block_size", "128"]
-    return train(tmp_path_factory.mktemp("core_run"), hellaswag=False, more=more)
+    """A log with CORE and bits-per-byte lines, as --core N --bpb 1 write them (test_core.py
+    checks that the loop writes them so)."""
+    log_file = tmp_path_factory.mktemp("core_run") / "log" / "log.txt"
+    log_file.parent.mkdir()
+    lines = [f"{s} train {10 - s:.6f}\n" for s in range(5)]
+    lines += [
+        f"{s} {k} {v:.4f}\n"
+        for s in range(5)
+        for k, v in (("val", 10.5 - s), ("bpb", 3.5 - s / 4), ("core", s / 100))
+    ]
+    log_file.write_text("".join(lines))
+    return log_file
 
 
 def execute(log_file):
