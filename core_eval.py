@@ -391,12 +391,8 @@ class InTheLoop:
         self.scorer = hellaswag_eval.make_scorer(model.hidden, model.head, compile)
 
     def warm_up(self, device, autocast):
-        with torch.no_grad(), autocast:
-            for task in self.packed_tasks:
-                for batch in {tuple(b.tokens.shape): b for b in task.packed.batches}.values():
-                    self.scorer(
-                        *(t.to(device) for t in (batch.tokens, batch.positions, batch.targets))
-                    )
+        packed = [task.packed for task in self.packed_tasks]
+        hellaswag_eval.warm_up(self.scorer, packed, device, autocast)
 
     def score(self, env, autocast, should_stop):
         """The CORE score, said on the master; None when should_stop() cut it short, or when

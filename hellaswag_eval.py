@@ -268,6 +268,15 @@ def evaluate(scorer, packed, device, autocast=None, rank=0, world_size=1, should
     return correct, correct_norm, len(packed)
 
 
+def warm_up(scorer, packed_sets, device, autocast):
+    """One batch of every shape of the packed sets (PackedRows) through the scorer, under no_grad:
+    its graphs compiled at start-up, where a stop loses nothing."""
+    batches = [b for packed in packed_sets for b in packed.batches]
+    with torch.no_grad(), autocast:
+        for batch in {tuple(b.tokens.shape): b for b in batches}.values():
+            scorer(*(t.to(device) for t in (batch.tokens, batch.positions, batch.targets)))
+
+
 class InTheLoop:
     """HellaSwag as the training loop scores it: the examples packed once (load_hellaswag), a
     scorer of the raw model (compiled where the loop compiles: warm_up compiles its graphs at
@@ -279,10 +288,7 @@ class InTheLoop:
         self.packed, self.scorer = packed, make_scorer(model.hidden, model.head, compile)
 
     def warm_up(self, device, autocast):
-        """One batch of every shape through the scorer, under no_grad: its graphs compiled."""
-        with torch.no_grad(), autocast:
-            for batch in {tuple(b.tokens.shape): b for b in self.packed.batches}.values():
-                self.scorer(*(t.to(device) for t in (batch.tokens, batch.positions, batch.targets)))
+        warm_up(self.scorer, [self.packed], device, autocast)
 
     def score(self, env, autocast, should_stop):
         """acc_norm, said on the master (env.print0); None when should_stop() cut the pass
