@@ -54,7 +54,7 @@ import hellaswag_eval
 import sharding
 import train_gpt2 as tg
 from generation import generate, sample_next
-from model_kernels import fp8_hardware
+from model_kernels import ATTENTION_CHOICES, attention_backend, choose_attention, fp8_hardware
 from support import PROJECT_DIR, checkpoints, files
 from support.cli import (
     ON_OFF,
@@ -488,6 +488,9 @@ class BenchConfig:
     speedrun: int = setting(
         1, "rows with --recipe speedrun's model and Muon (0: in no row)", choices=ON_OFF
     )
+    attention: str = setting(
+        "auto", "the flash rows' SDPA kernel (auto: train_gpt2.py's)", choices=ATTENTION_CHOICES
+    )
     matmul_size: int = setting(
         0, "n of the n^3 peak matmul (0: 8192 on CUDA, else 2048)", minimum=0
     )
@@ -600,49 +603,53 @@ def main(argv=None):
         return write_figures(cfg.json, sharding_figures(cfg, config, T, dtype))
     if cfg.checkpoint:
         return write_figures(cfg.json, checkpoint_figures(cfg, config, T, env))
+    head_size = config.n_embd // config.n_head
+    attention, _ = choose_attention(cfg.attention, device, dtype, config.n_head, head_size)
     plan = plan_rows(cfg, dtype, fp8_hardware(device))
     figures = dict(device=env.device_type, torch=torch.__version__, preset=preset, T=T)
     figures.update(model=dataclasses.asdict(config), settings=dataclasses.asdict(cfg))
-    figures.update(autocast_dtype=str(dtype).removeprefix("torch."))
+    figures.update(autocast_dtype=str(dtype).removeprefix("torch."), attention=attention)
     if env.device_type == "cuda":
         figures["device"] = torch.cuda.get_device_name(device)
     print(
         f"{figures['device']}, torch {torch.__version__}; {preset} (n_layer={config.n_layer}, "
         f"n_head={config.n_head}, n_embd={config.n_embd}), B={cfg.B}, T={T}, "
-        f"grad_accum={cfg.grad_accum}; {cfg.warmup} warm-up and {cfg.steps} timed steps per row"
+        f"grad_accum={cfg.grad_accum}; {cfg.warmup} warm-up and {cfg.steps} timed steps per row; "
+        f"attention: {attention}"
     )
     figures.update(measure_peaks(plan, cfg, device, dtype))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        # the timed steps read from the loader too, with shuffling on as in training
-        sequences = cfg.B * max(cfg.loader_batches, (cfg.warmup + cfg.steps) * cfg.grad_accum)
-        data_dir = cfg.data_dir or synthetic_shards(tmp, sequences * T + 1)
-        loader = DataLoaderLite(cfg.B, T, 0, 1, "train", data_dir, shuffle=True)
-        peaks = (figures["peak_flops_spec"], figures["peak_flops_matmul"])
-        results, last = [], Variant()
-        if plan:
-            results, last = measure_rows(plan, config, T, loader, env, dtype, cfg, *peaks)
-        # the model the measurements below use: the last row's, or with --rows none the plain one
-        ran = not plan or any(not row["skipped"] for row in results)
-        if results:
-            print_memory_note(env.device_type)
-        if cfg.profile and ran:
-            torch._dynamo.reset()
-            step = make_step(last, config, loader, env, dtype, cfg.grad_accum)
-            time_steps(step, cfg.warmup, 0)
-            profile_steps(step, env.device_type, PROFILE_STEPS, cfg.profile)
-        figures.update(rows=results, data_loader=data_loader_figures(loader, results, cfg, T))
-        if cfg.val_steps and plan:  # the loader's shards live in tmp
-            args = (config, last, device, dtype, loader, cfg.val_steps)
-            figures["val_loss"] = measure_or_skip(ran, val_loss_figures, *args)
-    if cfg.hellaswag:
-        args = (config, last, device, dtype, cfg.hellaswag_path, cfg.hellaswag_examples)
-        figures["hellaswag"] = measure_or_skip(ran, hellaswag_figures, *args)
-    if cfg.core:
-        args = (config, last, device, dtype, cfg.core_bundle, cfg.core_examples)
-        figures["core"] = measure_or_skip(ran, core_figures, *args)
-    if cfg.generate:
-        figures["generation"] = generation_figures(config, device, dtype, cfg)
+    with attention_backend(attention):  # the rows', the evaluations' and generation's
+        with tempfile.TemporaryDirectory() as tmp:
+            # the timed steps read from the loader too, with shuffling on as in training
+            sequences = cfg.B * max(cfg.loader_batches, (cfg.warmup + cfg.steps) * cfg.grad_accum)
+            data_dir = cfg.data_dir or synthetic_shards(tmp, sequences * T + 1)
+            loader = DataLoaderLite(cfg.B, T, 0, 1, "train", data_dir, shuffle=True)
+            peaks = (figures["peak_flops_spec"], figures["peak_flops_matmul"])
+            results, last = [], Variant()
+            if plan:
+                results, last = measure_rows(plan, config, T, loader, env, dtype, cfg, *peaks)
+            # the model the measurements below use: the last row's, or with --rows none the plain
+            ran = not plan or any(not row["skipped"] for row in results)
+            if results:
+                print_memory_note(env.device_type)
+            if cfg.profile and ran:
+                torch._dynamo.reset()
+                step = make_step(last, config, loader, env, dtype, cfg.grad_accum)
+                time_steps(step, cfg.warmup, 0)
+                profile_steps(step, env.device_type, PROFILE_STEPS, cfg.profile)
+            figures.update(rows=results, data_loader=data_loader_figures(loader, results, cfg, T))
+            if cfg.val_steps and plan:  # the loader's shards live in tmp
+                args = (config, last, device, dtype, loader, cfg.val_steps)
+                figures["val_loss"] = measure_or_skip(ran, val_loss_figures, *args)
+        if cfg.hellaswag:
+            args = (config, last, device, dtype, cfg.hellaswag_path, cfg.hellaswag_examples)
+            figures["hellaswag"] = measure_or_skip(ran, hellaswag_figures, *args)
+        if cfg.core:
+            args = (config, last, device, dtype, cfg.core_bundle, cfg.core_examples)
+            figures["core"] = measure_or_skip(ran, core_figures, *args)
+        if cfg.generate:
+            figures["generation"] = generation_figures(config, device, dtype, cfg)
     write_figures(cfg.json, figures)
 
 

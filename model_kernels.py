@@ -4,12 +4,18 @@ Optional kernels of the models, each switched on by one flag of train_gpt2.py:
 - --fused_loss 1: the lm_head and the cross-entropy computed together in chunks of rows, so the
   (tokens x vocab) logits tensor never exists (linear_cross_entropy).
 - --fp8 1: the four linear layers of every block multiply in FP8 while training (use_fp8_matmuls).
+- --attention auto|cudnn|flash|math: which kernel computes F.scaled_dot_product_attention, checked
+  against the math backend at start-up (choose_attention, attention_backend).
 
-Neither changes the parameters, so checkpoints are the same with them and without.
+None changes the parameters, so checkpoints are the same with them and without.
 """
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from support.devices import autocast_dtype
 
 # -----------------------------------------------------------------------------
 # The fused lm_head + cross-entropy
@@ -162,3 +168,100 @@ def check_fp8_device(device):
             f"--fp8: {device} has no FP8 matmuls (CUDA GPUs of compute capability 8.9+ have: "
             "H100, H200, L4, RTX 40xx)"
         )
+
+
+# -----------------------------------------------------------------------------
+# The attention backend
+
+# PyTorch's SDPA picks among these kernels by its own fixed order, which on Hopper does not always
+# put cuDNN's fused attention first, though it is reported at 1.6-2.3x FlashAttention-2 there for
+# training shapes. --attention names the kernel; auto takes the fastest that runs here and agrees
+# with the math backend (softmax(QK^T)V written out in matmuls: the reference).
+SDPA_BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+ATTENTION_CHOICES = ("auto", "cudnn", "flash", "math")
+
+
+def auto_candidates(device):
+    """--attention auto's backends, fastest first: on CUDA cuDNN (Hopper and newer only: on older
+    GPUs FlashAttention is the faster), FlashAttention, the memory-efficient kernel (float32,
+    which flash does not take); elsewhere the CPU's flash kernel."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        hopper = torch.cuda.get_device_capability(device)[0] >= 9
+        return ("cudnn",) * hopper + ("flash", "efficient", "math")
+    return ("flash", "math")
+
+
+def attention_tolerance(dtype):
+    """The largest error relative to float64 math that a correct kernel shows: 8 roundings of
+    the dtype (measured on a CPU: about 1 in bf16 and fp16, 6 in float32), and at least TF32's
+    (CUDA's float32 matmuls round to 10 bits with torch.set_float32_matmul_precision("high")).
+    A wrong mask or scale is off by 10% or more."""
+    return max(8 * torch.finfo(dtype).eps, 2e-3)
+
+
+def attention_error(name, device, dtype, n_head, head_size, T=256, seed=0):
+    """How far backend `name`'s causal attention (output, and the q, k, v gradients) is from the
+    math backend's in float64 on a small random input of the run's head shape, relative to the
+    largest magnitude of each; None if the backend cannot run it here."""
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v, grad = (torch.randn(2, n_head, T, head_size, generator=generator) for _ in range(4))
+
+    def attend(backend, tensors, upstream):
+        tensors = [t.to(device, copy=True).requires_grad_() for t in tensors]
+        with sdpa_kernel([SDPA_BACKENDS[backend]]):
+            y = F.scaled_dot_product_attention(*tensors, is_causal=True)
+        y.backward(upstream.to(device))
+        return [y.detach()] + [t.grad for t in tensors]
+
+    try:
+        got = attend(name, [t.to(dtype) for t in (q, k, v)], grad.to(dtype))
+    except RuntimeError:  # "No available kernel": this device, dtype or head size has none
+        return None
+    want = attend("math", [t.double() for t in (q, k, v)], grad.double())
+    return max(((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want))
+
+
+def choose_attention(name, device, dtype, n_head, head_size):
+    """(backend, its error against float64 math): the one --attention names, or auto's first
+    candidate that runs here and agrees; a named one that cannot run or disagrees is refused in
+    one line."""
+    shape = f"{dtype}, head size {head_size}".replace("torch.", "")
+    for backend in auto_candidates(device) if name == "auto" else (name,):
+        error = attention_error(backend, device, dtype, n_head, head_size)
+        if error is not None and error <= attention_tolerance(dtype):
+            return backend, error
+        if name != "auto" and error is None:
+            raise SystemExit(
+                f"--attention {name} does not run on {device} ({shape}): use auto or math"
+            )
+        if name != "auto":
+            raise SystemExit(
+                f"--attention {name} disagrees with the math backend on {device} ({shape}): "
+                f"error {error:.1e} > {attention_tolerance(dtype):.1e}; use auto or math"
+            )
+    raise SystemExit(f"no attention backend agrees with the math backend on {device} ({shape})")
+
+
+def attention_backend(backend):
+    """`with` it, F.scaled_dot_product_attention runs `backend` first, and another where that
+    one cannot (the sampler's masked attention, say); math alone means math everywhere."""
+    if backend == "math":
+        return sdpa_kernel([SDPBackend.MATH])
+    order = [SDPA_BACKENDS[backend]] + [b for n, b in SDPA_BACKENDS.items() if n != backend]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def checked_attention(cfg, device, log=print):
+    """The context in which a run of TrainConfig `cfg` computes its attention: --attention's
+    backend, chosen and checked here for the run's autocast dtype and heads; the header names it."""
+    dtype = autocast_dtype(cfg.dtype, torch.device(device).type)
+    head_size = cfg.n_embd // cfg.n_head
+    backend, error = choose_attention(cfg.attention, device, dtype, cfg.n_head, head_size)
+    log(f"attention: {backend} (error {error:.1e} against float64 math, {str(dtype)[6:]})")
+    return attention_backend(backend)

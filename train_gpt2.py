@@ -40,10 +40,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dashboards
 import evals
+import model_kernels
 import sharding
 import speedrun
 from generation import print_samples, token_positions
-from model_kernels import check_fp8_device, linear_cross_entropy, use_fp8_matmuls
 from support import checkpoints, datafiles, devices, hf_gpt2, rundir
 from support.cli import ON_OFF, setting
 from support.datafiles import BUNDLED, BUNDLED_DEFAULTS, BUNDLED_NEXT, GPT2_VOCAB_SIZE
@@ -163,7 +163,7 @@ class GPT(nn.Module):
         if cache is not None:
             x = x[:, -1:]  # generation needs the next token only
         if targets is not None and self.fused_loss:
-            return None, linear_cross_entropy(x, self.lm_head.weight, targets)
+            return None, model_kernels.linear_cross_entropy(x, self.lm_head.weight, targets)
         logits = self.head(x)
         loss = None if targets is None else self.cross_entropy(logits, targets)
         return logits, loss
@@ -489,9 +489,8 @@ CHECKPOINT_KEYS += ("val_loss", "loader", "rng")
 def model_config_of(checkpoint):
     try:
         return GPTConfig(**speedrun.absent_switches_off(checkpoint["model_config"], GPTConfig))
-    except TypeError:
-        kind = "a model_config of another kind"
-        raise SystemExit(f"checkpoint {checkpoint.path} has {kind}") from None
+    except TypeError:  # another program's model_config
+        raise SystemExit(f"checkpoint {checkpoint.path} has a foreign model_config") from None
 
 
 def model_from_checkpoint(checkpoint):
@@ -575,6 +574,7 @@ class TrainingState:
 
 
 MODEL_HELP = "a GPT-2 shape, and GPT-3's lr for its size (default: the --n_* flags)"
+ATTENTION_HELP = "the SDPA kernel; auto: the fastest that agrees with the math one"
 MICRO_BATCH_HELP = "micro-batch size; auto: the largest that fits on CUDA, else 64 (default: auto)"
 
 
@@ -628,9 +628,8 @@ class TrainConfig(speedrun.Settings, GPTConfig):
     resume_allow_new_data: int = setting(0, "resume on new shards from their start", choices=ON_OFF)
     device: str = setting("", "cuda, cuda:1, mps or cpu (default: the best available)")
     dtype: str = setting("auto", "autocast dtype", choices=("auto", *cli.DTYPES))
-    compile: int | None = setting(
-        None, "torch.compile the model (default: on CUDA)", choices=ON_OFF
-    )
+    compile: int | None = setting(None, "torch.compile (default: on CUDA)", choices=ON_OFF)
+    attention: str = setting("auto", ATTENTION_HELP, choices=model_kernels.ATTENTION_CHOICES)
     shard: str = setting("ddp", "ddp: whole models; fsdp: sharded ones", choices=("ddp", "fsdp"))
     activation_checkpointing: int = setting(0, "recompute blocks in backward", choices=ON_OFF)
     shuffle: int = setting(1, "shuffle shards and sequences each epoch", choices=ON_OFF)
@@ -766,7 +765,7 @@ def build_model(cfg, checkpoint):
             raise SystemExit(str(e)) from None
     model.fused_loss = bool(cfg.fused_loss)
     if cfg.fp8:
-        use_fp8_matmuls(model)
+        model_kernels.use_fp8_matmuls(model)
     if cfg.activation_checkpointing:
         sharding.checkpoint_activations(model)
     return model
@@ -914,7 +913,7 @@ def start_run(cfg, env, checkpoint, stop):
     random numbers those of the uninterrupted one."""
     print0 = env.print0
     if cfg.fp8:
-        check_fp8_device(env.device)
+        model_kernels.check_fp8_device(env.device)
     checkpoints.seed_everything(cfg.seed)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     data_dir = prepare_data(cfg, env)
@@ -1083,7 +1082,8 @@ def run(argv):
         if env.device_type == "cpu":
             devices.keep_freed_cpu_memory()
         try:
-            with StopSignal(env, lambda: checkpoints.last_saved(cfg.log_dir)) as stop:
+            attention = model_kernels.checked_attention(cfg, env.device, env.print0)
+            with StopSignal(env, lambda: checkpoints.last_saved(cfg.log_dir)) as stop, attention:
                 signum = train(cfg, env, checkpoint, stop, start_time)
             if env.distributed:
                 # the ranks leave together: gloo aborts a process whose peers tear down the

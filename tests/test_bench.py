@@ -167,6 +167,8 @@ def test_bench_script_prints_every_column(tmp_path):
     for column in bench.COLUMNS:
         assert column in header
     figures = json.loads(out_json.read_text())
+    assert figures["attention"] == "flash"  # a CPU's fastest: the header names it
+    assert lines[0].endswith("timed steps per row; attention: flash")
     names = ["fp32", "+ tf32", "+ bf16", "+ flash attention", "+ vocab 50304", "+ fused AdamW"]
     names += ["+ fused loss", "+ fp8", "+ speedrun recipe"]
     assert [row["variant"] for row in figures["rows"]] == names

@@ -175,6 +175,7 @@ def test_unavailable_device(workdir):
         (["--max_lr", "0"], "--max_lr 0.0: out of range"),
         (["--vocab_size", "50000"], "--vocab_size 50000: out of range (must be >= 50257)"),
         (["--recipe", "gpt3"], "argument --recipe: invalid choice: 'gpt3'"),
+        (["--attention", "cudnn"], "--attention cudnn does not run on cpu (float32, head size 16)"),
         (["--B", "many"], "argument --B: expected a number or 'auto', not 'many'"),
         (["--max_length", "100"], "--max_length 100 is longer than block_size"),
         (["--fp8", "1", "--T", "24"], "--fp8 needs n_embd and T divisible by 16, not 32 and 24"),
