@@ -168,6 +168,7 @@ def test_a_second_run_into_a_busy_log_dir_is_refused_and_a_killed_one_leaves_no_
         [sys.executable, FAULTS] + args, stdout=subprocess.PIPE, text=True, env=env
     )
     try:
+        assert first.stdout.readline().startswith("attention: ")  # it has the log dir
         assert first.stdout.readline().startswith("decayed parameter tensors")  # it is starting
         busy = f"{tmp_path / 'log'} is in use by another run: wait for it to end"
         for second in (args, [a for a in args if a not in ("--resume", "auto")]):
