@@ -257,11 +257,13 @@ def attention_backend(backend):
     return sdpa_kernel(order, set_priority=True)
 
 
-def checked_attention(cfg, device, log=print):
+def checked_attention(cfg, env):
     """The context in which a run of TrainConfig `cfg` computes its attention: --attention's
-    backend, chosen and checked here for the run's autocast dtype and heads; the header names it."""
-    dtype = autocast_dtype(cfg.dtype, torch.device(device).type)
+    backend, chosen and checked on env.device (a DistEnv's) for the run's autocast dtype and
+    heads, and named in the run's header."""
+    dtype = autocast_dtype(cfg.dtype, env.device_type)
     head_size = cfg.n_embd // cfg.n_head
-    backend, error = choose_attention(cfg.attention, device, dtype, cfg.n_head, head_size)
-    log(f"attention: {backend} (error {error:.1e} against float64 math, {str(dtype)[6:]})")
+    backend, error = choose_attention(cfg.attention, env.device, dtype, cfg.n_head, head_size)
+    dtype_name = str(dtype).removeprefix("torch.")
+    env.print0(f"attention: {backend} (error {error:.1e} against float64 math, {dtype_name})")
     return attention_backend(backend)

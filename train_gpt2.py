@@ -1082,7 +1082,7 @@ def run(argv):
         if env.device_type == "cpu":
             devices.keep_freed_cpu_memory()
         try:
-            attention = model_kernels.checked_attention(cfg, env.device, env.print0)
+            attention = agree(env, lambda: model_kernels.checked_attention(cfg, env))
             with StopSignal(env, lambda: checkpoints.last_saved(cfg.log_dir)) as stop, attention:
                 signum = train(cfg, env, checkpoint, stop, start_time)
             if env.distributed:
