@@ -54,7 +54,13 @@ import hellaswag_eval
 import sharding
 import train_gpt2 as tg
 from generation import generate, sample_next
-from model_kernels import ATTENTION_CHOICES, attention_backend, choose_attention, fp8_hardware
+from model_kernels import (
+    ATTENTION_CHOICES,
+    FP8_KERNELS,
+    attention_backend,
+    choose_attention,
+    fp8_hardware,
+)
 from support import PROJECT_DIR, checkpoints, files
 from support.cli import (
     ON_OFF,
@@ -107,6 +113,7 @@ class Variant:
     fused_loss: bool = False
     fp8: bool = False
     speedrun: bool = False
+    fp8_kernels: str = "ours"  # whose FP8 matmuls the fp8 rows use (model_kernels.FP8_KERNELS)
 
 
 # The optimizations in the lecture's order, each with a short name for the table. The autocast
@@ -158,6 +165,7 @@ def row_settings(config, variant, dtype=torch.float32, **settings):
         recipe="speedrun" if variant.speedrun else "gpt2",
         fused_loss=int(variant.fused_loss),
         fp8=int(variant.fp8),
+        fp8_kernels=variant.fp8_kernels,
         dtype=str(dtype).removeprefix("torch."),
     )
     return tg.TrainConfig(**{**dataclasses.asdict(config), **row, **settings})
@@ -321,9 +329,9 @@ def core_rates(config, variant, device, dtype, bundle, limit):
     tasks = core_eval.load_tasks(bundle, limit=limit)
     model = row_model(config, variant, device).eval()
     autocast = autocast_context(dtype if variant.autocast else torch.float32, device.split(":")[0])
-    enc, batch_tokens = get_tokenizer(), hellaswag_eval.batch_tokens_for(device)
-    multiple = hellaswag_eval.WIDTH_MULTIPLE if variant.compile else 1
-    packed = [core_eval.pack_task(t, enc, config.block_size, batch_tokens, multiple) for t in tasks]
+    batch_tokens = hellaswag_eval.batch_tokens_for(device)
+    packed = core_eval.pack_tasks(tasks, config.block_size, batch_tokens, variant.compile)
+    enc = get_tokenizer()
     scorer = hellaswag_eval.make_scorer(model.hidden, model.head, variant.compile)
     examples = sum(len(t.examples) for t in tasks)
     with attention_of(variant), torch.no_grad():
@@ -429,6 +437,8 @@ def plan_rows(cfg, dtype, has_fp8):
     optimization more per row (the lecture's sequence), or one row with all of them. Optimizations
     switched off by flag appear in no row."""
     names = dict(OPTIMIZATIONS, autocast={torch.float16: "fp16"}.get(dtype, "bf16"))
+    if cfg.fp8_kernels != "ours":
+        names["fp8"] = f"fp8 ({cfg.fp8_kernels})"
     enabled = [k for k in OPTIMIZATIONS if getattr(cfg, k)]
     missing = {}  # the optimizations this device has no fast kernels for, and why
     if dtype == torch.float32:
@@ -485,6 +495,7 @@ class BenchConfig:
     fp8: int = setting(
         1, "rows with the blocks' matmuls in FP8, where the GPU has them (0: none)", choices=ON_OFF
     )
+    fp8_kernels: str = setting("ours", "the fp8 rows' matmuls", choices=FP8_KERNELS)
     speedrun: int = setting(
         1, "rows with --recipe speedrun's model and Muon (0: in no row)", choices=ON_OFF
     )
@@ -547,7 +558,7 @@ def measure_rows(plan, config, T, loader, env, dtype, cfg, peak_spec, peak_matmu
     """
     width = max(len(COLUMNS[0]), *(len(name) for name, _, _ in plan))
     print("  ".join([COLUMNS[0].ljust(width)] + [c.rjust(w) for c, w in zip(COLUMNS[1:], WIDTHS)]))
-    results, current, baseline = [], Variant(), None
+    results, current, baseline = [], Variant(fp8_kernels=cfg.fp8_kernels), None
     for name, added, reason in plan:
         variant = dataclasses.replace(current, **{k: True for k in added})
         row = {"variant": name, **dataclasses.asdict(variant), "skipped": reason}

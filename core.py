@@ -26,7 +26,6 @@ import hellaswag_eval
 from eval_models import ScoringSettings, scored_model
 from generation import NonFiniteLogits
 from support.cli import parse_settings, quiet_exit_when_stdout_closes, setting
-from support.datafiles import get_tokenizer
 from support.devices import autocast_context, autocast_dtype
 from train_gpt2 import setup_distributed
 
@@ -56,9 +55,7 @@ def main(argv=None):
     torch.set_float32_matmul_precision("high")
     model = scored_model(cfg.model_type, cfg.checkpoint, cfg.log_dir, env.device)
     batch_tokens = cfg.batch_tokens or hellaswag_eval.batch_tokens_for(env.device)
-    multiple = hellaswag_eval.WIDTH_MULTIPLE if cfg.compile else 1
-    enc = get_tokenizer()
-    packed = [core_eval.pack_task(t, enc, model.context, batch_tokens, multiple) for t in tasks]
+    packed = core_eval.pack_tasks(tasks, model.context, batch_tokens, bool(cfg.compile))
     scorer = hellaswag_eval.make_scorer(model.hidden, model.head, bool(cfg.compile))
 
     def report(label, accuracy, centred):

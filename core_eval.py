@@ -320,6 +320,14 @@ def pack_task(task, enc, context, batch_tokens, multiple=hellaswag_eval.WIDTH_MU
     return PackedTask(task, packed, torch.tensor(owners, dtype=torch.long))
 
 
+def pack_tasks(tasks, context, batch_tokens, compile=False):
+    """Every task packed for a model of `context` tokens, in batches of about batch_tokens tokens;
+    for a compiled scorer, of widths that are multiples of WIDTH_MULTIPLE: a handful of shapes."""
+    multiple = hellaswag_eval.WIDTH_MULTIPLE if compile else 1
+    enc = get_tokenizer()
+    return [pack_task(task, enc, context, batch_tokens, multiple) for task in tasks]
+
+
 def task_accuracy(scores, packed_task):
     """The fraction of the task's examples answered right, from row_scores: one synchronization."""
     scores = scores.double().cpu()
@@ -374,10 +382,7 @@ def for_the_loop(cfg, env, model, compile):
     agree(env, lambda: bundle_path(cfg.core_bundle) if env.local_rank == 0 else None)
     tasks = agree(env, lambda: load_tasks(bundle_path(cfg.core_bundle), limit=cfg.core))
     batch_tokens = hellaswag_eval.batch_tokens_for(env.device)
-    multiple = hellaswag_eval.WIDTH_MULTIPLE if compile else 1
-    enc = get_tokenizer()
-    packed = [pack_task(task, enc, cfg.block_size, batch_tokens, multiple) for task in tasks]
-    return InTheLoop(packed, model, compile)
+    return InTheLoop(pack_tasks(tasks, cfg.block_size, batch_tokens, compile), model, compile)
 
 
 class InTheLoop:

@@ -3,19 +3,37 @@ Optional kernels of the models, each switched on by one flag of train_gpt2.py:
 
 - --fused_loss 1: the lm_head and the cross-entropy computed together in chunks of rows, so the
   (tokens x vocab) logits tensor never exists (linear_cross_entropy).
-- --fp8 1: the four linear layers of every block multiply in FP8 while training (use_fp8_matmuls).
+- --fp8 1: the four linear layers of every block multiply in FP8 while training (use_fp8_matmuls):
+  ours (FP8Linear), or torchao's float8 training with --fp8_kernels (Settings).
 - --attention auto|cudnn|flash|math: which kernel computes F.scaled_dot_product_attention, checked
   against the math backend at start-up (choose_attention, attention_backend).
 
 None changes the parameters, so checkpoints are the same with them and without.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from support.cli import setting
 from support.devices import autocast_dtype
+
+# --fp8's matmuls: ours (FP8Linear), or torchao's float8 training with its scales per tensor (the
+# same arithmetic as ours, but for a float32 rounding of the scales) or per row of each operand;
+# which is faster at which size is what `bash .ci/gpu fp8_kernels` measures
+FP8_KERNELS = ("ours", "torchao_tensorwise", "torchao_rowwise")
+
+
+@dataclass
+class Settings:
+    """The kernels' own settings, declared here as speedrun.Settings is in speedrun.py: fields of
+    train_gpt2.py's TrainConfig, each also a flag."""
+
+    fp8_kernels: str = setting("ours", "--fp8's matmuls: ours or torchao's", choices=FP8_KERNELS)
+
 
 # -----------------------------------------------------------------------------
 # The fused lm_head + cross-entropy
@@ -140,9 +158,12 @@ class FP8Linear(nn.Linear):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-def use_fp8_matmuls(model):
+def use_fp8_matmuls(model, kernels="ours"):
     """Replace the linear layers of every block by FP8Linear layers holding the same parameters
-    (the embedding and lm_head stay as they are), so that checkpoints do not change."""
+    (the embedding and lm_head stay as they are), so that checkpoints do not change; or, with
+    kernels torchao_tensorwise or torchao_rowwise, by torchao's (use_torchao_float8)."""
+    if kernels != "ours":
+        return use_torchao_float8(model, kernels.removeprefix("torchao_"))
     for block in model.transformer.h:
         for module, name in (
             (block.attn, "c_attn"),
@@ -151,6 +172,21 @@ def use_fp8_matmuls(model):
             (block.mlp, "c_proj"),
         ):
             setattr(module, name, FP8Linear.sharing(getattr(module, name)))
+
+
+def use_torchao_float8(model, scaling):
+    """torchao's float8 training (Float8Linear, with `scaling` tensorwise or rowwise) for the
+    linear layers of every block, holding the same parameters. Unlike FP8Linear, its layers
+    multiply in FP8 under no_grad too: validation and HellaSwag see the FP8 model."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise SystemExit(
+            f"--fp8_kernels torchao_{scaling} needs torchao: pip install torchao"
+        ) from None
+    config = Float8LinearConfig.from_recipe_name(scaling)
+    for block in model.transformer.h:
+        convert_to_float8_training(block, config=config)
 
 
 def fp8_hardware(device):

@@ -2,15 +2,16 @@
 The recipes compared on a CPU, where anyone can rerun it: a small model trained on the Python
 standard library's own sources (each file one document, tokenized by fineweb.py; its first shard
 is val) for a fixed number of tokens, over several seeds, once per recipe and once for each switch
-of the speedrun recipe turned off alone. Prints each run's final val loss (mean and standard
-deviation over the seeds; and against the current recipe, the mean and standard deviation of the
-difference seed by seed: a seed fixes the data order and the init, so that runs of one seed move
-together) and the fraction of the tokens after which the current speedrun recipe first reaches
-the previous one's final val loss: the figures of docs/recipes.md. Every run trains on the same
-number of tokens: under the batch schedule, whose first steps are smaller, in more steps.
+of the speedrun recipe turned off alone (on alone, for a switch that is off by default). Prints
+each run's final val loss (mean and standard deviation over the seeds; and against the current
+recipe, the mean and standard deviation of the difference seed by seed: a seed fixes the data
+order and the init, so that runs of one seed move together) and the fraction of the tokens
+after which the current speedrun recipe first reaches the previous one's final val loss: the
+figures of docs/recipes.md. Every run trains on the same number of tokens: under the batch
+schedule, whose first steps are smaller, in more steps.
 
     python recipe_proxy.py                          # the previous and the current speedrun recipe
-    python recipe_proxy.py --runs ablations         # and the current one with each switch off
+    python recipe_proxy.py --runs ablations         # and the current one, each switch alone
     python recipe_proxy.py --runs previous,current,no_normuon --seeds 1 2 3 4 5
     python recipe_proxy.py --runs current,cautious_wd=0.3,cautious_wd=3   # a setting's values
 
@@ -35,9 +36,15 @@ from support.cli import parse_settings, setting
 
 # the recipe of the speedrun's first records: every switch of the current one off
 PREVIOUS = dict.fromkeys(speedrun.SWITCHES, 0)
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(speedrun.Settings)}
+DEFAULTS = {
+    f.name: f.default
+    for settings in (speedrun.Settings, speedrun.ModelSettings)
+    for f in dataclasses.fields(settings)
+}
+# each switch against the current recipe: off alone, or on alone where it is off by default
+ABLATIONS = [f"no_{s}" if DEFAULTS[s] else f"{s}=1" for s in PREVIOUS]
 RUN_SETS = {"recipes": ["previous", "current"]}
-RUN_SETS["ablations"] = RUN_SETS["recipes"] + [f"no_{switch}" for switch in PREVIOUS]
+RUN_SETS["ablations"] = RUN_SETS["recipes"] + ABLATIONS
 
 
 @dataclass

@@ -12,11 +12,13 @@ Against the lecture's GPT-2 its first records change:
 - Muon for the blocks' matrices, AdamW for the embedding and the head, each at its own rate;
 - no warmup: constant rates, then a linear cooldown.
 
-Later records add, each behind a switch that is on by default (SWITCHES; all off is the recipe of
-the first records, to the bit): U-net skips between the first and the second half of the blocks,
-value embeddings mixed into the attention values, document-aware attention in a sliding window
-that grows over the run, Polar Express in place of Newton-Schulz, NorMuon's per-neuron step sizes,
-cautious weight decay, and schedules of the batch size and of the context length.
+Later records add, each behind a switch (SWITCHES; all off is the recipe of the first records, to
+the bit), on by default: U-net skips between the first and the second half of the blocks, value
+embeddings mixed into the attention values, a hashed embedding of each token's bigram,
+document-aware attention in a sliding window that grows over the run, Polar Express in place of
+Newton-Schulz, NorMuon's per-neuron step sizes, cautious weight decay, and schedules of the batch
+size and of the context length; and off by default, the prediction of the tokens 2 and 3 ahead
+early in the run (it made the CPU proxy's val loss worse: docs/recipes.md).
 
 Everything else of a run (data, DDP, evaluation, checkpoints, resume) is train_gpt2.py's. What
 the trainer takes from here (train_gpt2.get_recipe) is the model, which has GPT's parameter names
@@ -63,6 +65,9 @@ class ModelSettings:
     sliding_window: int = setting(
         128, "speedrun: the attention window at first, grown to block_size (0: none)", minimum=0
     )
+    bigram_embed: int = setting(
+        5, "speedrun: a table of N x vocab_size hashed token pairs into every block", minimum=0
+    )
 
 
 # A checkpoint without one of these was written before the switch existed: it is off there
@@ -76,6 +81,8 @@ SWITCHES = (
     "cautious_wd",
     "batch_schedule",
     "seq_schedule",
+    "bigram_embed",
+    "mtp",
 )
 # the sliding window grows in steps of this many tokens: a compiled model recompiles for each
 WINDOW_STEP = 64
@@ -84,6 +91,16 @@ WINDOW_STEP = 64
 CAUTIOUS_WD = 1.2
 # the schedules' stages: the run in thirds of its steps (modded-nanogpt's batch size schedule)
 STAGES = 3
+# multi-token prediction's weights of the next token and of those 2 and 3 ahead, from a stage's
+# start to its end (modded-nanogpt record 53): 3 tokens, then 2, then the next one alone
+MTP_WEIGHTS = (
+    ((1.0, 0.5, 0.25), (1.0, 0.5, 0.0)),
+    ((1.0, 0.5), (1.0, 0.0)),
+    ((1.0,), (1.0,)),
+)
+# the bigram hash: two odd multipliers of the token and the one before it, whose products are
+# xor-ed, so that the pairs of the 50k tokens spread over the table's rows
+BIGRAM_MULTIPLIERS = (40_503, 28_657)
 
 
 def absent_switches_off(config, settings_class):
@@ -103,7 +120,9 @@ class Settings:
     embed_lr: float = setting(0.6, "speedrun: AdamW rate of the token embedding", above=0)
     head_lr: float = setting(0.008, "speedrun: AdamW rate of the lm_head", above=0)
     cooldown_frac: float = setting(0.6, "speedrun: steps of lr cooldown", minimum=0, maximum=1)
-    scalar_lr: float = setting(0.04, "speedrun: AdamW rate of the skip and value weights", above=0)
+    scalar_lr: float = setting(
+        0.04, "speedrun: AdamW rate of the skip, value and bigram weights", above=0
+    )
     polar_express: int = setting(
         1, "speedrun: Muon orthogonalizes by Polar Express", choices=ON_OFF
     )
@@ -118,6 +137,11 @@ class Settings:
     )
     seq_schedule: int = setting(
         1, "speedrun: contexts of at most T/2 tokens for the first third", choices=ON_OFF
+    )
+    # off: in the CPU proxy (docs/recipes.md) it raised the val loss by 0.042 at equal tokens
+    # (0.017 to 0.070 over 3 seeds); its record trained a 12-layer model on 100 times the tokens
+    mtp: int = setting(
+        0, "speedrun: also predict the tokens 2 and 3 ahead in the first two thirds", choices=ON_OFF
     )
 
 
@@ -247,6 +271,10 @@ class SpeedrunGPT(nn.Module):
             )
         if config.unet_skips:  # the weight of each skip into the second half (record 11)
             self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
+        if config.bigram_embed:  # token pairs' embeddings, each block's own weight (record 62)
+            rows = config.bigram_embed * config.vocab_size
+            self.bigram_embed = nn.Embedding(rows, config.n_embd)
+            self.bigram_weights = nn.Parameter(torch.full((config.n_layer,), 0.1))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied
         # how far back attention sees now: set_attention_span changes both over a run
         self.window = config.block_size  # a sliding window: keys fewer than this back
@@ -254,6 +282,9 @@ class SpeedrunGPT(nn.Module):
         self.flex = None  # FlexAttention for the masks: None is on CUDA only, True/False forces
         self.rotary = Rotary(config.n_embd // config.n_head, config.block_size)
         self.fused_loss = fused_loss  # linear_cross_entropy instead of the full logits
+        # the weights of the training loss's next token and of those after it (set_mtp_weights):
+        # a tensor, so that a compiled model does not recompile as they change step by step
+        self.register_buffer("mtp_weights", torch.ones(1), persistent=False)
         # normal(0, 0.02) as GPT-2's, then zero-initialized projections into the residual stream
         # and head (modded-nanogpt): every block starts as the identity, the first logits uniform
         for module in self.modules():
@@ -263,31 +294,43 @@ class SpeedrunGPT(nn.Module):
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
         nn.init.zeros_(self.lm_head.weight)
+        if config.bigram_embed:  # a pair adds nothing to the residual stream until it is learned
+            nn.init.zeros_(self.bigram_embed.weight)
 
     def forward(self, idx, targets=None, cache=None):
-        """(logits, loss), as GPT.forward."""
+        """(logits, loss), as GPT.forward. A loss with gradients (training) is multi_token_loss
+        under self.mtp_weights; without (evaluation), that of the next token alone."""
         x = self.hidden(idx, cache)
         if cache is not None:
             x = x[:, -1:]  # generation needs the next token only
-        if targets is not None and self.fused_loss:
+        ahead = targets is not None and torch.is_grad_enabled() and self.mtp_weights.numel() > 1
+        if targets is not None and self.fused_loss and not ahead:
             return None, linear_cross_entropy(x, self.lm_head.weight, targets, SOFTCAP)
         logits = self.head(x)
         loss = None
-        if targets is not None:
+        if ahead:  # the fused loss has the next token only: the full logits then
+            loss = multi_token_loss(logits, targets, self.mtp_weights)
+        elif targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def hidden(self, idx, cache=None):
         """The final (normalized) hidden state of every position: (B, T, n_embd)."""
-        rope = self.rotary(token_positions(idx, cache, self.config.block_size))
+        positions = token_positions(idx, cache, self.config.block_size)
+        rope = self.rotary(positions)
         mask = self.attention_mask(idx, cache)
         x = rms_norm(self.transformer.wte(idx))
         # each table's lookup once: a table feeds two blocks
         tables = [table(idx) for table in self.value_embeds] if self.value_tables else []
+        if self.config.bigram_embed:
+            rows = self.bigram_embed.num_embeddings
+            pairs = self.bigram_embed(bigram_rows(idx, positions, cache, rows))
         L, skips = self.config.n_layer, []
         for i, block in enumerate(self.transformer.h):
             if self.config.unet_skips and i >= L - L // 2:  # the second half: skip from L-1-i
                 x = x + self.skip_weights[i - (L - L // 2)] * skips.pop()
+            if self.config.bigram_embed:  # into every block's input, as the record adds it
+                x = x + self.bigram_weights[i] * pairs
             table = self.value_tables.get(i)
             x = block(x, rope, mask, cache, None if table is None else tables[table])
             if self.config.unet_skips and i < L // 2:
@@ -345,6 +388,35 @@ class SpeedrunGPT(nn.Module):
         No biases or norm gains; the untied lm_head is multiplied, the embedding only looked up."""
         d, L = self.config.n_embd, self.config.n_layer
         return 6 * (self.config.vocab_size * d + L * 12 * d * d) + 12 * L * d * T
+
+
+def bigram_rows(idx, positions, cache, rows):
+    """The bigram table's row (of `rows`) for each token of idx (B, T) at its positions (from
+    token_positions): a hash of the token and the one before it (modded-nanogpt record 62: the
+    hashed pairs collide rarely, since few of the 2.5G pairs occur). With no token before it in
+    its own document (a row's first position, or an <|endoftext|>, which starts a document), the
+    last row, which no pair hashes to. With a KVCache, the token before is the cached one."""
+    tokens = idx if cache is None else cache.tokens[:, : cache.length]
+    before = torch.cat((tokens[:, :1], tokens[:, :-1]), dim=1)[:, -idx.size(1) :]
+    a, b = BIGRAM_MULTIPLIERS
+    pair = torch.bitwise_xor(a * idx, b * before) % (rows - 1)
+    return torch.where((positions == 0) | (idx == EOT), rows - 1, pair)
+
+
+def multi_token_loss(logits, targets, weights):
+    """Multi-token prediction without parameters of its own (modded-nanogpt record 53): the
+    cross-entropy of the logits at each position against the next token (targets, (B, T)), the
+    one after it, ... (len(weights) of them), each averaged over the positions that have it in
+    their row, weighted by weights and divided by their sum: the same head learns to see further
+    ahead, which shapes the hidden states early in training."""
+    logits = logits.float()
+    lse = logits.logsumexp(dim=-1)  # once for every target: the same logits predict each
+    T, ahead = targets.size(1), min(weights.numel(), targets.size(1))
+    total = 0.0
+    for k in range(ahead):
+        picked = logits[:, : T - k].gather(-1, targets[:, k:].unsqueeze(-1)).squeeze(-1)
+        total = total + weights[k] * (lse[:, : T - k] - picked).mean()
+    return total / weights[:ahead].sum()
 
 
 # -----------------------------------------------------------------------------
@@ -416,15 +488,18 @@ def cautious_weight_decay(p, update, rate):
 
 def make_optimizer(model, cfg, device_type, log=print):
     """Muon for the blocks' matrices; AdamW (betas 0.8, 0.95) for the embeddings, the head and
-    the scalar weights (skips, value mixes), each group at its own rate (modded-nanogpt's
-    choices), at the run's settings (cfg: train_gpt2.TrainConfig, which has Settings' fields)."""
+    the scalar weights (skips, value mixes, bigram weights), each group at its own rate
+    (modded-nanogpt's choices), at the run's settings (cfg: train_gpt2.TrainConfig, which has
+    Settings' fields)."""
     blocks = [p for block in model.transformer.h for p in block.parameters()]
     matrices = [p for p in blocks if p.ndim == 2]
     embeddings = [model.transformer.wte.weight]
     if hasattr(model, "value_embeds"):
         embeddings += [table.weight for table in model.value_embeds]
-    scalars = [p for p in blocks if p.ndim < 2] + [getattr(model, "skip_weights", None)]
-    scalars = [p for p in scalars if p is not None]
+    if hasattr(model, "bigram_embed"):
+        embeddings.append(model.bigram_embed.weight)
+    added = [getattr(model, name, None) for name in ("skip_weights", "bigram_weights")]
+    scalars = [p for p in [p for p in blocks if p.ndim < 2] + added if p is not None]
     groups = [
         dict(
             params=matrices,
@@ -616,6 +691,35 @@ def set_learning_rate(optimizer, step, cfg):
     modded-nanogpt scales its rates between the batch's stages); returns Muon's."""
     factor = lr_factor(step, cfg.max_steps, cfg.cooldown_frac, cfg.min_lr_ratio)
     return scale_learning_rates(optimizer, factor * (micro_batch(step, cfg) / cfg.B) ** 0.5)
+
+
+def set_model_schedule(model, step, cfg):
+    """What of the model (SpeedrunGPT) changes with the step `step` of the run (cfg): how far
+    back its attention sees (set_attention_span) and the weights of its multi-token loss."""
+    set_attention_span(model, step, cfg)
+    set_mtp_weights(model, mtp_weights(step, cfg))
+
+
+def mtp_weights(step, cfg):
+    """The training loss's weights of the next token and of the tokens after it at step `step`
+    (MTP_WEIGHTS: three tokens, then two, then one, each stage's last weight falling linearly to
+    0 over it); (1.0,), the next token alone, without --mtp."""
+    if not cfg.mtp:
+        return (1.0,)
+    now = stage(step, cfg)
+    start, end = MTP_WEIGHTS[now]
+    progress = min(1.0, STAGES * step / cfg.max_steps - now)
+    return tuple(a + (b - a) * progress for a, b in zip(start, end))
+
+
+def set_mtp_weights(model, weights):
+    """model.mtp_weights = weights: in place while their number is the same, so that a compiled
+    model recompiles only when it changes (twice a run)."""
+    new = torch.tensor(weights, dtype=model.mtp_weights.dtype)
+    if model.mtp_weights.shape == new.shape:
+        model.mtp_weights.copy_(new)
+    else:
+        model.mtp_weights = new.to(model.mtp_weights.device)
 
 
 def set_attention_span(model, step, cfg):

@@ -332,7 +332,7 @@ def get_recipe(name):
     """--recipe gpt2, the lecture's (GPT, AdamW, warmup and cosine decay), or speedrun (its model,
     Muon and schedules in speedrun.py; speedrun.Settings in TrainConfig): where one is chosen."""
     if name == "speedrun":
-        run = (speedrun.set_learning_rate, speedrun.set_attention_span, speedrun.micro_batch)
+        run = (speedrun.set_learning_rate, speedrun.set_model_schedule, speedrun.micro_batch)
         return Recipe(speedrun.SpeedrunGPT, speedrun.make_optimizer, *run, shards=False)
     schedule = (set_learning_rate, same_model_every_step, same_micro_batch_every_step)
     return Recipe(GPT, make_adamw, *schedule, shards=True)
@@ -579,13 +579,13 @@ MICRO_BATCH_HELP = "micro-batch size; auto: the largest that fits on CUDA, else 
 
 
 @dataclass
-class TrainConfig(speedrun.Settings, GPTConfig):
+class TrainConfig(model_kernels.Settings, speedrun.Settings, GPTConfig):
     """Every setting of a run; each field is also a command-line flag (--name value).
 
-    The model's shape and recipe (GPTConfig's fields), the speedrun recipe's own settings
-    (speedrun.Settings, declared in speedrun.py), then how to train it. The defaults are the
-    GPT-2 124M reproduction on FineWeb-Edu 10B (GPT-3 paper, table 2.1 and appendix B, as in the
-    lecture); the bundled corpus's run replaces some of them (BUNDLED_DEFAULTS).
+    The model's shape and recipe (GPTConfig's fields), the speedrun recipe's own settings and the
+    kernels' (speedrun.Settings, model_kernels.Settings, declared there), then how to train it.
+    The defaults are the GPT-2 124M reproduction on FineWeb-Edu 10B (GPT-3 paper, table 2.1 and
+    appendix B, as in the lecture); the bundled corpus's run replaces some (BUNDLED_DEFAULTS).
     """
 
     vocab_size: int = setting(PADDED_VOCAB_SIZE, "padded to 128s: faster", minimum=GPT2_VOCAB_SIZE)
@@ -765,7 +765,7 @@ def build_model(cfg, checkpoint):
             raise SystemExit(str(e)) from None
     model.fused_loss = bool(cfg.fused_loss)
     if cfg.fp8:
-        model_kernels.use_fp8_matmuls(model)
+        model_kernels.use_fp8_matmuls(model, cfg.fp8_kernels)
     if cfg.activation_checkpointing:
         sharding.checkpoint_activations(model)
     return model

@@ -111,13 +111,14 @@ def reference_rows(task, i, context):
     return [(r[max(0, len(r) - context) :], s - max(0, len(r) - context)) for r, s in rows]
 
 
-def reference_scores(model, task, context):
-    """Each row's mean continuation loss and its greedy hits, one forward per row in float64."""
+def reference_scores(logits_of, task, context):
+    """Each row's mean continuation loss and its greedy hits, one forward per row in float64:
+    logits_of(row) is a float64 model's (len(row), GPT-2's vocabulary) logits."""
     means, hits = [], []
     for i in range(len(task.examples)):
         for row, start in reference_rows(task, i, context):
             with torch.no_grad():
-                logits = model(torch.tensor([row])).logits[0].double()
+                logits = logits_of(row).double()
             targets = torch.tensor(row[start:])
             predicted = logits[start - 1 : len(row) - 1]
             means.append(F.cross_entropy(predicted, targets).item())
@@ -152,7 +153,9 @@ def test_each_kind_scores_as_one_forward_per_option_in_float64(tiny_hf_dir):
         assert len(packed.packed.batches) > 1  # the rows of several examples in each batch
         with torch.no_grad():
             scores = hellaswag_eval.row_scores(scorer, packed.packed, "cpu")
-        means, hits = reference_scores(model, task, context)
+        means, hits = reference_scores(
+            lambda row: model(torch.tensor([row])).logits[0], task, context
+        )
         got = (scores[0] / packed.packed.ending_lengths).tolist()
         assert max(abs(a - b) for a, b in zip(got, means)) < 1e-9, task.label
         assert scores[1].long().tolist() == hits, task.label

@@ -151,8 +151,10 @@ def test_sigterm_to_one_rank_stops_all_at_the_same_step_and_resumes(two_runs, tm
 def test_speedrun_two_processes_equal_one_with_twice_the_accumulation(tmp_path):
     data = tmp_path / "data"
     make_shards(data, [6000, 30000])
-    args = TINY + ["--recipe", "speedrun", "--data_dir", str(data), "--total_batch_size", "512"]
-    args += ["--max_steps", "4", "--eval_interval", "2", "--val_loss_steps", "1"]
+    # every switch on: the default ones, and multi-token prediction (off by default)
+    args = TINY + ["--recipe", "speedrun", "--mtp", "1", "--data_dir", str(data)]
+    args += ["--total_batch_size", "512", "--max_steps", "4", "--eval_interval", "2"]
+    args += ["--val_loss_steps", "1"]
     args += ["--num_return_sequences", "0", "--checkpoint_interval", "4"]
     # in float64: in float32, Muon (which orthogonalizes each gradient) and AdamW (eps 1e-10,
     # dividing by the gradient's size) amplify the rounding differences of the two ways of summing

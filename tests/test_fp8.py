@@ -1,12 +1,16 @@
 """--fp8: the blocks' matmuls in 8-bit floats. A CPU has no FP8 hardware, but torch emulates
 torch._scaled_mm there with the same rounding and scaling, so the arithmetic is tested here;
-its speed needs a GPU of compute capability 8.9+ (bench.py's "+ fp8" row)."""
+its speed needs a GPU of compute capability 8.9+ (bench.py's "+ fp8" row). torchao's float8
+training (--fp8_kernels torchao_*) is the independent reference: its tensorwise scaling is ours."""
+
+import sys
 
 import pytest
 import torch
 
 import model_kernels
 import train_gpt2 as tg
+from conftest import TINY, log_lines
 from train_gpt2 import GPT, GPTConfig
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -87,6 +91,60 @@ def test_fp8_layers_are_the_plain_ones_without_gradients_and_in_checkpoints():
     with torch.no_grad():  # validation, HellaSwag and sampling: the same numbers as without
         assert torch.equal(fp8(idx)[0], plain(idx)[0])
     assert not torch.equal(fp8(idx)[0], plain(idx)[0])  # training: fp8
+
+
+def fp8_logits_and_gradients(kernels, seed=0):
+    """A small GPT's logits and its parameters' gradients, in float32, with --fp8's matmuls by
+    `kernels` (model_kernels.FP8_KERNELS), or plain ones (None); the same weights and tokens."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50304))
+    if kernels:
+        model_kernels.use_fp8_matmuls(model, kernels)
+    idx = torch.randint(0, 50257, (4, 32), generator=torch.Generator().manual_seed(1))
+    logits, loss = model(idx, idx)
+    loss.backward()
+    return [logits.detach()] + [p.grad for p in model.parameters()], model.state_dict().keys()
+
+
+def test_our_fp8_matmuls_are_torchaos_tensorwise_float8_training():
+    pytest.importorskip("torchao.float8")
+    plain, keys = fp8_logits_and_gradients(None)
+    ours, _ = fp8_logits_and_gradients("ours")
+    tensorwise, tensorwise_keys = fp8_logits_and_gradients("torchao_tensorwise")
+    rowwise, rowwise_keys = fp8_logits_and_gradients("torchao_rowwise")
+    assert tensorwise_keys == keys == rowwise_keys  # checkpoints are the same
+    # torchao scales each operand by its largest magnitude as ours does, with the reciprocal
+    # scale (x * (448 / amax), not x / (amax / 448)): the same e4m3 and e5m2 operands but for a
+    # float32 rounding, which now and then moves a value across an FP8 rounding boundary (one
+    # FP8 step, 1/8 of that element: about 2e-5 of a gradient's norm at this size, seen)
+    assert max(relative_error(a, b) for a, b in zip(tensorwise, ours)) < 2e-3
+    # ... where FP8 itself is 2-10% from the plain model, and rowwise scales differ from ours
+    assert relative_error(ours[0], plain[0]) > 1e-2
+    assert (
+        relative_error(rowwise[0], ours[0]) > 1e-2 and relative_error(rowwise[0], plain[0]) < 0.06
+    )
+
+
+def test_torchaos_fp8_trains_as_ours_and_without_torchao_is_refused_in_one_line(
+    tmp_path, monkeypatch
+):
+    pytest.importorskip("torchao.float8")
+    losses = {}
+    for kernels in ("ours", "torchao_tensorwise"):
+        log_dir = tmp_path / kernels
+        tg.main(
+            TINY
+            + ["--data_dir", "bundled", "--log_dir", str(log_dir), "--max_steps", "3"]
+            + ["--fp8", "1", "--fp8_kernels", kernels, "--total_batch_size", "64"]
+            + ["--eval_interval", "10", "--num_return_sequences", "0"]
+        )
+        losses[kernels] = [v for _, v in log_lines(log_dir, "train")]
+    assert max(abs(a - b) for a, b in zip(losses["ours"], losses["torchao_tensorwise"])) < 1e-4
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # as if it were not installed
+    with pytest.raises(
+        SystemExit, match="^--fp8_kernels torchao_rowwise needs torchao: pip install"
+    ):
+        fp8_logits_and_gradients("torchao_rowwise")
 
 
 def test_an_fp8_run_learns_what_the_float32_run_learns(tmp_path):

@@ -238,7 +238,7 @@ def test_checkpoints_keep_their_format(tmp_path, recipe):
     added |= {"checkpoint_minutes", "keep_checkpoints", "async_checkpoint"}  # long runs' flags
     added |= set(speedrun.SWITCHES) | {"scalar_lr"}  # the current speedrun recipe's
     added |= {"core", "core_bundle", "bpb"}  # the loop's CORE and bits per byte
-    added |= {"attention"}  # the SDPA kernel (model_kernels.py)
+    added |= {"attention", "fp8_kernels"}  # the SDPA kernel, whose FP8 (model_kernels.py)
     assert added <= set(found["train_config"])
     found["train_config"] = [k for k in found["train_config"] if k not in added]
     model_switches = [f.name for f in dataclasses.fields(speedrun.ModelSettings)]

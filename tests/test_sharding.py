@@ -3,6 +3,7 @@ that accumulates twice the gradients, each rank holds its share of the memory, a
 checkpoint resumes on any number of ranks where the run stopped. The references are the DDP and
 one-process runs of conftest's two_runs."""
 
+import json
 import os
 import re
 import shutil
@@ -32,6 +33,7 @@ from conftest import (
 from support import checkpoints
 from train_gpt2 import GPT, GPTConfig
 
+CORE_BUNDLE = os.path.join(ROOT, "tests", "data", "core_bundle")
 MEMORY = re.compile(
     r"rank 0 holds ([\d.]+) MiB of parameters, ([\d.]+) MiB of gradients and ([\d.]+) MiB of "
     r"optimizer state"
@@ -245,6 +247,15 @@ def test_the_scripts_read_a_sharded_checkpoint(two_runs, sharded, tmp_path):
         "sample.py", ["--checkpoint", path, "--max_new_tokens", 4], tmp_path
     )
     assert code == 0 and out.strip()
+    # CORE by core.py: the sharded checkpoint answers as its transformers export does
+    core = {}
+    for name, which in (("sharded", ["--checkpoint", path]), ("exported", ["-m", tmp_path / "hf"])):
+        json_path = tmp_path / f"{name}.json"
+        args = which + ["--bundle", CORE_BUNDLE, "--device", "cpu", "--json", json_path]
+        assert run_in_process("core.py", args, tmp_path)[0] == 0
+        core[name] = json.loads(json_path.read_text())
+    for label, result in core["sharded"]["tasks"].items():
+        assert core["exported"]["tasks"][label]["accuracy"] == result["accuracy"], label
     # a damaged one is refused in one line
     damaged = tmp_path / "damaged.dcp"
     shutil.copytree(path, damaged)

@@ -1,9 +1,10 @@
 """--recipe speedrun: its model (rotary positions, QK-norm, ReLU^2, zero-initialized projections
-and head, soft-capped logits, U-net skips, value embeddings), Muon (Polar Express, NorMuon), its
-schedule, each switch off alone, the previous recipe (every switch off) as it was, and its
-checkpoints in the other scripts."""
+and head, soft-capped logits, U-net skips, value and bigram embeddings, multi-token prediction),
+Muon (Polar Express, NorMuon), its schedule, each switch off alone, the previous recipe (every
+switch off) as it was, and its checkpoints in the other scripts (HellaSwag, CORE, export)."""
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -11,13 +12,23 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from test_core import BUNDLE as CORE_BUNDLE
+from test_core import reference_accuracy, reference_scores
 from test_sample import logits_by_recompute, logits_with_cache, random_model
 from test_train import log_of_the_stored_run
 
+import core_eval
 import hellaswag
 import speedrun
 import train_gpt2 as tg
-from conftest import HELLASWAG_SLICE, ROOT, TINY, fails_in_one_line, make_shards
+from conftest import (
+    HELLASWAG_SLICE,
+    ROOT,
+    TINY,
+    fails_in_one_line,
+    make_shards,
+    run_in_process,
+)
 from speedrun import SpeedrunGPT
 from train_gpt2 import GPTConfig
 
@@ -34,7 +45,7 @@ PREVIOUS_FLAGS = [x for k, v in PREVIOUS.items() for x in (f"--{k}", str(v))]
 
 def test_speedrun_model_parameters_and_init():
     torch.manual_seed(0)
-    previous = SpeedrunGPT(GPTConfig(**SPEEDRUN, unet_skips=0, value_embeds=0))
+    previous = SpeedrunGPT(GPTConfig(**SPEEDRUN, unet_skips=0, value_embeds=0, bigram_embed=0))
     names = set(dict(previous.named_parameters()))
     # no learned positions, no norm gains, no biases: only matrices, and an untied head
     blocks = {
@@ -45,18 +56,23 @@ def test_speedrun_model_parameters_and_init():
     assert names == {"transformer.wte.weight", "lm_head.weight"} | blocks
     assert previous.lm_head.weight is not previous.transformer.wte.weight
     # the current one adds a skip weight per pair of blocks and the value embeddings, with the
-    # weight of v and of the embedding in each value-embedded block's values
+    # weight of v and of the embedding in each value-embedded block's values, and the bigram
+    # table (5 x the vocabulary, zero at first) with its weight in each block's input
     model = SpeedrunGPT(GPTConfig(**SPEEDRUN))
     mixes = {f"transformer.h.{i}.attn.value_mix" for i in range(2)}
     added = {"skip_weights", "value_embeds.0.weight"} | mixes
+    added |= {"bigram_embed.weight", "bigram_weights"}
     assert set(dict(model.named_parameters())) == names | added
     assert model.skip_weights.tolist() == [1.0]
     assert all(model.get_parameter(m).tolist() == [0.5, 0.5] for m in mixes)
     assert 0.015 < model.value_embeds[0].weight.std().item() < 0.025  # normal(0, 0.02)
-    for m in (previous, model):
+    assert model.bigram_embed.weight.shape == (5 * 50304, 32)
+    assert model.bigram_weights.tolist() == pytest.approx([0.1, 0.1])
+    for m, bigrams in ((previous, []), (model, ["bigram_embed.weight"])):
         zero = [n for n, p in m.named_parameters() if not p.any()]
         assert sorted(zero) == sorted(
             ["lm_head.weight"]
+            + bigrams
             + [f"transformer.h.{i}.{m}.c_proj.weight" for i in range(2) for m in ("attn", "mlp")]
         )
         # at init every block is the identity and the prediction uniform: loss = ln(vocab)
@@ -76,11 +92,14 @@ def test_value_embeddings_go_to_the_first_and_last_blocks():
     assert blocks(2, 3) == {0: 0, 1: 0} and blocks(12, 0) == {}
 
 
-def test_unet_skips_and_value_embeddings_against_the_blocks_run_by_hand():
+def test_unet_skips_value_and_bigram_embeddings_against_the_blocks_run_by_hand():
     torch.manual_seed(0)
     # plain causal attention here: the masks have a test of their own
     config = GPTConfig(
-        **dict(SPEEDRUN, n_layer=5), value_embeds=2, doc_attention=0, sliding_window=0
+        **dict(SPEEDRUN, n_layer=5, bigram_embed=1),
+        value_embeds=2,
+        doc_attention=0,
+        sliding_window=0,
     )
     model = SpeedrunGPT(config)
     with torch.no_grad():
@@ -91,16 +110,21 @@ def test_unet_skips_and_value_embeddings_against_the_blocks_run_by_hand():
     rope = model.rotary(torch.arange(16))
     ve = [model.value_embeds[j](idx) for j in range(2)]
     w = model.skip_weights
+    # each position's pair (the token before it, its token), hashed; position 0 has none
+    a, b = speedrun.BIGRAM_MULTIPLIERS
+    rows = [[50303] + [(a * t) ^ (b * u) for u, t in zip(r[:-1], r[1:])] for r in idx.tolist()]
+    rows = [[r if i == 0 else r % 50303 for i, r in enumerate(row)] for row in rows]
+    pairs, bw = model.bigram_embed(torch.tensor(rows)), model.bigram_weights
     with torch.no_grad():
         # blocks 0 and 1 feed blocks 4 and 3 (block 2, the middle one, has no pair); tables 0
-        # and 1 go to blocks 0 and 4, and 1 and 3
+        # and 1 go to blocks 0 and 4, and 1 and 3; the pairs go into every block
         x0 = speedrun.rms_norm(model.transformer.wte(idx))
         assert model.attention_mask(idx) is None  # SDPA's causal kernel
-        x1 = h[0](x0, rope, None, None, ve[0])
-        x2 = h[1](x1, rope, None, None, ve[1])
-        x3 = h[2](x2, rope)
-        x4 = h[3](x3 + w[0] * x2, rope, None, None, ve[1])
-        x5 = h[4](x4 + w[1] * x1, rope, None, None, ve[0])
+        x1 = h[0](x0 + bw[0] * pairs, rope, None, None, ve[0])
+        x2 = h[1](x1 + bw[1] * pairs, rope, None, None, ve[1])
+        x3 = h[2](x2 + bw[2] * pairs, rope)
+        x4 = h[3](x3 + w[0] * x2 + bw[3] * pairs, rope, None, None, ve[1])
+        x5 = h[4](x4 + w[1] * x1 + bw[4] * pairs, rope, None, None, ve[0])
         assert torch.equal(model.hidden(idx), speedrun.rms_norm(x5))
         # in the attention, the values are value_mix[0] v + value_mix[1] (the value embedding)
         attn, x = h[0].attn, speedrun.rms_norm(x0)
@@ -189,6 +213,71 @@ def test_cached_generation_with_documents_a_window_and_contexts_equals_recomputi
         tokens[i] = 50256
     cached, recomputed = logits_with_cache(model, tokens, 5), logits_by_recompute(model, tokens, 5)
     assert max((a - b).abs().max().item() for a, b in zip(cached, recomputed)) < 1e-4
+
+
+def test_bigram_rows_hash_each_pair_and_start_each_document_afresh():
+    rows = 5 * 50304
+    idx = torch.tensor([[7, 9, 7, 9, 50256, 9, 7, 9]])
+    got = speedrun.bigram_rows(idx, torch.arange(8), None, rows)[0].tolist()
+    a, b = speedrun.BIGRAM_MULTIPLIERS
+    pair = ((a * 9) ^ (b * 7)) % (rows - 1)  # 9 after 7
+    # no token before position 0, nor before <|endoftext|> in its document: the last row
+    assert got == [rows - 1, pair, ((a * 7) ^ (b * 9)) % (rows - 1), pair, rows - 1] + got[5:]
+    assert got[5] == ((a * 9) ^ (b * 50256)) % (rows - 1) and got[7] == pair
+    # the 90,000 pairs of the 300 lowest ids (BPE's commonest merges) share rows no more than
+    # as many pairs put on uniformly random rows would: m (1 - exp(-n / m)) distinct rows
+    low = torch.arange(300)
+    pairs = torch.stack((low.repeat_interleave(300), low.repeat(300)), dim=1)  # (before, token)
+    hashed = speedrun.bigram_rows(pairs, torch.ones(2, dtype=torch.long), None, rows)[:, 1]
+    assert len(set(hashed.tolist())) >= 0.99 * rows * (1 - math.exp(-90_000 / rows))
+
+
+def multi_token_reference(logits, targets, weights):
+    """Multi-token prediction's loss one position at a time in float64."""
+    logp = logits.double().log_softmax(-1)
+    B, T = targets.shape
+    total = 0.0
+    for k, w in enumerate(weights):
+        losses = [-logp[b, t, targets[b, t + k]] for b in range(B) for t in range(T - k)]
+        total += w * sum(losses) / len(losses)
+    return total / sum(weights)
+
+
+def test_multi_token_loss_against_a_float64_loop_and_only_with_gradients():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(2, 6, 11) * 3, torch.randint(0, 11, (2, 6))
+    for weights in ((1.0, 0.5, 0.25), (1.0, 0.3), (1.0, 0.5, 0.0)):
+        got = speedrun.multi_token_loss(logits, targets, torch.tensor(weights))
+        assert abs(got.item() - multi_token_reference(logits, targets, weights)) < 1e-6
+    # the model: a loss with gradients is the multi-token one, without them the next token's
+    model = random_model("speedrun", shape=SPEEDRUN_64)
+    idx, y = torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))
+    speedrun.set_mtp_weights(model, (1.0, 0.5, 0.25))
+    logits, loss = model(idx, y)
+    assert loss.requires_grad
+    assert abs(loss.item() - multi_token_reference(logits, y, (1.0, 0.5, 0.25))) < 1e-5
+    with torch.no_grad():
+        _, evaluated = model(idx, y)
+    assert abs(evaluated.item() - multi_token_reference(logits, y, (1.0,))) < 1e-5
+
+
+def test_multi_token_weights_over_the_run():
+    cfg = tg.TrainConfig(recipe="speedrun", max_steps=90, mtp=1)
+    weights = [speedrun.mtp_weights(s, cfg) for s in (0, 15, 30, 45, 60, 90)]
+    # three tokens, the third's weight 0.25 falling to 0; two, the second's 0.5 falling; one
+    expected = [(1, 0.5, 0.25), (1, 0.5, 0.125), (1, 0.5), (1, 0.25), (1,), (1,)]
+    assert [pytest.approx(w) for w in expected] == weights
+    # off by default: the next token alone
+    assert speedrun.mtp_weights(0, dataclasses.replace(cfg, mtp=0)) == (1.0,)
+    assert tg.TrainConfig(recipe="speedrun").mtp == 0
+    model = SpeedrunGPT(GPTConfig(**SPEEDRUN))
+    speedrun.set_model_schedule(model, 0, cfg)
+    buffer = model.mtp_weights
+    speedrun.set_model_schedule(model, 15, cfg)  # the same buffer while the count stays
+    assert model.mtp_weights is buffer and buffer.tolist() == pytest.approx([1, 0.5, 0.125])
+    speedrun.set_model_schedule(model, 60, cfg)
+    assert model.mtp_weights.tolist() == [1.0]
+    assert "mtp_weights" not in model.state_dict()  # the schedule's, not a checkpoint's
 
 
 def test_the_window_grows_to_the_block_size_by_the_end_of_the_run():
@@ -455,7 +544,8 @@ def test_speedrun_schedule():
 def speedrun_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("speedrun")
     make_shards(root / "data", [3000, 9000, 7000])
-    args = TINY + ["--recipe", "speedrun", "--data_dir", str(root / "data")]
+    # every switch on: the default ones, and multi-token prediction (off by default)
+    args = TINY + ["--recipe", "speedrun", "--mtp", "1", "--data_dir", str(root / "data")]
     args += ["--max_steps", "8", "--total_batch_size", "128", "--eval_interval", "3"]
     args += ["--val_loss_steps", "1", "--checkpoint_interval", "3", "--num_return_sequences", "1"]
     args += ["--block_size", "128"]
@@ -519,12 +609,32 @@ def test_speedrun_checkpoints_in_hellaswag_and_export(speedrun_run, tmp_path, ca
     assert not os.path.exists(out_dir)
 
 
+def test_speedrun_checkpoints_in_core_answer_as_one_float64_forward_per_row(speedrun_run, tmp_path):
+    root, _ = speedrun_run
+    checkpoint = str(root / "full" / "model_00008.pt")
+    json_path = tmp_path / "core.json"
+    args = ["--checkpoint", checkpoint, "--bundle", CORE_BUNDLE, "--device", "cpu"]
+    assert run_in_process("core.py", args + ["--json", json_path], tmp_path)[0] == 0
+    figures = json.loads(json_path.read_text())
+    model, _ = tg.load_model_from_checkpoint(checkpoint)
+    model = model.double().eval()
+    logits_of = lambda row: model(torch.tensor([row]))[0][0, :, :50257]  # noqa: E731
+    for task in core_eval.load_tasks(CORE_BUNDLE):
+        means, hits = reference_scores(logits_of, task, 128)
+        expected = reference_accuracy(task, means, hits, 128)
+        assert figures["tasks"][task.label]["accuracy"] == expected, task.label
+
+
 def test_the_recipe_proxy_names_its_runs_and_finds_when_a_curve_reaches_a_loss(tmp_path):
     import recipe_proxy
 
     # the previous recipe is every switch off; no_SWITCH is the current one with that one off
     assert recipe_proxy.PREVIOUS == dict(PREVIOUS) and set(PREVIOUS) == set(speedrun.SWITCHES)
     assert recipe_proxy.run_flags("no_normuon") == ["--recipe", "speedrun", "--normuon", "0"]
+    # the ablations: each switch off alone, or on alone where it is off by default
+    ablations = recipe_proxy.RUN_SETS["ablations"]
+    assert "no_bigram_embed" in ablations and "mtp=1" in ablations and "no_mtp" not in ablations
+    assert len(ablations) == 2 + len(speedrun.SWITCHES)
     assert recipe_proxy.run_flags("previous") == ["--recipe", "speedrun"] + PREVIOUS_FLAGS
     assert recipe_proxy.run_flags("cautious_wd=0.3") == ["--recipe", "speedrun"] + [
         "--cautious_wd",
