@@ -695,9 +695,11 @@ def set_learning_rate(optimizer, step, cfg):
 
 def set_model_schedule(model, step, cfg):
     """What of the model (SpeedrunGPT) changes with the step `step` of the run (cfg): how far
-    back its attention sees (set_attention_span) and the weights of its multi-token loss."""
+    back its attention sees (set_attention_span) and, with --mtp, the weights of its multi-token
+    loss. Without --mtp the weights stay the model's own (1.0,): no copy to the device a step."""
     set_attention_span(model, step, cfg)
-    set_mtp_weights(model, mtp_weights(step, cfg))
+    if cfg.mtp:
+        set_mtp_weights(model, mtp_weights(step, cfg))
 
 
 def mtp_weights(step, cfg):

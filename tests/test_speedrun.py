@@ -271,6 +271,9 @@ def test_multi_token_weights_over_the_run():
     assert speedrun.mtp_weights(0, dataclasses.replace(cfg, mtp=0)) == (1.0,)
     assert tg.TrainConfig(recipe="speedrun").mtp == 0
     model = SpeedrunGPT(GPTConfig(**SPEEDRUN))
+    buffer = model.mtp_weights
+    speedrun.set_model_schedule(model, 0, dataclasses.replace(cfg, mtp=0))
+    assert model.mtp_weights is buffer and buffer.tolist() == [1.0]  # left as the model has it
     speedrun.set_model_schedule(model, 0, cfg)
     buffer = model.mtp_weights
     speedrun.set_model_schedule(model, 15, cfg)  # the same buffer while the count stays
