@@ -325,14 +325,14 @@ def hellaswag_rate(config, variant, device, dtype, path, limit):
 def core_rates(config, variant, device, dtype, bundle, limit):
     """(examples per second packed and scored as core.py does, the same one example at a time
     with a forward of the whole logits per row, examples): the last row's model in its autocast;
-    the first packed pass (which compiles) is not timed."""
+    the first packed pass is not timed."""
     tasks = core_eval.load_tasks(bundle, limit=limit)
     model = row_model(config, variant, device).eval()
     autocast = autocast_context(dtype if variant.autocast else torch.float32, device.split(":")[0])
     batch_tokens = hellaswag_eval.batch_tokens_for(device)
-    packed = core_eval.pack_tasks(tasks, config.block_size, batch_tokens, variant.compile)
+    packed = core_eval.pack_tasks(tasks, config.block_size, batch_tokens)
     enc = get_tokenizer()
-    scorer = hellaswag_eval.make_scorer(model.hidden, model.head, variant.compile)
+    scorer = core_eval.make_scorer(model.hidden, model.head)
     examples = sum(len(t.examples) for t in tasks)
     with attention_of(variant), torch.no_grad():
         core_eval.evaluate(scorer, packed, device, autocast)

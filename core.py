@@ -55,8 +55,8 @@ def main(argv=None):
     torch.set_float32_matmul_precision("high")
     model = scored_model(cfg.model_type, cfg.checkpoint, cfg.log_dir, env.device)
     batch_tokens = cfg.batch_tokens or hellaswag_eval.batch_tokens_for(env.device)
-    packed = core_eval.pack_tasks(tasks, model.context, batch_tokens, bool(cfg.compile))
-    scorer = hellaswag_eval.make_scorer(model.hidden, model.head, bool(cfg.compile))
+    packed = core_eval.pack_tasks(tasks, model.context, batch_tokens)
+    scorer = core_eval.make_scorer(model.hidden, model.head)
 
     def report(label, accuracy, centred):
         env.print0(f"{label:<40} accuracy {accuracy:.4f}  centred {centred:+.4f}")

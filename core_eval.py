@@ -16,9 +16,13 @@ kinds (KINDS) are
 - language_modeling: one row, correct only if greedy decoding gives every continuation token.
 A row longer than the model's context loses tokens from its left, never from its continuation.
 
-The rows of every task go through hellaswag_eval's packing and scoring, as HellaSwag's do: sorted
-by length into batches, only the continuation positions through the lm_head, one host
-synchronization per task. core.py is the command line.
+An example's rows begin with the same tokens (the few-shot examples and the query: most of a
+multiple-choice prompt), and those run through the model once (split_shared_prefix): the
+examples' shared prefixes go left-padded into a generation.KVCache, and every row goes on from its
+example's copy of it (SharedBatch, make_scorer), which is the cache that generation runs on, so
+each recipe's model scores this way. Batches are sorted by length and kept within a budget of
+tokens and cached keys; only the continuation positions go through the lm_head
+(hellaswag_eval.ending_losses); one host synchronization per task. core.py is the command line.
 """
 
 import csv
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 import hellaswag_eval
-from generation import NonFiniteLogits
+from generation import KVCache, NonFiniteLogits
 from support import PROJECT_DIR
 from support.datafiles import EOT, download_once, get_tokenizer
 from support.run_control import agree
@@ -307,25 +311,142 @@ def task_rows(task, enc, context):
     return rows, owners
 
 
+# -----------------------------------------------------------------------------
+# Packing: an example's prompt once, then each of its rows' own tokens
+
+# a batch's cache holds at most this many keys per token of batch_tokens: each row of an example
+# has its own copy of the prompt's keys and values (4 copies for 4 choices), which bounds them
+CACHED_PER_BATCH_TOKEN = 4
+# and its prefixes are at least this much of its longest one's: a few examples of very different
+# lengths would otherwise share a batch mostly made of padding (a batch is the longest first)
+PREFIX_FILL = 0.8
+
+
+@dataclass
+class SharedBatch:
+    """Examples whose rows begin with the same tokens (a multiple-choice prompt, the few-shot
+    examples), in two forward passes: their shared prefixes, left-padded, into a
+    generation.KVCache; then each row's own tokens, right-padded, after its example's copy of the
+    cache. The positions, targets and rows are hellaswag_eval.Batch's, in the (R, S) rows."""
+
+    prefixes: torch.Tensor  # (E, P) left-padded with 0; P is 0 where every prefix is empty
+    pad: torch.Tensor  # (E,) the padding of each prefix
+    owners: torch.Tensor  # (R,) the prefix that each row goes on from
+    tokens: torch.Tensor  # (R, S) each row's tokens after its prefix, right-padded with 0
+    positions: torch.Tensor  # (N,) flat index (row * S + t) of each position t predicting t + 1
+    targets: torch.Tensor  # (N,) the scored token each of them predicts
+    rows: torch.Tensor  # (N,) the task's row each belongs to
+
+    def to(self, device):
+        return hellaswag_eval.on_device(self, device)
+
+
+def split_shared_prefix(rows):
+    """An example's rows (tokens, start) as the prefix that all begin with and, for each, the
+    rest and where its scored tokens start in it. Each rest keeps the position that predicts its
+    first scored token: the scores read the hidden states of the rests only."""
+    tokens = [row for row, _ in rows]
+    n = max(0, min([common_prefix(tokens)] + [start for _, start in rows]) - 1)
+    return tokens[0][:n], [(row[n:], start - n) for row, start in rows]
+
+
+def pack_shared(examples, batch_tokens, context):
+    """SharedBatches of the examples, each (prefix, [(rest, start, row)]): the longest prefixes
+    first, as many examples in a batch as keep its prefixes and rests within batch_tokens, its
+    cache within CACHED_PER_BATCH_TOKEN x batch_tokens, its prefixes within PREFIX_FILL of the
+    longest, and every row within the context."""
+    order = sorted(range(len(examples)), key=lambda e: -len(examples[e][0]))
+    batches, members, width, rest, rows = [], [], 0, 0, 0
+    for e in order:
+        prefix, rests = examples[e]
+        longest_rest = max(rest, *(len(tokens) for tokens, _, _ in rests))
+        grown = rows + len(rests)
+        fits = (len(members) + 1) * width + grown * longest_rest <= batch_tokens
+        fits &= grown * (width + longest_rest) <= CACHED_PER_BATCH_TOKEN * batch_tokens
+        fits &= len(prefix) >= PREFIX_FILL * width
+        if members and not (fits and width + longest_rest <= context):  # the next batch's
+            batches.append(shared_batch([examples[m] for m in members], width, rest))
+            members, rest, rows = [], 0, 0
+            longest_rest, grown = max(len(tokens) for tokens, _, _ in rests), len(rests)
+        if not members:
+            width = len(prefix)  # the longest of the batch's
+        members.append(e)
+        rest, rows = longest_rest, grown
+    if members:
+        batches.append(shared_batch([examples[m] for m in members], width, rest))
+    return batches
+
+
+def shared_batch(examples, width, rest):
+    """The SharedBatch of the examples: prefixes left-padded to `width`, rests right-padded to
+    `rest` tokens."""
+    prefixes = torch.zeros((len(examples), width), dtype=torch.long)
+    pad, owners, tokens = [], [], []
+    positions, targets, row_ids = [], [], []
+    for e, (prefix, rests) in enumerate(examples):
+        pad.append(width - len(prefix))
+        prefixes[e, pad[-1] :] = torch.tensor(prefix, dtype=torch.long)
+        for own, start, row in rests:
+            i = len(tokens)
+            tokens.append(own + [0] * (rest - len(own)))
+            owners.append(e)
+            positions += range(i * rest + start - 1, i * rest + len(own) - 1)
+            targets += own[start:]
+            row_ids += [row] * (len(own) - start)
+    return SharedBatch(
+        prefixes,
+        *(torch.tensor(x, dtype=torch.long) for x in (pad, owners, tokens)),
+        *(torch.tensor(x, dtype=torch.long) for x in (positions, targets, row_ids)),
+    )
+
+
 @dataclass
 class PackedTask:
     task: Task
-    packed: hellaswag_eval.PackedRows
+    packed: hellaswag_eval.PackedRows  # of SharedBatches
     owners: torch.Tensor  # (rows,) the example of each row
 
 
-def pack_task(task, enc, context, batch_tokens, multiple=hellaswag_eval.WIDTH_MULTIPLE):
+def pack_task(task, enc, context, batch_tokens):
+    """The task's rows (task_rows) as SharedBatches of about batch_tokens tokens."""
     rows, owners = task_rows(task, enc, context)
-    packed = hellaswag_eval.pack_rows(rows, batch_tokens, context, multiple)
+    rows_of = [[] for _ in task.examples]
+    for r, owner in enumerate(owners):
+        rows_of[owner].append(r)
+    examples = []
+    for mine in rows_of:
+        prefix, rests = split_shared_prefix([rows[r] for r in mine])
+        examples.append((prefix, [(own, start, r) for (own, start), r in zip(rests, mine)]))
+    packed = hellaswag_eval.PackedRows(
+        ending_lengths=torch.tensor([len(t) - start for t, start in rows], dtype=torch.long),
+        batches=pack_shared(examples, batch_tokens, context),
+        longest=max(len(t) for t, _ in rows),
+    )
     return PackedTask(task, packed, torch.tensor(owners, dtype=torch.long))
 
 
-def pack_tasks(tasks, context, batch_tokens, compile=False):
-    """Every task packed for a model of `context` tokens, in batches of about batch_tokens tokens;
-    for a compiled scorer, of widths that are multiples of WIDTH_MULTIPLE: a handful of shapes."""
-    multiple = hellaswag_eval.WIDTH_MULTIPLE if compile else 1
+def pack_tasks(tasks, context, batch_tokens):
+    """Every task packed for a model of `context` tokens, in batches of about batch_tokens."""
     enc = get_tokenizer()
-    return [pack_task(task, enc, context, batch_tokens, multiple) for task in tasks]
+    return [pack_task(task, enc, context, batch_tokens) for task in tasks]
+
+
+def make_scorer(hidden_fn, head_fn):
+    """A SharedBatch on the device -> hellaswag_eval.ending_losses. hidden_fn(tokens, cache)
+    maps (rows, width) tokens after a generation.KVCache's (or, without one, on their own) to the
+    final hidden states; head_fn those to logits. Eager: its shapes are too many to compile."""
+
+    def score(batch):
+        if batch.prefixes.size(1) == 0:
+            hidden = hidden_fn(batch.tokens)
+        else:
+            cache = KVCache(batch.pad, batch.prefixes.size(1) + batch.tokens.size(1))
+            hidden_fn(batch.prefixes, cache)  # their keys and values: the hidden states unused
+            cache = cache.select(batch.owners)  # the examples' own cache freed
+            hidden = hidden_fn(batch.tokens, cache)
+        return hellaswag_eval.ending_losses(hidden, head_fn, batch.positions, batch.targets)
+
+    return score
 
 
 def task_accuracy(scores, packed_task):
@@ -336,9 +457,11 @@ def task_accuracy(scores, packed_task):
     task, lengths = packed_task.task, packed_task.packed.ending_lengths.double()
     means, hits = scores[0] / lengths, scores[1]
     kind, correct = KINDS[task.kind], 0
-    for i, item in enumerate(task.examples):
-        mine = packed_task.owners == i
-        correct += kind.correct(item, means[mine], hits[mine], lengths[mine])
+    # an example's rows are consecutive (task_rows)
+    counts = torch.bincount(packed_task.owners, minlength=len(task.examples)).tolist()
+    split = [x.split(counts) for x in (means, hits, lengths)]
+    for item, *rows in zip(task.examples, *split):
+        correct += kind.correct(item, *rows)
     return correct / len(task.examples)
 
 
@@ -375,29 +498,28 @@ def evaluate(
 
 def for_the_loop(cfg, env, model, compile):
     """CORE in the training loop (InTheLoop) with --core N: the first N examples of each task
-    (nanochat's order), or None. Local rank 0 of each node downloads the bundle if need be, and
-    every rank agrees on the outcome before going on."""
+    (nanochat's order), or None; scored eagerly, compiled run or not (make_scorer). Local rank 0
+    of each node downloads the bundle if need be, and every rank agrees on it before going on."""
     if not cfg.core:
         return None
     agree(env, lambda: bundle_path(cfg.core_bundle) if env.local_rank == 0 else None)
     tasks = agree(env, lambda: load_tasks(bundle_path(cfg.core_bundle), limit=cfg.core))
     batch_tokens = hellaswag_eval.batch_tokens_for(env.device)
-    return InTheLoop(pack_tasks(tasks, cfg.block_size, batch_tokens, compile), model, compile)
+    return InTheLoop(pack_tasks(tasks, cfg.block_size, batch_tokens), model)
 
 
 class InTheLoop:
-    """CORE as the training loop scores it: its tasks packed once, a scorer of the raw model
-    (compiled where the loop compiles), the CORE score at every evaluation, as `core` lines."""
+    """CORE as the training loop scores it: its tasks packed once, a scorer of the raw model,
+    the CORE score at every evaluation, as `core` lines."""
 
     kind = "core"
 
-    def __init__(self, packed_tasks, model, compile):
+    def __init__(self, packed_tasks, model):
         self.packed_tasks = packed_tasks
-        self.scorer = hellaswag_eval.make_scorer(model.hidden, model.head, compile)
+        self.scorer = make_scorer(model.hidden, model.head)
 
     def warm_up(self, device, autocast):
-        packed = [task.packed for task in self.packed_tasks]
-        hellaswag_eval.warm_up(self.scorer, packed, device, autocast)
+        """Nothing to compile before the run: the scorer is eager."""
 
     def score(self, env, autocast, should_stop):
         """The CORE score, said on the master; None when should_stop() cut it short, or when

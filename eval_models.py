@@ -1,20 +1,20 @@
 """
 The models that the evaluation scripts (hellaswag.py, core.py) score, whatever they are: a
 checkpoint of train_gpt2.py (either recipe, single-file or sharded) or a transformers GPT-2 (a
-hub name or a local directory), each as the hidden states and the head that the scorers take.
+hub name or a local directory, its weights loaded into train_gpt2.GPT), each as the hidden states
+and the head that the scorers take.
 """
 
 import typing
 from dataclasses import dataclass
 
 import hellaswag_eval
-from support.cli import ON_OFF, setting
-from support.hf_gpt2 import load_hf_gpt2
-from train_gpt2 import load_model_from_checkpoint
+from support.cli import setting
+from train_gpt2 import GPT, load_model_from_checkpoint
 
 
 class ScoredModel(typing.NamedTuple):
-    hidden: typing.Callable  # (rows, width) tokens -> the final hidden states
+    hidden: typing.Callable  # (rows, width) tokens [, a generation.KVCache] -> hidden states
     head: typing.Callable  # hidden states -> logits
     name: str
     context: int  # the most tokens it reads at once
@@ -28,10 +28,9 @@ def scored_model(model_type, checkpoint, log_dir, device):
         model.to(device).eval()
         name = f"{ckpt.path} (step {ckpt['step']})"
         return ScoredModel(model.hidden, model.head, name, model.config.block_size)
-    model = load_hf_gpt2(model_type)
+    model = GPT.from_pretrained(model_type)  # its weights in our blocks: they take a KVCache
     model.to(device).eval()
-    hidden = lambda tokens: model.transformer(tokens).last_hidden_state  # noqa: E731
-    return ScoredModel(hidden, model.lm_head, model_type, model.config.n_positions)
+    return ScoredModel(model.hidden, model.head, model_type, model.config.block_size)
 
 
 @dataclass
@@ -51,4 +50,3 @@ class ScoringSettings:
         f"{hellaswag_eval.CPU_BATCH_TOKENS})",
         minimum=1,
     )
-    compile: int = setting(0, "torch.compile the scorer", choices=ON_OFF)

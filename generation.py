@@ -49,6 +49,17 @@ class KVCache:
         self.mask = mask.unsqueeze(1)
         return (queries.unsqueeze(0) - self.pad.unsqueeze(1)).clamp(min=0)
 
+    def select(self, rows):
+        """A cache of the given rows (B',) of this one, a row any number of times: each copy goes
+        on from its row's tokens on its own (core_eval scores every choice after one run of
+        the prompt they share)."""
+        selected = KVCache(self.pad[rows], self.max_len)
+        selected.start, selected.length = self.start, self.length
+        selected.tokens = self.tokens[rows]
+        selected.k = {layer: k[rows] for layer, k in self.k.items()}
+        selected.v = {layer: v[rows] for layer, v in self.v.items()}
+        return selected
+
     def update(self, layer, k, v):
         """Store the new keys and values of a layer; returns all of that layer's so far."""
         if layer not in self.k:

@@ -21,7 +21,7 @@ import hellaswag_eval
 from eval_models import ScoringSettings, scored_model
 from generation import NonFiniteLogits
 from hellaswag_eval import render_example
-from support.cli import parse_settings, quiet_exit_when_stdout_closes, setting
+from support.cli import ON_OFF, parse_settings, quiet_exit_when_stdout_closes, setting
 from support.datafiles import HELLASWAG_SPLITS, iterate_examples
 from support.devices import autocast_context, autocast_dtype, check_device, default_device
 
@@ -36,6 +36,7 @@ class HellaSwagConfig(ScoringSettings):
     split: str = setting("val", "HellaSwag split", choices=HELLASWAG_SPLITS)
     input: str | None = setting(None, "local hellaswag jsonl file (default: downloaded)")
     limit: int = setting(0, "score only the first N examples (0: all)", minimum=0)
+    compile: int = setting(0, "torch.compile the scorer", choices=ON_OFF)
 
 
 def parse_args(argv=None):

@@ -11,11 +11,13 @@ The scoring keeps a GPU busy: the examples are rendered once, their 4 rows are s
 and packed into batches of about batch_tokens tokens whose widths are rounded up to a multiple of
 32 (so that a compiled scorer sees a handful of shapes); only the positions that predict an
 ending token (about a fifth) go through the lm_head; and the losses stay on the device until the
-last batch: one host synchronization per pass. The packing and the scoring take any rows with a
-scored span (pack_rows, row_scores): core_eval.py's tasks go through them too.
+last batch: one host synchronization per pass. The scoring takes any batch of rows with a scored
+span (row_scores, ending_losses): core_eval.py's batches, which run each example's shared prompt
+once, go through it too.
 """
 
 import contextlib
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -73,10 +75,19 @@ class Batch:
     targets: torch.Tensor  # (N,) the ending token each of them predicts
     rows: torch.Tensor  # (N,) the row of the set (4 * example + ending) each belongs to
 
+    def to(self, device):
+        return on_device(self, device)
+
+
+def on_device(batch, device):
+    """A copy of the dataclass `batch` with its tensors on the device."""
+    tensors = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return type(batch)(**{k: t.to(device, non_blocking=True) for k, t in tensors.items()})
+
 
 @dataclass
 class PackedRows:
-    """Rows packed into batches (pack_rows), ready to be scored any number of times."""
+    """Rows packed into batches (pack_rows, core_eval.pack_task), to be scored again and again."""
 
     ending_lengths: torch.Tensor  # (rows,) tokens in each row's scored span
     batches: list
@@ -203,15 +214,13 @@ def ending_losses(hidden, head_fn, positions, targets):
 
 
 def make_scorer(hidden_fn, head_fn, compile=False):
-    """(tokens, positions, targets) -> ending_losses: the loss of every ending token and whether
-    the model's most likely token is it. hidden_fn maps (rows,
-    width) tokens to the final hidden states, head_fn those to logits. With compile, hidden_fn
-    is compiled with static shapes (one graph per batch shape: pack_examples keeps them few);
-    the head runs on a varying number of positions and stays eager."""
+    """A Batch on the device -> ending_losses: the loss of every ending token and whether the
+    model's most likely token is it. hidden_fn maps (rows, width) tokens to the final hidden
+    states, head_fn those to logits. With compile, hidden_fn is compiled with static shapes (one
+    graph per batch shape: pack_examples keeps them few); the head runs on a varying number of
+    positions and stays eager."""
     body = torch.compile(hidden_fn, dynamic=False) if compile else hidden_fn
-    return lambda tokens, positions, targets: ending_losses(
-        body(tokens), head_fn, positions, targets
-    )
+    return lambda batch: ending_losses(body(batch.tokens), head_fn, batch.positions, batch.targets)
 
 
 @torch.no_grad()
@@ -231,15 +240,11 @@ def row_scores(scorer, packed, device, autocast=None, rank=0, world_size=1, shou
         if should_stop is not None and should_stop():
             return None
         k = i * world_size + rank
-        batch = packed.batches[min(k, len(packed.batches) - 1)]
-        tokens, positions, targets, rows = (
-            t.to(device, non_blocking=True)
-            for t in (batch.tokens, batch.positions, batch.targets, batch.rows)
-        )
+        batch = packed.batches[min(k, len(packed.batches) - 1)].to(device)
         with autocast:
-            losses = scorer(tokens, positions, targets)
+            losses = scorer(batch)
         if k < len(packed.batches):
-            sums.index_add_(1, rows, losses.to(dtype))
+            sums.index_add_(1, batch.rows, losses.to(dtype))
     if world_size > 1:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     return sums
@@ -274,7 +279,7 @@ def warm_up(scorer, packed_sets, device, autocast):
     batches = [b for packed in packed_sets for b in packed.batches]
     with torch.no_grad(), autocast:
         for batch in {tuple(b.tokens.shape): b for b in batches}.values():
-            scorer(*(t.to(device) for t in (batch.tokens, batch.positions, batch.targets)))
+            scorer(batch.to(device))
 
 
 class InTheLoop:

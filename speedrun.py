@@ -352,10 +352,12 @@ class SpeedrunGPT(nn.Module):
             return None
         if cache is None and (idx.is_cuda if self.flex is None else self.flex):
             return self.block_mask(idx)
-        q = torch.arange(keys - T, keys, device=idx.device).view(-1, 1)
-        k = torch.arange(keys, device=idx.device).view(1, -1)
-        mask = (k <= q) & (q - k < self.window) & (q // self.context == k // self.context)
-        mask = mask.unsqueeze(0)  # (1, T, keys)
+        q = torch.arange(keys - T, keys, device=idx.device).view(1, -1, 1)
+        k = torch.arange(keys, device=idx.device).view(1, 1, -1)
+        # the contexts count positions, which a KVCache's left-padded row starts after its padding
+        start = 0 if cache is None else cache.pad.view(-1, 1, 1)
+        same_context = (q - start) // self.context == (k - start) // self.context
+        mask = (k <= q) & (q - k < self.window) & same_context  # (1 or B, T, keys)
         if documents:
             tokens = idx if cache is None else cache.tokens[:, :keys]
             document = (tokens == EOT).cumsum(dim=1)  # (B, keys)

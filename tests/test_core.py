@@ -7,11 +7,13 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from test_sample import TINY_SHAPE, random_model
 
 import core_eval
 import hellaswag_eval
 from conftest import ROOT, TINY, fails_in_one_line, make_shards, run_in_process, run_training
 from support.datafiles import get_tokenizer
+from train_gpt2 import GPT
 
 BUNDLE = os.path.join(ROOT, "tests", "data", "core_bundle")
 CORE_SCRIPT = os.path.join(ROOT, "core.py")
@@ -142,11 +144,12 @@ def reference_accuracy(task, means, hits, context):
 def test_each_kind_scores_as_one_forward_per_option_in_float64(tiny_hf_dir):
     from transformers import GPT2LMHeadModel
 
+    # scored as core.py scores a transformers model (its weights in our blocks), and the reference
+    # run by transformers itself
+    ours = GPT.from_pretrained(tiny_hf_dir).double().eval()
     model = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).double().eval()
     context = model.config.n_positions  # 128: the long example and its few-shot prompts are cut
-    scorer = hellaswag_eval.make_scorer(
-        lambda tokens: model.transformer(tokens).last_hidden_state, model.lm_head
-    )
+    scorer = core_eval.make_scorer(ours.hidden, ours.head)
     # tiny_lm_fewshot covers language modelling (and its cut rows); tiny_lm adds nothing here
     for task in core_eval.load_tasks(BUNDLE, ["tiny_mc", "tiny_schema", "tiny_lm_fewshot"]):
         packed = core_eval.pack_task(task, get_tokenizer(), context, batch_tokens=128)
@@ -163,6 +166,47 @@ def test_each_kind_scores_as_one_forward_per_option_in_float64(tiny_hf_dir):
             task, means, hits, context
         )
     assert max(len(r) for r, _ in core_eval.task_rows(task, get_tokenizer(), context)[0]) == 128
+
+
+@pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
+def test_rows_after_their_shared_prefix_score_as_each_row_alone_in_float64(recipe):
+    """Examples of 1 to 4 rows, their prompts of 0 to 40 tokens (some with a document boundary)
+    left-padded in a KV cache, each row going on from its copy: every row's summed loss and hits
+    are those of one forward of the whole row, for both recipes' models, a speedrun model's window
+    and context shorter than the rows (counted in positions, not in padded slots)."""
+    model = random_model(recipe, torch.float64, shape=dict(TINY_SHAPE, vocab_size=50304))
+    if recipe == "speedrun":
+        model.window, model.context = 16, 40
+    gen = random.Random(0)
+    draw = lambda n: [gen.randrange(50256) for _ in range(n)]  # noqa: E731
+    rows, examples = [], []
+    for e in range(24):
+        prompt = draw(gen.choice([0, 1, 5, 20, 36, 40]))
+        if len(prompt) > 8 and e % 3 == 0:
+            prompt[6] = EOT
+        # no shared prompt: rows differing from their first token, each scored from its second
+        own = [draw(gen.randint(2, 8)) for _ in range(gen.randint(1, 4))]
+        mine = [(prompt + tokens, max(1, len(prompt))) for tokens in own]
+        prefix, rests = core_eval.split_shared_prefix(mine)
+        examples.append((prefix, [(t, s, len(rows) + j) for j, (t, s) in enumerate(rests)]))
+        rows += mine
+    batches = core_eval.pack_shared(examples, batch_tokens=192, context=TINY_SHAPE["block_size"])
+    assert len(batches) > 2 and any(b.prefixes.size(1) == 0 for b in batches)
+    assert any(b.pad.max() > 0 for b in batches)  # prefixes of different lengths in a batch
+    lengths = torch.tensor([len(t) - s for t, s in rows])
+    packed = hellaswag_eval.PackedRows(lengths, batches, max(len(t) for t, _ in rows))
+    with torch.no_grad():
+        scorer = core_eval.make_scorer(model.hidden, model.head)
+        scores = hellaswag_eval.row_scores(scorer, packed, "cpu")
+        for r, (tokens, start) in enumerate(rows):
+            logits = model(torch.tensor([tokens]))[0][0, start - 1 : -1, :50257]
+            targets = torch.tensor(tokens[start:])
+            loss = F.cross_entropy(logits, targets, reduction="sum").item()
+            assert scores[0, r].item() == pytest.approx(loss, rel=1e-10), r
+            assert scores[1, r].item() == (logits.argmax(dim=1) == targets).sum().item(), r
+    # the prompts ran once an example
+    ran = sum(len(p) + sum(len(t) for t, _, _ in rests) for p, rests in examples)
+    assert ran < 0.6 * sum(len(t) for t, _ in rows)
 
 
 def test_language_modelling_is_right_only_if_every_token_is_the_greedy_one():

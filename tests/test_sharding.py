@@ -60,13 +60,15 @@ def sharded(two_runs):
 
 @pytest.fixture(scope="module")
 def resumed(two_runs, sharded):
-    """Step 4's checkpoints resumed on another number of ranks: {name: stdout}."""
+    """Step 4's checkpoints resumed on another number of ranks: {name: stdout}. The sharded run
+    of 1->2 also scores 3 examples of each CORE task at its evaluations."""
     root = two_runs[0]
     fsdp_4, one_4 = str(root / "fsdp" / "model_00004.dcp"), str(root / "one" / "model_00004.pt")
+    core = ["--core", "3", "--core_bundle", CORE_BUNDLE]
     runs = {
         "2->1": (["--resume", fsdp_4, "--shard", "ddp"], 1),  # a whole model, in one process
         "2->4": (["--resume", fsdp_4], 4),
-        "1->2": (["--resume", one_4, "--shard", "fsdp"], 2),
+        "1->2": (["--resume", one_4, "--shard", "fsdp"] + core, 2),
     }
     return {
         name: run_training(args + ["--log_dir", str(root / name)], nproc, root)
@@ -102,7 +104,7 @@ def test_each_rank_holds_its_share_of_the_memory(two_runs, sharded, resumed):
     assert held(resumed["2->4"]) <= 0.3 * ddp
 
 
-def test_checkpoints_resume_on_another_number_of_ranks(two_runs, resumed):
+def test_checkpoints_resume_on_another_number_of_ranks(two_runs, resumed, tmp_path):
     root = two_runs[0]
     references = {"2->1": "fsdp", "2->4": "fsdp", "1->2": "one"}
     for name, reference in references.items():
@@ -114,6 +116,13 @@ def test_checkpoints_resume_on_another_number_of_ranks(two_runs, resumed):
     # a sharded run saves sharded checkpoints, an unsharded run single files, whatever it resumed
     assert (root / "1->2" / "model_00012.dcp").is_dir()
     assert (root / "2->1" / "model_00012.pt").is_file()
+    # the CORE that the sharded model scored in the loop is core.py's on its checkpoint
+    json_path = tmp_path / "core.json"
+    args = ["--checkpoint", root / "1->2" / "model_00012.dcp", "--bundle", CORE_BUNDLE]
+    args += ["--limit", 3, "--device", "cpu", "--json", json_path]
+    assert run_in_process("core.py", args, tmp_path)[0] == 0
+    logged = dict(log_lines(root / "1->2", "core"))
+    assert logged[12] == round(json.loads(json_path.read_text())["core"], 4)
 
 
 def test_sigterm_to_one_rank_saves_and_resumes_exactly(two_runs, sharded, tmp_path):
