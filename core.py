@@ -16,6 +16,7 @@ eval_bundle/. GPT-2's figures by nanochat's protocol (nanochat's published numbe
 
 import json
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,9 @@ def main(argv=None):
     torch.set_float32_matmul_precision("high")
     model = scored_model(cfg.model_type, cfg.checkpoint, cfg.log_dir, env.device)
     batch_tokens = cfg.batch_tokens or hellaswag_eval.batch_tokens_for(env.device)
+    start = time.perf_counter()
     packed = core_eval.pack_tasks(tasks, model.context, batch_tokens)
+    packed_at = time.perf_counter()
     scorer = core_eval.make_scorer(model.hidden, model.head)
 
     def report(label, accuracy, centred):
@@ -70,7 +73,12 @@ def main(argv=None):
         raise SystemExit(
             f"{model.name}: {e}: the model has diverged, there is nothing to score"
         ) from None
-    env.print0(f"CORE {figures['core']:.4f}")
+    scored_at = time.perf_counter()  # each task's accuracy has waited for its scores
+    examples = sum(len(task.examples) for task in tasks)
+    env.print0(
+        f"CORE {figures['core']:.4f} ({examples:,} examples: packed in {packed_at - start:.1f} s, "
+        f"scored in {scored_at - packed_at:.1f} s)"
+    )
     if cfg.json and env.master_process:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
         with open(cfg.json, "w") as f:

@@ -57,11 +57,17 @@ def fewshot_prefix(shots, line):
 
 
 def common_prefix(rows):
-    """How many leading tokens all rows share."""
-    n = 0
-    while n < min(map(len, rows)) and all(row[n] == rows[0][n] for row in rows):
-        n += 1
-    return n
+    """How many leading tokens all rows share: as many as the lexicographically first and last
+    do, every other row lying between them. Found by halving, each test one list comparison."""
+    first, last = min(rows), max(rows)
+    low, high = 0, min(len(first), len(last))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if first[:middle] == last[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 class MultipleChoice:
@@ -266,13 +272,13 @@ def bundle_path(path):
 
 
 def fewshot_examples(task, i):
-    """Example i's few-shot examples, as nanochat draws them: seeded by the index."""
+    """Example i's few-shot examples, as nanochat draws them: seeded by the index, from the list
+    of the others. sample() draws the same places from a range of that length, and the place p
+    is the example p (before i) or p + 1: no list of all the others for every example."""
     if not task.num_fewshot:
         return []
-    others = [j for j in range(len(task.examples)) if j != i]
-    return [
-        task.examples[j] for j in random.Random(FEWSHOT_SEED + i).sample(others, task.num_fewshot)
-    ]
+    places = random.Random(FEWSHOT_SEED + i).sample(range(len(task.examples) - 1), task.num_fewshot)
+    return [task.examples[p if p < i else p + 1] for p in places]
 
 
 def example_prompts(task, i):
@@ -288,12 +294,27 @@ def left_cropped(row, start, context):
     return row[crop:], start - crop
 
 
+# examples tokenized at once, by every core: a 10-shot prompt is a few thousand characters, and a
+# multiple-choice example's rows each repeat it (the whole bundle is about 120M tokens)
+TOKENIZED_TOGETHER = 1024
+
+
+def task_tokens(task, enc):
+    """Each example's prompts tokenized, each after <|endoftext|>: [[tokens of each prompt]]."""
+    for first in range(0, len(task.examples), TOKENIZED_TOGETHER):
+        indices = range(first, min(first + TOKENIZED_TOGETHER, len(task.examples)))
+        prompts = [example_prompts(task, i) for i in indices]
+        flat = [prompt for example in prompts for prompt in example]
+        tokens = iter(enc.encode_ordinary_batch(flat, num_threads=os.cpu_count() or 1))
+        for example in prompts:
+            yield [[EOT] + next(tokens) for _ in example]
+
+
 def task_rows(task, enc, context):
     """Every example's rows, (tokens, start) with the tokens from `start` on scored, and which
     example each row belongs to."""
     rows, owners = [], []
-    for i in range(len(task.examples)):
-        tokens = [[EOT] + enc.encode_ordinary(p) for p in example_prompts(task, i)]
+    for i, tokens in enumerate(task_tokens(task, enc)):
         spans = KINDS[task.kind].rows(tokens)
         if spans is None:
             raise SystemExit(
