@@ -336,8 +336,9 @@ def task_rows(task, enc, context):
 # Packing: an example's prompt once, then each of its rows' own tokens
 
 # a batch's cache holds at most this many keys per token of batch_tokens: each row of an example
-# has its own copy of the prompt's keys and values (4 copies for 4 choices), which bounds them
-CACHED_PER_BATCH_TOKEN = 4
+# has its own copy of the prompt's keys and values (4 copies for 4 choices). GPT-2 XL's keys and
+# values are 300 KB a position in bf16: 10 GB for a GPU's 16k-token batches
+CACHED_PER_BATCH_TOKEN = 2
 # and its prefixes are at least this much of its longest one's: a few examples of very different
 # lengths would otherwise share a batch mostly made of padding (a batch is the longest first)
 PREFIX_FILL = 0.8
