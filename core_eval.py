@@ -377,25 +377,22 @@ def pack_shared(examples, batch_tokens, context):
     first, as many examples in a batch as keep its prefixes and rests within batch_tokens, its
     cache within CACHED_PER_BATCH_TOKEN x batch_tokens, its prefixes within PREFIX_FILL of the
     longest, and every row within the context."""
-    order = sorted(range(len(examples)), key=lambda e: -len(examples[e][0]))
     batches, members, width, rest, rows = [], [], 0, 0, 0
-    for e in order:
-        prefix, rests = examples[e]
-        longest_rest = max(rest, *(len(tokens) for tokens, _, _ in rests))
-        grown = rows + len(rests)
-        fits = (len(members) + 1) * width + grown * longest_rest <= batch_tokens
-        fits &= grown * (width + longest_rest) <= CACHED_PER_BATCH_TOKEN * batch_tokens
-        fits &= len(prefix) >= PREFIX_FILL * width
-        if members and not (fits and width + longest_rest <= context):  # the next batch's
-            batches.append(shared_batch([examples[m] for m in members], width, rest))
-            members, rest, rows = [], 0, 0
-            longest_rest, grown = max(len(tokens) for tokens, _, _ in rests), len(rests)
-        if not members:
-            width = len(prefix)  # the longest of the batch's
-        members.append(e)
-        rest, rows = longest_rest, grown
+    for prefix, rests in sorted(examples, key=lambda example: -len(example[0])):
+        longest = max(len(tokens) for tokens, _, _ in rests)
+        if members:  # the batch's width is its first prefix's, the longest
+            grown_rest, grown_rows = max(rest, longest), rows + len(rests)
+            fits = (len(members) + 1) * width + grown_rows * grown_rest <= batch_tokens
+            fits &= grown_rows * (width + grown_rest) <= CACHED_PER_BATCH_TOKEN * batch_tokens
+            fits &= len(prefix) >= PREFIX_FILL * width and width + grown_rest <= context
+            if fits:
+                members.append((prefix, rests))
+                rest, rows = grown_rest, grown_rows
+                continue
+            batches.append(shared_batch(members, width, rest))
+        members, width, rest, rows = [(prefix, rests)], len(prefix), longest, len(rests)
     if members:
-        batches.append(shared_batch([examples[m] for m in members], width, rest))
+        batches.append(shared_batch(members, width, rest))
     return batches
 
 
