@@ -84,6 +84,7 @@ def main(argv=None):
         with open(cfg.json, "w") as f:
             json.dump(figures, f, indent=2)
     if env.distributed:
+        dist.barrier()  # rank 0 may still be writing: gloo aborts a peer torn down under it
         dist.destroy_process_group()
     return figures
 

@@ -479,6 +479,7 @@ def muon_rank(rank, world, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.save(muon_steps(), out_file.format(rank))
+        dist.barrier()  # as train_gpt2 leaves: no rank tears the group down under a working peer
     finally:
         dist.destroy_process_group()
 
