@@ -308,7 +308,9 @@ def hellaswag_rate(config, variant, device, dtype, path, limit):
     examples packed once, the scorer compiled when the variant compiles, the autocast of
     training; the first pass (which compiles) is not timed. (None, reason) where it cannot run."""
     try:
-        packed = hellaswag_eval.load_packed(path, device, config.block_size, limit)
+        packed = hellaswag_eval.load_packed(
+            path, device, config.block_size, limit, compiled=variant.compile
+        )
     except SystemExit as e:  # an empty file, examples longer than the model's context
         return None, str(e)
     model = row_model(config, variant, device)
@@ -332,7 +334,7 @@ def core_rates(config, variant, device, dtype, bundle, limit):
     batch_tokens = hellaswag_eval.batch_tokens_for(device)
     packed = core_eval.pack_tasks(tasks, config.block_size, batch_tokens)
     enc = get_tokenizer()
-    scorer = core_eval.make_scorer(model.hidden, model.head)
+    scorer = hellaswag_eval.make_scorer(model.hidden, model.head)
     examples = sum(len(t.examples) for t in tasks)
     with attention_of(variant), torch.no_grad():
         core_eval.evaluate(scorer, packed, device, autocast)

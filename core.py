@@ -59,7 +59,7 @@ def main(argv=None):
     start = time.perf_counter()
     packed = core_eval.pack_tasks(tasks, model.context, batch_tokens)
     packed_at = time.perf_counter()
-    scorer = core_eval.make_scorer(model.hidden, model.head)
+    scorer = hellaswag_eval.make_scorer(model.hidden, model.head)
 
     def report(label, accuracy, centred):
         env.print0(f"{label:<40} accuracy {accuracy:.4f}  centred {centred:+.4f}")

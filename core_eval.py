@@ -17,12 +17,12 @@ kinds (KINDS) are
 A row longer than the model's context loses tokens from its left, never from its continuation.
 
 An example's rows begin with the same tokens (the few-shot examples and the query: most of a
-multiple-choice prompt), and those run through the model once (split_shared_prefix): the
-examples' shared prefixes go left-padded into a generation.KVCache, and every row goes on from its
-example's copy of it (SharedBatch, make_scorer), which is the cache that generation runs on, so
-each recipe's model scores this way. Batches are sorted by length and kept within a budget of
-tokens and cached keys; only the continuation positions go through the lm_head
-(hellaswag_eval.ending_losses); one host synchronization per task. core.py is the command line.
+multiple-choice prompt), and those run through the model once: hellaswag_eval.pack_shared puts the
+examples' shared prefixes left-padded into a generation.KVCache, and every row goes on from its
+example's copy of it (SharedBatch), which is the cache that generation runs on, so each recipe's
+model scores this way. Batches are sorted by length and kept within a budget of tokens and cached
+keys; only the continuation positions go through the lm_head (hellaswag_eval.ending_losses); one
+host synchronization per task. core.py is the command line.
 """
 
 import csv
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 import hellaswag_eval
-from generation import KVCache, NonFiniteLogits
+from generation import NonFiniteLogits
 from support import PROJECT_DIR
 from support.datafiles import EOT, download_once, get_tokenizer
 from support.run_control import agree
@@ -56,20 +56,6 @@ def fewshot_prefix(shots, line):
     return "".join(f"{line(shot)}\n\n" for shot in shots)
 
 
-def common_prefix(rows):
-    """How many leading tokens all rows share: as many as the lexicographically first and last
-    do, every other row lying between them. Found by halving, each test one list comparison."""
-    first, last = min(rows), max(rows)
-    low, high = 0, min(len(first), len(last))
-    while low < high:
-        middle = (low + high + 1) // 2
-        if first[:middle] == last[:middle]:
-            low = middle
-        else:
-            high = middle - 1
-    return low
-
-
 class MultipleChoice:
     fields = ("query", "choices", "gold")
 
@@ -83,7 +69,7 @@ class MultipleChoice:
     @staticmethod
     def rows(tokens):
         """Each choice scored after the common prefix of all of them."""
-        start = common_prefix(tokens)
+        start = hellaswag_eval.common_prefix(tokens)
         return [(row, start) for row in tokens]
 
     @staticmethod
@@ -107,7 +93,7 @@ class Schema:
     @staticmethod
     def rows(tokens):
         """Each option's row scored on the common suffix of all of them: the continuation."""
-        suffix = common_prefix([row[::-1] for row in tokens])
+        suffix = hellaswag_eval.common_prefix([row[::-1] for row in tokens])
         return [(row, len(row) - suffix) for row in tokens]
 
     correct = MultipleChoice.correct
@@ -333,90 +319,7 @@ def task_rows(task, enc, context):
 
 
 # -----------------------------------------------------------------------------
-# Packing: an example's prompt once, then each of its rows' own tokens
-
-# a batch's cache holds at most this many keys per token of batch_tokens: each row of an example
-# has its own copy of the prompt's keys and values (4 copies for 4 choices). GPT-2 XL's keys and
-# values are 300 KB a position in bf16: 10 GB for a GPU's 16k-token batches
-CACHED_PER_BATCH_TOKEN = 2
-# and its prefixes are at least this much of its longest one's: a few examples of very different
-# lengths would otherwise share a batch mostly made of padding (a batch is the longest first)
-PREFIX_FILL = 0.8
-
-
-@dataclass
-class SharedBatch:
-    """Examples whose rows begin with the same tokens (a multiple-choice prompt, the few-shot
-    examples), in two forward passes: their shared prefixes, left-padded, into a
-    generation.KVCache; then each row's own tokens, right-padded, after its example's copy of the
-    cache. The positions, targets and rows are hellaswag_eval.Batch's, in the (R, S) rows."""
-
-    prefixes: torch.Tensor  # (E, P) left-padded with 0; P is 0 where every prefix is empty
-    pad: torch.Tensor  # (E,) the padding of each prefix
-    owners: torch.Tensor  # (R,) the prefix that each row goes on from
-    tokens: torch.Tensor  # (R, S) each row's tokens after its prefix, right-padded with 0
-    positions: torch.Tensor  # (N,) flat index (row * S + t) of each position t predicting t + 1
-    targets: torch.Tensor  # (N,) the scored token each of them predicts
-    rows: torch.Tensor  # (N,) the task's row each belongs to
-
-    def to(self, device):
-        return hellaswag_eval.on_device(self, device)
-
-
-def split_shared_prefix(rows):
-    """An example's rows (tokens, start) as the prefix that all begin with and, for each, the
-    rest and where its scored tokens start in it. Each rest keeps the position that predicts its
-    first scored token: the scores read the hidden states of the rests only."""
-    tokens = [row for row, _ in rows]
-    n = max(0, min([common_prefix(tokens)] + [start for _, start in rows]) - 1)
-    return tokens[0][:n], [(row[n:], start - n) for row, start in rows]
-
-
-def pack_shared(examples, batch_tokens, context):
-    """SharedBatches of the examples, each (prefix, [(rest, start, row)]): the longest prefixes
-    first, as many examples in a batch as keep its prefixes and rests within batch_tokens, its
-    cache within CACHED_PER_BATCH_TOKEN x batch_tokens, its prefixes within PREFIX_FILL of the
-    longest, and every row within the context."""
-    batches, members, width, rest, rows = [], [], 0, 0, 0
-    for prefix, rests in sorted(examples, key=lambda example: -len(example[0])):
-        longest = max(len(tokens) for tokens, _, _ in rests)
-        if members:  # the batch's width is its first prefix's, the longest
-            grown_rest, grown_rows = max(rest, longest), rows + len(rests)
-            fits = (len(members) + 1) * width + grown_rows * grown_rest <= batch_tokens
-            fits &= grown_rows * (width + grown_rest) <= CACHED_PER_BATCH_TOKEN * batch_tokens
-            fits &= len(prefix) >= PREFIX_FILL * width and width + grown_rest <= context
-            if fits:
-                members.append((prefix, rests))
-                rest, rows = grown_rest, grown_rows
-                continue
-            batches.append(shared_batch(members, width, rest))
-        members, width, rest, rows = [(prefix, rests)], len(prefix), longest, len(rests)
-    if members:
-        batches.append(shared_batch(members, width, rest))
-    return batches
-
-
-def shared_batch(examples, width, rest):
-    """The SharedBatch of the examples: prefixes left-padded to `width`, rests right-padded to
-    `rest` tokens."""
-    prefixes = torch.zeros((len(examples), width), dtype=torch.long)
-    pad, owners, tokens = [], [], []
-    positions, targets, row_ids = [], [], []
-    for e, (prefix, rests) in enumerate(examples):
-        pad.append(width - len(prefix))
-        prefixes[e, pad[-1] :] = torch.tensor(prefix, dtype=torch.long)
-        for own, start, row in rests:
-            i = len(tokens)
-            tokens.append(own + [0] * (rest - len(own)))
-            owners.append(e)
-            positions += range(i * rest + start - 1, i * rest + len(own) - 1)
-            targets += own[start:]
-            row_ids += [row] * (len(own) - start)
-    return SharedBatch(
-        prefixes,
-        *(torch.tensor(x, dtype=torch.long) for x in (pad, owners, tokens)),
-        *(torch.tensor(x, dtype=torch.long) for x in (positions, targets, row_ids)),
-    )
+# Packing: an example's prompt once, then each of its rows' own tokens (hellaswag_eval.pack_shared)
 
 
 @dataclass
@@ -427,18 +330,16 @@ class PackedTask:
 
 
 def pack_task(task, enc, context, batch_tokens):
-    """The task's rows (task_rows) as SharedBatches of about batch_tokens tokens."""
+    """The task's rows (task_rows) as hellaswag_eval.SharedBatches of about batch_tokens tokens."""
     rows, owners = task_rows(task, enc, context)
-    rows_of = [[] for _ in task.examples]
-    for r, owner in enumerate(owners):
-        rows_of[owner].append(r)
-    examples = []
-    for mine in rows_of:
-        prefix, rests = split_shared_prefix([rows[r] for r in mine])
-        examples.append((prefix, [(own, start, r) for (own, start), r in zip(rests, mine)]))
+    counts = torch.bincount(torch.tensor(owners), minlength=len(task.examples)).tolist()
+    examples_rows, first = [], 0
+    for count in counts:  # an example's rows are consecutive
+        examples_rows.append(rows[first : first + count])
+        first += count
     packed = hellaswag_eval.PackedRows(
         ending_lengths=torch.tensor([len(t) - start for t, start in rows], dtype=torch.long),
-        batches=pack_shared(examples, batch_tokens, context),
+        batches=hellaswag_eval.pack_shared(examples_rows, batch_tokens, context),
         longest=max(len(t) for t, _ in rows),
     )
     return PackedTask(task, packed, torch.tensor(owners, dtype=torch.long))
@@ -448,24 +349,6 @@ def pack_tasks(tasks, context, batch_tokens):
     """Every task packed for a model of `context` tokens, in batches of about batch_tokens."""
     enc = get_tokenizer()
     return [pack_task(task, enc, context, batch_tokens) for task in tasks]
-
-
-def make_scorer(hidden_fn, head_fn):
-    """A SharedBatch on the device -> hellaswag_eval.ending_losses. hidden_fn(tokens, cache)
-    maps (rows, width) tokens after a generation.KVCache's (or, without one, on their own) to the
-    final hidden states; head_fn those to logits. Eager: its shapes are too many to compile."""
-
-    def score(batch):
-        if batch.prefixes.size(1) == 0:
-            hidden = hidden_fn(batch.tokens)
-        else:
-            cache = KVCache(batch.pad, batch.prefixes.size(1) + batch.tokens.size(1))
-            hidden_fn(batch.prefixes, cache)  # their keys and values: the hidden states unused
-            cache = cache.select(batch.owners)  # the examples' own cache freed
-            hidden = hidden_fn(batch.tokens, cache)
-        return hellaswag_eval.ending_losses(hidden, head_fn, batch.positions, batch.targets)
-
-    return score
 
 
 def task_accuracy(scores, packed_task):
@@ -517,7 +400,7 @@ def evaluate(
 
 def for_the_loop(cfg, env, model, compile):
     """CORE in the training loop (InTheLoop) with --core N: the first N examples of each task
-    (nanochat's order), or None; scored eagerly, compiled run or not (make_scorer). Local rank 0
+    (nanochat's order), or None; scored eagerly, compiled run or not (SharedBatch). Local rank 0
     of each node downloads the bundle if need be, and every rank agrees on it before going on."""
     if not cfg.core:
         return None
@@ -535,7 +418,7 @@ class InTheLoop:
 
     def __init__(self, packed_tasks, model):
         self.packed_tasks = packed_tasks
-        self.scorer = make_scorer(model.hidden, model.head)
+        self.scorer = hellaswag_eval.make_scorer(model.hidden, model.head)
 
     def warm_up(self, device, autocast):
         """Nothing to compile before the run: the scorer is eager."""

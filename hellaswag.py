@@ -51,11 +51,10 @@ def main(argv=None):
     dtype = autocast_dtype("auto", device_type) if device_type == "cuda" else torch.float32
     autocast = autocast_context(dtype, device_type)
     torch.set_float32_matmul_precision("high")
-    # a compiled scorer meets few shapes (widths rounded up to 32); an eager one any shape, and
-    # rows padded only to their batch's longest do a third less work
-    multiple = hellaswag_eval.WIDTH_MULTIPLE if cfg.compile else 1
-    args = (cfg.input, device, None, cfg.limit or None, cfg.split, cfg.batch_tokens, multiple)
-    packed = hellaswag_eval.load_packed(*args)
+    # a compiled scorer meets few shapes (whole rows, widths rounded up to 32); an eager one any
+    # shape, and runs each context once for its 4 endings: about half the tokens
+    args = (cfg.input, device, None, cfg.limit or None, cfg.split, cfg.batch_tokens)
+    packed = hellaswag_eval.load_packed(*args, compiled=bool(cfg.compile))
     hidden_fn, head_fn, name, _ = scored_model(cfg.model_type, cfg.checkpoint, cfg.log_dir, device)
     scorer = hellaswag_eval.make_scorer(hidden_fn, head_fn, bool(cfg.compile))
     try:

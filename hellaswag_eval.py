@@ -7,13 +7,16 @@ Every ending is scored by the cross-entropy of its tokens given the context: `ac
 ending with the lowest summed loss, `acc_norm` the lowest mean loss per token (the completion-style
 scoring of the lecture, not the multiple-choice format of the paper).
 
-The scoring keeps a GPU busy: the examples are rendered once, their 4 rows are sorted by length
-and packed into batches of about batch_tokens tokens whose widths are rounded up to a multiple of
-32 (so that a compiled scorer sees a handful of shapes); only the positions that predict an
-ending token (about a fifth) go through the lm_head; and the losses stay on the device until the
-last batch: one host synchronization per pass. The scoring takes any batch of rows with a scored
-span (row_scores, ending_losses): core_eval.py's batches, which run each example's shared prompt
-once, go through it too.
+The packing and scoring here serve every evaluation (core_eval.py's too): rows with a scored span,
+sorted by length and packed into batches of about batch_tokens tokens, two ways.
+- Whole rows (pack_rows, Batch), for a compiled scorer: widths rounded up to a multiple of 32 and
+  a fixed number of rows per width, so that it sees a handful of shapes.
+- After their shared prefix (pack_shared, SharedBatch), for an eager one: the rows of an example
+  begin with the same tokens (HellaSwag's context, about half of its tokens; a CORE task's
+  few-shot examples and query), which run through the model once, left-padded into a
+  generation.KVCache; each row goes on from its own copy of it.
+Either way only the positions that predict a scored token go through the lm_head, and the losses
+stay on the device until the last batch: one host synchronization per pass.
 """
 
 import contextlib
@@ -26,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from generation import NonFiniteLogits
+from generation import KVCache, NonFiniteLogits
 from support import datafiles
 from support.datafiles import ENDINGS, GPT2_VOCAB_SIZE, get_tokenizer, iterate_examples
 from support.run_control import agree
@@ -66,17 +69,47 @@ def render_example(example, enc):
 
 @dataclass
 class Batch:
-    """R rows of `width` tokens, and the N ending tokens to score in them. Only the positions
-    that predict an ending token go through the lm_head: about a fifth of HellaSwag's tokens.
-    (An "ending" is a row's scored span: HellaSwag's ending, a CORE task's continuation.)"""
+    """R whole rows of `width` tokens, and the N scored tokens in them. Only the positions that
+    predict a scored token go through the lm_head: about a fifth of HellaSwag's tokens. (A row's
+    scored span is HellaSwag's ending, a CORE task's continuation.)"""
 
     tokens: torch.Tensor  # (R, width) right-padded with 0; padding rows are all 0
     positions: torch.Tensor  # (N,) flat index (row * width + t) of each position t predicting t + 1
-    targets: torch.Tensor  # (N,) the ending token each of them predicts
+    targets: torch.Tensor  # (N,) the scored token each of them predicts
     rows: torch.Tensor  # (N,) the row of the set (4 * example + ending) each belongs to
 
     def to(self, device):
         return on_device(self, device)
+
+    def hidden_states(self, hidden_fn):
+        return hidden_fn(self.tokens)
+
+
+@dataclass
+class SharedBatch:
+    """Examples whose rows begin with the same tokens, in two forward passes: their shared
+    prefixes, left-padded, into a generation.KVCache; then each row's own tokens, right-padded,
+    after its example's copy of the cache. The positions, targets and rows are Batch's, in the
+    (R, S) rows."""
+
+    prefixes: torch.Tensor  # (E, P) left-padded with 0; P is 0 where every prefix is empty
+    pad: torch.Tensor  # (E,) the padding of each prefix
+    owners: torch.Tensor  # (R,) the prefix that each row goes on from
+    tokens: torch.Tensor  # (R, S) each row's tokens after its prefix, right-padded with 0
+    positions: torch.Tensor  # (N,) flat index (row * S + t) of each position t predicting t + 1
+    targets: torch.Tensor  # (N,) the scored token each of them predicts
+    rows: torch.Tensor  # (N,) the row of the set each belongs to
+
+    def to(self, device):
+        return on_device(self, device)
+
+    def hidden_states(self, hidden_fn):
+        """The rows' hidden states; hidden_fn(tokens, cache) runs tokens after a KVCache's."""
+        if self.prefixes.size(1) == 0:
+            return hidden_fn(self.tokens)
+        cache = KVCache(self.pad, self.prefixes.size(1) + self.tokens.size(1))
+        hidden_fn(self.prefixes, cache)  # their keys and values: the hidden states unused
+        return hidden_fn(self.tokens, cache.select(self.owners))  # the examples' own cache freed
 
 
 def on_device(batch, device):
@@ -87,7 +120,7 @@ def on_device(batch, device):
 
 @dataclass
 class PackedRows:
-    """Rows packed into batches (pack_rows, core_eval.pack_task), to be scored again and again."""
+    """Rows packed into batches (pack_rows, pack_shared), to be scored again and again."""
 
     ending_lengths: torch.Tensor  # (rows,) tokens in each row's scored span
     batches: list
@@ -109,61 +142,60 @@ def batch_tokens_for(device):
 
 
 def load_packed(
-    path,
-    device,
-    max_width=None,
-    limit=None,
-    split="val",
-    batch_tokens=None,
-    multiple=WIDTH_MULTIPLE,
+    path, device, max_width=None, limit=None, split="val", batch_tokens=None, compiled=False
 ):
     """The examples of a HellaSwag file (the downloaded split's if path is None; the first
     `limit` if given) packed for scoring on the device, in batches of about batch_tokens tokens
-    (by default the device's) whose widths are multiples of `multiple`."""
+    (by default the device's): whole rows for a compiled scorer, else after their context."""
     examples = list(iterate_examples(split, path))[:limit]
     batch_tokens = batch_tokens or batch_tokens_for(device)
-    packed = pack_examples(examples, get_tokenizer(), batch_tokens, max_width, multiple)
+    packed = pack_examples(examples, get_tokenizer(), batch_tokens, max_width, compiled)
     if not len(packed):
         raise SystemExit(f"HellaSwag file {path or split} holds no examples")
     return packed
 
 
-def pack_examples(
-    examples, enc, batch_tokens=CPU_BATCH_TOKENS, max_width=None, multiple=WIDTH_MULTIPLE
-):
-    """Render every example with the tokenizer enc and pack its rows (pack_rows): context and
-    ending, the ending scored."""
+def pack_examples(examples, enc, batch_tokens=CPU_BATCH_TOKENS, max_width=None, compiled=False):
+    """Render every example with the tokenizer enc and pack its 4 rows, context and ending with
+    the ending scored: whole (pack_rows) for a compiled scorer, else after the context they share
+    (pack_shared)."""
     if batch_tokens < 1:
         raise SystemExit(f"the HellaSwag batch must hold at least one token, not {batch_tokens}")
-    rows, labels = [], []
+    examples_rows, labels = [], []
     for example in examples:
         data, _, _, label = render_example(example, enc)
         labels.append(label)
-        for ending in data["ending_tokens"]:
-            rows.append((data["ctx_tokens"] + ending, len(data["ctx_tokens"])))
+        context = data["ctx_tokens"]
+        examples_rows.append([(context + ending, len(context)) for ending in data["ending_tokens"]])
+    rows = [row for mine in examples_rows for row in mine]
     longest = max((len(tokens) for tokens, _ in rows), default=0)
     if max_width and longest > max_width:
         raise SystemExit(f"HellaSwag needs block_size >= {longest}, the model has {max_width}")
-    packed = pack_rows(rows, batch_tokens, max_width, multiple)
+    if compiled:
+        packed = pack_rows(rows, batch_tokens, max_width)
+    else:
+        packed = PackedRows(
+            ending_lengths=torch.tensor([len(t) - c for t, c in rows], dtype=torch.long),
+            batches=pack_shared(examples_rows, batch_tokens, max_width or longest),
+            longest=longest,
+        )
     return PackedExamples(**vars(packed), labels=torch.tensor(labels, dtype=torch.long))
 
 
-def pack_rows(rows, batch_tokens=CPU_BATCH_TOKENS, max_width=None, multiple=WIDTH_MULTIPLE):
-    """Rows of (tokens, start), each scored on its tokens from `start` to its end, packed longest
-    first into batches of batch_tokens // width rows. A batch's width is its longest row rounded
-    up to a multiple of `multiple` (at most max_width, which no row may exceed), and with a
-    multiple above 1 (a compiled scorer's) every batch of one width has the same number of rows
-    (the last is padded with empty rows)."""
+def pack_rows(rows, batch_tokens=CPU_BATCH_TOKENS, max_width=None):
+    """Rows of (tokens, start), each scored on its tokens from `start` to its end, packed whole,
+    longest first, for a compiled scorer: a batch's width is its longest row rounded up to a
+    multiple of WIDTH_MULTIPLE (at most max_width, which no row may exceed), and every batch of
+    one width has batch_tokens // width rows (the last is padded with empty rows)."""
     longest = max((len(tokens) for tokens, _ in rows), default=0)
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
     batches, start = [], 0
     while start < len(order):
-        width = math.ceil(len(rows[order[start]][0]) / multiple) * multiple
+        width = math.ceil(len(rows[order[start]][0]) / WIDTH_MULTIPLE) * WIDTH_MULTIPLE
         width = min(width, max_width or width)
         size = max(1, batch_tokens // width)
         members = order[start : start + size]
-        # padded to `size` rows for a compiled scorer's few shapes; an eager one takes any
-        grid = torch.zeros((size if multiple > 1 else len(members), width), dtype=torch.long)
+        grid = torch.zeros((size, width), dtype=torch.long)
         positions, targets, row_ids = [], [], []
         for i, r in enumerate(members):
             tokens, ctx_len = rows[r]
@@ -184,6 +216,94 @@ def pack_rows(rows, batch_tokens=CPU_BATCH_TOKENS, max_width=None, multiple=WIDT
         ending_lengths=torch.tensor([len(t) - c for t, c in rows], dtype=torch.long),
         batches=batches,
         longest=longest,
+    )
+
+
+# a batch's cache holds at most this many keys per token of batch_tokens: each row of an example
+# has its own copy of the prompt's keys and values (4 copies for 4 choices). GPT-2 XL's keys and
+# values are 300 KB a position in bf16: 10 GB for a GPU's 16k-token batches
+CACHED_PER_BATCH_TOKEN = 2
+# and its examples, each alone (its prefix, its rows padded to its longest), fill at least this
+# much of it: examples of very different lengths would otherwise share a batch mostly of padding
+SHARED_FILL = 0.85
+
+
+def common_prefix(rows):
+    """How many leading tokens all rows share: as many as the lexicographically first and last
+    do, every other row lying between them. Found by halving, each test one list comparison."""
+    first, last = min(rows), max(rows)
+    low, high = 0, min(len(first), len(last))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if first[:middle] == last[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def split_shared_prefix(rows):
+    """An example's rows (tokens, start) as the prefix that all begin with and, for each, the
+    rest and where its scored tokens start in it. Each rest keeps the position that predicts its
+    first scored token: the scores read the hidden states of the rests only."""
+    tokens = [row for row, _ in rows]
+    n = max(0, min([common_prefix(tokens)] + [start for _, start in rows]) - 1)
+    return tokens[0][:n], [(row[n:], start - n) for row, start in rows]
+
+
+def pack_shared(examples_rows, batch_tokens, context):
+    """SharedBatches of each example's rows [(tokens, start)], the rows numbered on across the
+    examples. The examples go longest rest first (a rest's padding counts once a row, a prefix's
+    once an example), as many in a batch as keep its prefixes and rests within batch_tokens, its
+    cache within CACHED_PER_BATCH_TOKEN x batch_tokens, its padding between examples within
+    SHARED_FILL, and every row within the context."""
+    examples, first_row = [], 0
+    for rows in examples_rows:
+        prefix, rests = split_shared_prefix(rows)
+        numbered = [(own, start, first_row + j) for j, (own, start) in enumerate(rests)]
+        examples.append((prefix, numbered, max(len(own) for own, _ in rests)))
+        first_row += len(rows)
+    batches, members, width, rest, rows, alone = [], [], 0, 0, 0, 0
+    for prefix, rests, longest in sorted(examples, key=lambda e: (-e[2], -len(e[0]))):
+        own = len(prefix) + len(rests) * longest  # its tokens in a batch of its own
+        if members:
+            grown_width, grown_rows = max(width, len(prefix)), rows + len(rests)
+            tokens = (len(members) + 1) * grown_width + grown_rows * rest
+            fits = tokens <= batch_tokens and alone + own >= SHARED_FILL * tokens
+            fits &= grown_rows * (grown_width + rest) <= CACHED_PER_BATCH_TOKEN * batch_tokens
+            fits &= grown_width + rest <= context
+            if fits:
+                members.append((prefix, rests))
+                width, rows, alone = grown_width, grown_rows, alone + own
+                continue
+            batches.append(shared_batch(members, width, rest))
+        # the batch's rests are as long as its first example's longest
+        members, width, rest, rows, alone = [(prefix, rests)], len(prefix), longest, len(rests), own
+    if members:
+        batches.append(shared_batch(members, width, rest))
+    return batches
+
+
+def shared_batch(examples, width, rest):
+    """The SharedBatch of the examples: prefixes left-padded to `width`, rests right-padded to
+    `rest` tokens."""
+    prefixes = torch.zeros((len(examples), width), dtype=torch.long)
+    pad, owners, tokens = [], [], []
+    positions, targets, row_ids = [], [], []
+    for e, (prefix, rests) in enumerate(examples):
+        pad.append(width - len(prefix))
+        prefixes[e, pad[-1] :] = torch.tensor(prefix, dtype=torch.long)
+        for own, start, row in rests:
+            i = len(tokens)
+            tokens.append(own + [0] * (rest - len(own)))
+            owners.append(e)
+            positions += range(i * rest + start - 1, i * rest + len(own) - 1)
+            targets += own[start:]
+            row_ids += [row] * (len(own) - start)
+    return SharedBatch(
+        prefixes,
+        *(torch.tensor(x, dtype=torch.long) for x in (pad, owners, tokens)),
+        *(torch.tensor(x, dtype=torch.long) for x in (positions, targets, row_ids)),
     )
 
 
@@ -214,13 +334,16 @@ def ending_losses(hidden, head_fn, positions, targets):
 
 
 def make_scorer(hidden_fn, head_fn, compile=False):
-    """A Batch on the device -> ending_losses: the loss of every ending token and whether the
-    model's most likely token is it. hidden_fn maps (rows, width) tokens to the final hidden
-    states, head_fn those to logits. With compile, hidden_fn is compiled with static shapes (one
-    graph per batch shape: pack_examples keeps them few); the head runs on a varying number of
+    """A batch on the device (Batch, SharedBatch) -> ending_losses: the loss of every scored
+    token and whether the model's most likely token is it. hidden_fn(tokens, cache=None) maps
+    (rows, width) tokens, after a generation.KVCache's if given, to the final hidden states;
+    head_fn those to logits. With compile, hidden_fn is compiled with static shapes (one graph per
+    batch shape: pack_rows keeps them few), for Batches; the head runs on a varying number of
     positions and stays eager."""
     body = torch.compile(hidden_fn, dynamic=False) if compile else hidden_fn
-    return lambda batch: ending_losses(body(batch.tokens), head_fn, batch.positions, batch.targets)
+    return lambda batch: ending_losses(
+        batch.hidden_states(body), head_fn, batch.positions, batch.targets
+    )
 
 
 @torch.no_grad()
@@ -273,27 +396,27 @@ def evaluate(scorer, packed, device, autocast=None, rank=0, world_size=1, should
     return correct, correct_norm, len(packed)
 
 
-def warm_up(scorer, packed_sets, device, autocast):
-    """One batch of every shape of the packed sets (PackedRows) through the scorer, under no_grad:
-    its graphs compiled at start-up, where a stop loses nothing."""
-    batches = [b for packed in packed_sets for b in packed.batches]
-    with torch.no_grad(), autocast:
-        for batch in {tuple(b.tokens.shape): b for b in batches}.values():
-            scorer(batch.to(device))
-
-
 class InTheLoop:
     """HellaSwag as the training loop scores it: the examples packed once (load_hellaswag), a
     scorer of the raw model (compiled where the loop compiles: warm_up compiles its graphs at
-    start-up), its acc_norm at every evaluation (score), logged as `hella` lines."""
+    start-up; else eager, each context run once), its acc_norm at every evaluation (score),
+    logged as `hella` lines."""
 
     kind = "hella"
 
     def __init__(self, packed, model, compile):
-        self.packed, self.scorer = packed, make_scorer(model.hidden, model.head, compile)
+        self.packed, self.compile = packed, compile
+        self.scorer = make_scorer(model.hidden, model.head, compile)
 
     def warm_up(self, device, autocast):
-        warm_up(self.scorer, [self.packed], device, autocast)
+        """One batch of every shape through a compiled scorer, under no_grad: its graphs compiled
+        at start-up, where a stop loses nothing. An eager one has nothing to compile."""
+        if not self.compile:
+            return
+        shapes = {tuple(batch.tokens.shape): batch for batch in self.packed.batches}
+        with torch.no_grad(), autocast:
+            for batch in shapes.values():
+                self.scorer(batch.to(device))
 
     def score(self, env, autocast, should_stop):
         """acc_norm, said on the master (env.print0); None when should_stop() cut the pass
@@ -316,13 +439,14 @@ def for_the_loop(cfg, env, model, compile):
     for FineWeb's data (a file that cannot be had then turns it off instead of failing the run)."""
     if not (cfg.hellaswag if cfg.hellaswag is not None else cfg.data_dir != datafiles.BUNDLED):
         return None
-    packed = load_hellaswag(cfg.hellaswag_path, cfg.block_size, env, cfg.hellaswag == 1)
+    packed = load_hellaswag(cfg.hellaswag_path, cfg.block_size, env, cfg.hellaswag == 1, compile)
     return None if packed is None else InTheLoop(packed, model, compile)
 
 
-def load_hellaswag(path, block_size, env, required):
+def load_hellaswag(path, block_size, env, required, compiled=False):
     """The HellaSwag val examples of a local file (path), or of the download when path is empty,
-    packed for scoring by a model of context block_size. Local rank 0 of each node downloads,
+    packed for scoring by a model of context block_size (for a compiled scorer or an eager one:
+    load_packed). Local rank 0 of each node downloads,
     and every rank agrees on the outcome before going on. A file that cannot be had is an error
     when required, else it turns HellaSwag off for the run (None) with a message."""
     cached = os.path.join(datafiles.HELLASWAG_CACHE_DIR, "hellaswag_val.jsonl")
@@ -333,7 +457,8 @@ def load_hellaswag(path, block_size, env, required):
 
     try:
         agree(env, download)
-        return agree(env, lambda: load_packed(path or cached, env.device, block_size))
+        packing = (path or cached, env.device, block_size)
+        return agree(env, lambda: load_packed(*packing, compiled=compiled))
     except SystemExit as e:
         if required:
             raise

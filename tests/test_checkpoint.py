@@ -155,7 +155,9 @@ def test_sigterm_during_evaluation_stops_within_seconds(tmp_path, data, where):
     # the signal comes in the second batch of the evaluation at step 3, and every batch after it
     # takes 3 s: finishing that evaluation would take 10 s or more
     per_pass = {
-        "hellaswag": len(hellaswag_eval.load_packed(str(tmp_path / "hella.jsonl"), "cpu").batches),
+        "hellaswag": len(
+            hellaswag_eval.load_packed(str(tmp_path / "hella.jsonl"), "cpu", 128).batches
+        ),
         "val": 3 * 128 // (2 * 32),  # val_loss_steps * total_batch_size / (B * T)
     }[where]
     assert per_pass >= 5

@@ -149,7 +149,7 @@ def test_each_kind_scores_as_one_forward_per_option_in_float64(tiny_hf_dir):
     ours = GPT.from_pretrained(tiny_hf_dir).double().eval()
     model = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).double().eval()
     context = model.config.n_positions  # 128: the long example and its few-shot prompts are cut
-    scorer = core_eval.make_scorer(ours.hidden, ours.head)
+    scorer = hellaswag_eval.make_scorer(ours.hidden, ours.head)
     # tiny_lm_fewshot covers language modelling (and its cut rows); tiny_lm adds nothing here
     for task in core_eval.load_tasks(BUNDLE, ["tiny_mc", "tiny_schema", "tiny_lm_fewshot"]):
         packed = core_eval.pack_task(task, get_tokenizer(), context, batch_tokens=128)
@@ -179,24 +179,22 @@ def test_rows_after_their_shared_prefix_score_as_each_row_alone_in_float64(recip
         model.window, model.context = 16, 40
     gen = random.Random(0)
     draw = lambda n: [gen.randrange(50256) for _ in range(n)]  # noqa: E731
-    rows, examples = [], []
+    examples = []  # each one's rows
     for e in range(24):
         prompt = draw(gen.choice([0, 1, 5, 20, 36, 40]))
         if len(prompt) > 8 and e % 3 == 0:
             prompt[6] = EOT
         # no shared prompt: rows differing from their first token, each scored from its second
         own = [draw(gen.randint(2, 8)) for _ in range(gen.randint(1, 4))]
-        mine = [(prompt + tokens, max(1, len(prompt))) for tokens in own]
-        prefix, rests = core_eval.split_shared_prefix(mine)
-        examples.append((prefix, [(t, s, len(rows) + j) for j, (t, s) in enumerate(rests)]))
-        rows += mine
-    batches = core_eval.pack_shared(examples, batch_tokens=192, context=TINY_SHAPE["block_size"])
+        examples.append([(prompt + tokens, max(1, len(prompt))) for tokens in own])
+    rows = [row for mine in examples for row in mine]
+    batches = hellaswag_eval.pack_shared(examples, 192, context=TINY_SHAPE["block_size"])
     assert len(batches) > 2 and any(b.prefixes.size(1) == 0 for b in batches)
     assert any(b.pad.max() > 0 for b in batches)  # prefixes of different lengths in a batch
     lengths = torch.tensor([len(t) - s for t, s in rows])
     packed = hellaswag_eval.PackedRows(lengths, batches, max(len(t) for t, _ in rows))
     with torch.no_grad():
-        scorer = core_eval.make_scorer(model.hidden, model.head)
+        scorer = hellaswag_eval.make_scorer(model.hidden, model.head)
         scores = hellaswag_eval.row_scores(scorer, packed, "cpu")
         for r, (tokens, start) in enumerate(rows):
             logits = model(torch.tensor([tokens]))[0][0, start - 1 : -1, :50257]
@@ -205,7 +203,8 @@ def test_rows_after_their_shared_prefix_score_as_each_row_alone_in_float64(recip
             assert scores[0, r].item() == pytest.approx(loss, rel=1e-10), r
             assert scores[1, r].item() == (logits.argmax(dim=1) == targets).sum().item(), r
     # the prompts ran once an example
-    ran = sum(len(p) + sum(len(t) for t, _, _ in rests) for p, rests in examples)
+    split = map(hellaswag_eval.split_shared_prefix, examples)
+    ran = sum(len(prefix) + sum(len(t) for t, _ in rests) for prefix, rests in split)
     assert ran < 0.6 * sum(len(t) for t, _ in rows)
 
 

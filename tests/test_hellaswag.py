@@ -20,9 +20,13 @@ EXAMPLES = [json.loads(line) for line in open(HELLASWAG_SLICE)]
 Score = collections.namedtuple("Score", "label sum_losses mean_losses pred pred_norm")
 
 
-def score_examples(hidden_fn, head_fn, examples, batch_tokens=hellaswag_eval.CPU_BATCH_TOKENS):
-    """Each example's losses and picks, as the packed scorer of the training loop makes them."""
-    packed = hellaswag_eval.pack_examples(examples, datafiles.get_tokenizer(), batch_tokens)
+def score_examples(
+    hidden_fn, head_fn, examples, batch_tokens=hellaswag_eval.CPU_BATCH_TOKENS, compiled=False
+):
+    """Each example's losses and picks, as the packed scorer of the training loop makes them
+    (packed for a compiled scorer, whole rows, or for an eager one, each context once)."""
+    enc = datafiles.get_tokenizer()
+    packed = hellaswag_eval.pack_examples(examples, enc, batch_tokens, compiled=compiled)
     scorer = hellaswag_eval.make_scorer(hidden_fn, head_fn)
     sums = hellaswag_eval.row_scores(scorer, packed, "cpu")
     sums, means, pred, pred_norm = hellaswag_eval.predictions(sums, packed)
@@ -89,10 +93,12 @@ def padded_model():
     return model.eval()
 
 
-def test_scoring_matches_a_plain_loop():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_scoring_matches_a_plain_loop(compiled):
     model = padded_model().double()  # float64: any difference is a scoring error, not rounding
-    # batches of 128 tokens: 2 to 4 rows each, the rows of an example in different batches
-    scores = score_examples(model.hidden, model.head, EXAMPLES[:12], batch_tokens=128)
+    # batches of 128 tokens: whole rows, 2 to 4 each, the rows of an example in different batches;
+    # or an example's context and its 4 endings, one or two examples each
+    scores = score_examples(model.hidden, model.head, EXAMPLES[:12], 128, compiled)
     assert len(scores) == 12
     preds = set()
     for example, score in zip(EXAMPLES[:12], scores):
@@ -231,11 +237,11 @@ def test_packed_scoring_makes_the_plain_loops_choices():
     assert 8 < sum(s.pred_norm == s.label for s in scores) < 20  # not a degenerate model
 
 
-def test_packing_keeps_the_shapes_few_and_every_row_once():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_packing_keeps_the_shapes_few_and_every_row_once(compiled):
     examples = [json.loads(line) for line in open(HELLASWAG_200)]
-    packed = hellaswag_eval.pack_examples(examples, datafiles.get_tokenizer(), batch_tokens=2048)
-    shapes = {tuple(b.tokens.shape) for b in packed.batches}
-    assert len(shapes) <= 4 and all(w % 32 == 0 and r == 2048 // w for r, w in shapes)
+    enc = datafiles.get_tokenizer()
+    packed = hellaswag_eval.pack_examples(examples, enc, batch_tokens=2048, compiled=compiled)
     # every ending token once, at the position before it: flat index p + 1 is its token
     rows = torch.cat([b.rows for b in packed.batches])
     assert torch.equal(
@@ -244,10 +250,24 @@ def test_packing_keeps_the_shapes_few_and_every_row_once():
     for b in packed.batches:
         assert torch.equal(b.tokens.flatten()[b.positions + 1], b.targets)
         assert (b.positions % b.tokens.size(1) < b.tokens.size(1) - 1).all()
-    padding = sum(int((b.tokens == 0).sum()) for b in packed.batches)
-    assert padding < 0.5 * sum(b.tokens.numel() for b in packed.batches)
+    rows_tokens = sum(
+        len(r)
+        for r in enc.encode_ordinary_batch(
+            [e["ctx"] + " " + ending for e in examples for ending in e["endings"]]
+        )
+    )
+    if compiled:  # whole rows in a few shapes
+        shapes = {tuple(b.tokens.shape) for b in packed.batches}
+        assert len(shapes) <= 4 and all(w % 32 == 0 and r == 2048 // w for r, w in shapes)
+        padding = sum(int((b.tokens == 0).sum()) for b in packed.batches)
+        assert padding < 0.5 * sum(b.tokens.numel() for b in packed.batches)
+    else:  # each context once, for its 4 endings: padding and all, under 0.8 of the rows'
+        # tokens (0.67 at best here, each ending padded to the longest of its example's 4)
+        ran = sum(b.prefixes.numel() + b.tokens.numel() for b in packed.batches)
+        assert ran < 0.8 * rows_tokens
+        assert all(b.prefixes.numel() + b.tokens.numel() <= 2048 for b in packed.batches)
     with pytest.raises(SystemExit, match="HellaSwag needs block_size >= 93, the model has 64"):
-        hellaswag_eval.pack_examples(examples, datafiles.get_tokenizer(), max_width=64)
+        hellaswag_eval.pack_examples(examples, enc, max_width=64, compiled=compiled)
 
 
 @pytest.mark.parametrize(
