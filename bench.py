@@ -342,13 +342,17 @@ def core_rates(config, variant, device, dtype, bundle, limit):
         core_eval.evaluate(scorer, packed, device, autocast)
         packed_rate = examples / (time.perf_counter() - t0)
         t0 = time.perf_counter()
-        for task in tasks:
-            rows, _ = core_eval.task_rows(task, enc, config.block_size)
-            for tokens, start in rows:
-                with autocast:
-                    logits, _ = model(torch.tensor([tokens], device=device))
-                targets = torch.tensor(tokens[start:], device=device)
-                F.cross_entropy(logits[0, start - 1 : -1].float(), targets).item()
+        rows = [
+            row
+            for task in tasks
+            for example_rows in core_eval.task_rows(task, enc, config.block_size)
+            for row in example_rows
+        ]
+        for tokens, start in rows:
+            with autocast:
+                logits, _ = model(torch.tensor([tokens], device=device))
+            targets = torch.tensor(tokens[start:], device=device)
+            F.cross_entropy(logits[0, start - 1 : -1].float(), targets).item()
         single_rate = examples / (time.perf_counter() - t0)
     return packed_rate, single_rate, examples
 

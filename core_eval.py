@@ -297,15 +297,15 @@ def task_tokens(task, enc):
 
 
 def task_rows(task, enc, context):
-    """Every example's rows, (tokens, start) with the tokens from `start` on scored, and which
-    example each row belongs to."""
-    rows, owners = [], []
+    """Each example's rows, (tokens, start) with the tokens from `start` on scored."""
+    examples_rows = []
     for i, tokens in enumerate(task_tokens(task, enc)):
         spans = KINDS[task.kind].rows(tokens)
         if spans is None:
             raise SystemExit(
                 f"task {task.label} example {i}: its context does not tokenize as a prefix"
             )
+        examples_rows.append([])
         for row, start in spans:
             cropped = left_cropped(row, start, context)
             if cropped is None:
@@ -313,9 +313,8 @@ def task_rows(task, enc, context):
                     f"task {task.label} example {i}: its continuation alone is longer than the "
                     f"model's context of {context} tokens"
                 )
-            rows.append(cropped)
-            owners.append(i)
-    return rows, owners
+            examples_rows[-1].append(cropped)
+    return examples_rows
 
 
 # -----------------------------------------------------------------------------
@@ -325,24 +324,15 @@ def task_rows(task, enc, context):
 @dataclass
 class PackedTask:
     task: Task
-    packed: hellaswag_eval.PackedRows  # of SharedBatches
-    owners: torch.Tensor  # (rows,) the example of each row
+    packed: hellaswag_eval.PackedRows  # of SharedBatches, an example's rows one after the other
+    counts: list  # the rows of each example
 
 
 def pack_task(task, enc, context, batch_tokens):
     """The task's rows (task_rows) as hellaswag_eval.SharedBatches of about batch_tokens tokens."""
-    rows, owners = task_rows(task, enc, context)
-    counts = torch.bincount(torch.tensor(owners), minlength=len(task.examples)).tolist()
-    examples_rows, first = [], 0
-    for count in counts:  # an example's rows are consecutive
-        examples_rows.append(rows[first : first + count])
-        first += count
-    packed = hellaswag_eval.PackedRows(
-        ending_lengths=torch.tensor([len(t) - start for t, start in rows], dtype=torch.long),
-        batches=hellaswag_eval.pack_shared(examples_rows, batch_tokens, context),
-        longest=max(len(t) for t, _ in rows),
-    )
-    return PackedTask(task, packed, torch.tensor(owners, dtype=torch.long))
+    examples_rows = task_rows(task, enc, context)
+    packed = hellaswag_eval.pack_shared(examples_rows, batch_tokens, context)
+    return PackedTask(task, packed, [len(rows) for rows in examples_rows])
 
 
 def pack_tasks(tasks, context, batch_tokens):
@@ -359,9 +349,7 @@ def task_accuracy(scores, packed_task):
     task, lengths = packed_task.task, packed_task.packed.ending_lengths.double()
     means, hits = scores[0] / lengths, scores[1]
     kind, correct = KINDS[task.kind], 0
-    # an example's rows are consecutive (task_rows)
-    counts = torch.bincount(packed_task.owners, minlength=len(task.examples)).tolist()
-    split = [x.split(counts) for x in (means, hits, lengths)]
+    split = [x.split(packed_task.counts) for x in (means, hits, lengths)]
     for item, *rows in zip(task.examples, *split):
         correct += kind.correct(item, *rows)
     return correct / len(task.examples)

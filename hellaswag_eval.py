@@ -174,11 +174,7 @@ def pack_examples(examples, enc, batch_tokens=CPU_BATCH_TOKENS, max_width=None, 
     if compiled:
         packed = pack_rows(rows, batch_tokens, max_width)
     else:
-        packed = PackedRows(
-            ending_lengths=torch.tensor([len(t) - c for t, c in rows], dtype=torch.long),
-            batches=pack_shared(examples_rows, batch_tokens, max_width or longest),
-            longest=longest,
-        )
+        packed = pack_shared(examples_rows, batch_tokens, max_width or longest)
     return PackedExamples(**vars(packed), labels=torch.tensor(labels, dtype=torch.long))
 
 
@@ -252,11 +248,11 @@ def split_shared_prefix(rows):
 
 
 def pack_shared(examples_rows, batch_tokens, context):
-    """SharedBatches of each example's rows [(tokens, start)], the rows numbered on across the
-    examples. The examples go longest rest first (a rest's padding counts once a row, a prefix's
-    once an example), as many in a batch as keep its prefixes and rests within batch_tokens, its
-    cache within CACHED_PER_BATCH_TOKEN x batch_tokens, its padding between examples within
-    SHARED_FILL, and every row within the context."""
+    """Each example's rows [(tokens, start)], the rows numbered on across the examples, packed
+    into SharedBatches, for an eager scorer. The examples go longest rest first (a rest's padding
+    counts once a row, a prefix's once an example), as many in a batch as keep its prefixes and
+    rests within batch_tokens, its cache within CACHED_PER_BATCH_TOKEN x batch_tokens, its padding
+    between examples within SHARED_FILL, and every row within the context."""
     examples, first_row = [], 0
     for rows in examples_rows:
         prefix, rests = split_shared_prefix(rows)
@@ -281,7 +277,12 @@ def pack_shared(examples_rows, batch_tokens, context):
         members, width, rest, rows, alone = [(prefix, rests)], len(prefix), longest, len(rests), own
     if members:
         batches.append(shared_batch(members, width, rest))
-    return batches
+    rows = [row for mine in examples_rows for row in mine]
+    return PackedRows(
+        ending_lengths=torch.tensor([len(t) - c for t, c in rows], dtype=torch.long),
+        batches=batches,
+        longest=max((len(tokens) for tokens, _ in rows), default=0),
+    )
 
 
 def shared_batch(examples, width, rest):

@@ -165,7 +165,8 @@ def test_each_kind_scores_as_one_forward_per_option_in_float64(tiny_hf_dir):
         assert core_eval.task_accuracy(scores, packed) == reference_accuracy(
             task, means, hits, context
         )
-    assert max(len(r) for r, _ in core_eval.task_rows(task, get_tokenizer(), context)[0]) == 128
+    examples_rows = core_eval.task_rows(task, get_tokenizer(), context)
+    assert max(len(r) for rows in examples_rows for r, _ in rows) == 128
 
 
 @pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
@@ -188,11 +189,10 @@ def test_rows_after_their_shared_prefix_score_as_each_row_alone_in_float64(recip
         own = [draw(gen.randint(2, 8)) for _ in range(gen.randint(1, 4))]
         examples.append([(prompt + tokens, max(1, len(prompt))) for tokens in own])
     rows = [row for mine in examples for row in mine]
-    batches = hellaswag_eval.pack_shared(examples, 192, context=TINY_SHAPE["block_size"])
+    packed = hellaswag_eval.pack_shared(examples, 192, context=TINY_SHAPE["block_size"])
+    batches = packed.batches
     assert len(batches) > 2 and any(b.prefixes.size(1) == 0 for b in batches)
     assert any(b.pad.max() > 0 for b in batches)  # prefixes of different lengths in a batch
-    lengths = torch.tensor([len(t) - s for t, s in rows])
-    packed = hellaswag_eval.PackedRows(lengths, batches, max(len(t) for t, _ in rows))
     with torch.no_grad():
         scorer = hellaswag_eval.make_scorer(model.hidden, model.head)
         scores = hellaswag_eval.row_scores(scorer, packed, "cpu")
@@ -210,7 +210,7 @@ def test_rows_after_their_shared_prefix_score_as_each_row_alone_in_float64(recip
 
 def test_language_modelling_is_right_only_if_every_token_is_the_greedy_one():
     task = core_eval.Task("lm", "language_modeling", 0, " ", 0.0, [{}, {}, {}])
-    packed = core_eval.PackedTask(task, None, torch.tensor([0, 1, 2]))
+    packed = core_eval.PackedTask(task, None, [1, 1, 1])
     packed.packed = hellaswag_eval.PackedRows(torch.tensor([3, 2, 1]), [], 0)
     scores = torch.tensor([[1.0, 2.0, 0.5], [3.0, 1.0, 1.0]])  # losses, hits of 3, 2 and 1
     assert core_eval.task_accuracy(scores, packed) == pytest.approx(2 / 3)
