@@ -51,8 +51,8 @@ class KVCache:
 
     def select(self, rows):
         """A cache of the given rows (B',) of this one, a row any number of times: each copy goes
-        on from its row's tokens on its own (core_eval scores every choice after one run of
-        the prompt they share)."""
+        on from its row's tokens on its own (hellaswag_eval's SharedBatch scores every row of
+        an example after one run of the prefix they share)."""
         selected = KVCache(self.pad[rows], self.max_len)
         selected.start, selected.length = self.start, self.length
         selected.tokens = self.tokens[rows]

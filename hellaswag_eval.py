@@ -126,6 +126,15 @@ class PackedRows:
     batches: list
     longest: int  # the longest row: the context a model needs
 
+    @classmethod
+    def of(cls, rows, batches):
+        """The rows (tokens, start), in the numbering of the batches' `rows`, and the batches."""
+        return cls(
+            ending_lengths=torch.tensor([len(t) - c for t, c in rows], dtype=torch.long),
+            batches=batches,
+            longest=max((len(tokens) for tokens, _ in rows), default=0),
+        )
+
 
 @dataclass
 class PackedExamples(PackedRows):
@@ -183,7 +192,6 @@ def pack_rows(rows, batch_tokens=CPU_BATCH_TOKENS, max_width=None):
     longest first, for a compiled scorer: a batch's width is its longest row rounded up to a
     multiple of WIDTH_MULTIPLE (at most max_width, which no row may exceed), and every batch of
     one width has batch_tokens // width rows (the last is padded with empty rows)."""
-    longest = max((len(tokens) for tokens, _ in rows), default=0)
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
     batches, start = [], 0
     while start < len(order):
@@ -208,11 +216,7 @@ def pack_rows(rows, batch_tokens=CPU_BATCH_TOKENS, max_width=None):
             )
         )
         start += len(members)
-    return PackedRows(
-        ending_lengths=torch.tensor([len(t) - c for t, c in rows], dtype=torch.long),
-        batches=batches,
-        longest=longest,
-    )
+    return PackedRows.of(rows, batches)
 
 
 # a batch's cache holds at most this many keys per token of batch_tokens: each row of an example
@@ -254,11 +258,11 @@ def pack_shared(examples_rows, batch_tokens, context):
     rests within batch_tokens, its cache within CACHED_PER_BATCH_TOKEN x batch_tokens, its padding
     between examples within SHARED_FILL, and every row within the context."""
     examples, first_row = [], 0
-    for rows in examples_rows:
-        prefix, rests = split_shared_prefix(rows)
+    for mine in examples_rows:
+        prefix, rests = split_shared_prefix(mine)
         numbered = [(own, start, first_row + j) for j, (own, start) in enumerate(rests)]
         examples.append((prefix, numbered, max(len(own) for own, _ in rests)))
-        first_row += len(rows)
+        first_row += len(mine)
     batches, members, width, rest, rows, alone = [], [], 0, 0, 0, 0
     for prefix, rests, longest in sorted(examples, key=lambda e: (-e[2], -len(e[0]))):
         own = len(prefix) + len(rests) * longest  # its tokens in a batch of its own
@@ -277,12 +281,7 @@ def pack_shared(examples_rows, batch_tokens, context):
         members, width, rest, rows, alone = [(prefix, rests)], len(prefix), longest, len(rests), own
     if members:
         batches.append(shared_batch(members, width, rest))
-    rows = [row for mine in examples_rows for row in mine]
-    return PackedRows(
-        ending_lengths=torch.tensor([len(t) - c for t, c in rows], dtype=torch.long),
-        batches=batches,
-        longest=max((len(tokens) for tokens, _ in rows), default=0),
-    )
+    return PackedRows.of([row for mine in examples_rows for row in mine], batches)
 
 
 def shared_batch(examples, width, rest):
